@@ -1,0 +1,128 @@
+"""Typed failures and the two files that record them.
+
+Owns: `ESDFailure` (stage, reason, retryable: the orchestrator decides without parsing
+text), and `failed_models.txt` / `failures.jsonl` under an output directory. Both files
+hold the current state: one line per failed model, rewritten under a file lock and
+replaced atomically, so reruns never duplicate a line and a crash never half-writes one.
+A model that later succeeds is removed from both.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+STAGES = ("resolve", "load", "merge", "analyze", "save", "worker")
+
+# Reasons a retry can help with; everything else is final.
+RETRYABLE_REASONS = frozenset({
+    "download_interrupted", "network_error", "out_of_memory", "worker_killed",
+    "hub_unavailable",
+})
+
+FAILED_MODELS_TXT = "failed_models.txt"
+FAILURES_JSONL = "failures.jsonl"
+
+
+class ESDFailure(Exception):
+    """A failure with a stage (`resolve`, `load`, `merge`, `analyze`, `save`), a reason
+    (`repo_not_found`, `gated`, `adapter_base_unresolved`, `corrupt_file`, …) and whether
+    a retry can help."""
+
+    def __init__(self, stage: str, reason: str, message: str, retryable: bool | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.reason = reason
+        self.message = message
+        self.retryable = reason in RETRYABLE_REASONS if retryable is None else retryable
+
+    def __str__(self) -> str:
+        return f"{self.stage}/{self.reason}: {self.message}"
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    model_id: str        # ModelEntry.key: `org/name` or `org/name@rev`
+    stage: str
+    reason: str
+    message: str
+    retryable: bool
+    attempts: int = 1
+    time: float = 0.0
+
+    @classmethod
+    def from_failure(cls, model_id: str, failure: ESDFailure, attempts: int = 1) -> "FailureRecord":
+        return cls(model_id, failure.stage, failure.reason, failure.message,
+                   failure.retryable, attempts, time.time())
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _lock(output_dir: Path) -> FileLock:
+    return FileLock(str(output_dir / ".failures.lock"))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_records(output_dir: Path) -> dict[str, FailureRecord]:
+    path = output_dir / FAILURES_JSONL
+    records: dict[str, FailureRecord] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                data = json.loads(line)
+                records[data["model_id"]] = FailureRecord(**data)
+    return records
+
+
+def _write_records(output_dir: Path, records: dict[str, FailureRecord]) -> None:
+    ordered = sorted(records.values(), key=lambda r: r.model_id)
+    _write_atomic(output_dir / FAILURES_JSONL,
+                  "".join(json.dumps(asdict(r)) + "\n" for r in ordered))
+    _write_atomic(output_dir / FAILED_MODELS_TXT,
+                  "".join(f"{r.model_id}\t{r.stage}: {r.reason}: {_one_line(r.message)}\n"
+                          for r in ordered))
+
+
+def record_failure(output_dir, model_id: str, failure: ESDFailure) -> FailureRecord:
+    """Record (or replace) the failure of one model; counts attempts across reruns."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(output_dir):
+        records = _read_records(output_dir)
+        previous = records.get(model_id)
+        attempts = previous.attempts + 1 if previous else 1
+        record = FailureRecord.from_failure(model_id, failure, attempts)
+        records[model_id] = record
+        _write_records(output_dir, records)
+    return record
+
+
+def clear_failure(output_dir, model_id: str) -> None:
+    """Forget a model's failure (it has succeeded)."""
+    output_dir = Path(output_dir)
+    if not (output_dir / FAILURES_JSONL).exists():
+        return
+    with _lock(output_dir):
+        records = _read_records(output_dir)
+        if records.pop(model_id, None) is not None:
+            _write_records(output_dir, records)
+
+
+def read_failures(output_dir) -> dict[str, FailureRecord]:
+    """The current failure of every failed model, by model key."""
+    output_dir = Path(output_dir)
+    if not (output_dir / FAILURES_JSONL).exists():
+        return {}
+    with _lock(output_dir):
+        return _read_records(output_dir)
