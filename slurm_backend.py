@@ -1,0 +1,535 @@
+"""Run worker tasks as one Slurm job array: freeze the tasks, write a readable sbatch
+script, submit it, and (optionally) follow it until every task has ended.
+
+Owns: `SlurmSettings`, `SlurmTask`, `SlurmOutcome`, `SlurmError`, `run_array`, and the files
+under `<output_dir>/slurm/<timestamp>/` (`manifest.json`, `job.sbatch`, `submitted.json`).
+Knows Slurm (sbatch, squeue, scontrol) and nothing about models or metrics: a task is a
+key, the worker's arguments and the file whose existence means the task succeeded. Deep
+code: never reads `sys.argv`; the orchestrator decides which tasks still need to run.
+
+Why plain `sbatch` and not submitit: the job is a short generated bash script a user can
+read, test and resubmit by hand (`sbatch <output_dir>/slurm/<ts>/job.sbatch`), and each
+task runs `esd_worker.py --manifest M --task_index I` with the worker's own CLI, reading
+its arguments from a JSON file (model ids never pass through a shell). submitit would
+pickle a Python callable per task, which makes the tasks opaque, requires the cluster's
+Python to unpickle our objects, and adds a dependency. We keep its good habits: generated
+script text we test, unknown options rejected with the valid ones, files written to a
+temporary name and renamed.
+
+Following a job: `sacct` needs accounting, which many clusters (and our test cluster) do
+not have, so `wait=True` polls `squeue --states=all` (and `scontrol show job` when squeue
+cannot answer) and, above all, the result files themselves: a task is done when its
+`result_path` exists, whatever Slurm says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_WORKER_SCRIPT = REPO_DIR / "esd_worker.py"
+
+MANIFEST_NAME = "manifest.json"
+SCRIPT_NAME = "job.sbatch"
+SUBMITTED_NAME = "submitted.json"
+
+# Slurm states after which a task will not run again. Everything else (PENDING, RUNNING,
+# CONFIGURING, COMPLETING, SUSPENDED, REQUEUED, ...) counts as still active.
+TERMINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+    "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED",
+})
+# Options the backend sets itself; passing them through `extra` would break the
+# array/manifest/log contract.
+_MANAGED_OPTIONS = {
+    "--array": "the array is built from the task list",
+    "-a": "the array is built from the task list",
+    "--output": "task logs go to <output_dir>/logs/slurm/",
+    "-o": "task logs go to <output_dir>/logs/slurm/",
+    "--chdir": "tasks run in the submitting directory",
+    "-D": "tasks run in the submitting directory",
+    "--parsable": "always used",
+    "--wrap": "the backend writes the script",
+}
+_MAX_SQUEUE_FAILURES = 12  # consecutive failed polls (about a minute at 5 s) before giving up
+
+
+class SlurmError(RuntimeError):
+    """Slurm cannot be used or refused the job; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    partition: str | None = None        # --partition (cluster default when None)
+    time: str | None = None             # --time, e.g. "02:00:00" or "1-00:00:00"
+    gres: str | None = None             # --gres, e.g. "gpu:1"
+    array_parallelism: int | None = None  # the %K of --array=0-N%K: tasks running at once
+    extra: tuple[str, ...] = ()         # more sbatch arguments, already split ("--mem=8G", ...)
+    job_name: str = "esd"
+
+    def __post_init__(self):
+        if self.array_parallelism is not None and (
+                not isinstance(self.array_parallelism, int) or self.array_parallelism < 1):
+            raise SlurmError(f"array_parallelism must be a positive integer, "
+                             f"got {self.array_parallelism!r}")
+        if isinstance(self.extra, str):
+            raise SlurmError("extra must be a tuple of arguments; split a string with "
+                             "slurm_backend.split_extra()")
+        for value in self.extra:
+            option = value.split("=", 1)[0]
+            if option in _MANAGED_OPTIONS or (
+                    option[:2] in _MANAGED_OPTIONS and not option.startswith("--")):
+                name = option if option in _MANAGED_OPTIONS else option[:2]
+                raise SlurmError(f"extra sbatch argument {value!r} is not allowed: "
+                                 f"{_MANAGED_OPTIONS[name]}")
+        for name in ("partition", "time", "gres", "job_name"):
+            value = getattr(self, name)
+            if value is not None and (not str(value).strip() or "\n" in str(value)):
+                raise SlurmError(f"{name} must be a non-empty single line, got {value!r}")
+
+    @classmethod
+    def from_options(cls, **options) -> "SlurmSettings":
+        """Build settings from keyword options, rejecting unknown ones with the valid list.
+
+        `extra` may be a string or a list of strings; each is split like a shell would
+        (`"--mem=8G --qos 'high prio'"` → `("--mem=8G", "--qos", "high prio")`).
+        """
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise SlurmError(f"unknown Slurm option(s) {unknown}; valid options: {valid}")
+        if "extra" in options:
+            options["extra"] = split_extra(options["extra"])
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    key: str                      # what the task is for (the model key); unique in an array
+    worker_argv: tuple[str, ...]  # the worker's arguments (after the worker script)
+    result_path: Path             # exists ⇔ the task succeeded (written atomically)
+
+
+@dataclass(frozen=True)
+class SlurmOutcome:
+    job_id: str | None            # None when nothing was submitted
+    n_tasks: int
+    done: tuple[str, ...] = ()    # keys whose result_path exists
+    failed: tuple[str, ...] = ()  # keys whose task ended in a failure state, without result
+    missing: tuple[str, ...] = ()  # keys without result whose task ended "COMPLETED" or unseen
+    states: dict[str, str] = field(default_factory=dict)  # key → last Slurm state seen
+    finished: bool = False        # the array ended while we followed it (wait=True)
+    manifest_path: Path | None = None
+    script_path: Path | None = None
+
+
+def split_extra(values: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`--slurm_extra` value(s) → sbatch arguments, split like a shell (no shell runs)."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    return tuple(arg for value in values for arg in shlex.split(value))
+
+
+# --------------------------------------------------------------------------- files
+
+def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    if mode is not None:
+        tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def _new_submission_dir(output_dir: Path) -> Path:
+    """`<output_dir>/slurm/<timestamp>`, made unique if two submissions share a second."""
+    base = output_dir / "slurm"
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = base / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise SlurmError(f"cannot create a new submission directory under {base}")
+
+
+def manifest_rows(tasks: Sequence[SlurmTask]) -> list[dict]:
+    """The manifest: row i is what array task i runs (`argv` follows the worker script)."""
+    return [{"key": t.key, "argv": [str(a) for a in t.worker_argv],
+             "result_path": str(Path(t.result_path).absolute())} for t in tasks]
+
+
+def read_manifest_task(manifest_path: str | os.PathLike, task_index: int | str) -> dict:
+    """Row `task_index` of a manifest: {"key", "argv", "result_path"} (for the worker)."""
+    rows = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    index = int(task_index)
+    if not 0 <= index < len(rows):
+        raise IndexError(f"task index {index} out of range: {manifest_path} has "
+                         f"{len(rows)} task(s)")
+    return rows[index]
+
+
+def array_spec(n_tasks: int, parallelism: int | None) -> str:
+    """`0-{n-1}` plus `%K` when at most K tasks may run at once."""
+    spec = f"0-{n_tasks - 1}"
+    return f"{spec}%{parallelism}" if parallelism else spec
+
+
+def sbatch_command(script_path: Path, settings: SlurmSettings) -> list[str]:
+    """The exact argv used to submit (no shell): extra args go on sbatch's command line."""
+    return ["sbatch", "--parsable", *settings.extra, str(script_path)]
+
+
+def render_script(*, n_tasks: int, settings: SlurmSettings, manifest_path: Path,
+                  output_dir: Path, workdir: Path, worker_script: Path, python: str,
+                  script_path: Path, created: str | None = None) -> str:
+    """The sbatch script: a comment header, #SBATCH lines, one `exec` of the worker."""
+    q = shlex.quote
+    log_pattern = output_dir / "logs" / "slurm" / "%A_%a.log"
+    submit = shlex.join(sbatch_command(script_path, settings))
+    created = created or datetime.now().isoformat(timespec="seconds")
+    lines = [
+        "#!/bin/bash",
+        "# ESD experiment as a Slurm job array: one task per model, task i runs row i of",
+        f"# {manifest_path}",
+        f"# Generated by slurm_backend.py on {created} for {n_tasks} task(s).",
+        f"# Submitted with: {submit}",
+        "# Resubmitting this file by hand reruns the same tasks; rerunning the experiment",
+        "# command instead submits only the models that have no result yet.",
+        f"#SBATCH --job-name={q(settings.job_name)}",
+        f"#SBATCH --array={array_spec(n_tasks, settings.array_parallelism)}",
+    ]
+    if settings.partition:
+        lines.append(f"#SBATCH --partition={q(settings.partition)}")
+    if settings.time:
+        lines.append(f"#SBATCH --time={q(settings.time)}")
+    if settings.gres:
+        lines.append(f"#SBATCH --gres={q(settings.gres)}")
+    lines += [
+        f"#SBATCH --output={q(str(log_pattern))}",
+        f"#SBATCH --chdir={q(str(workdir))}",
+        "",
+        'echo "[esd] job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname)'
+        ' at $(date -Is), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"',
+        f"exec {q(python)} {q(str(worker_script))} --manifest {q(str(manifest_path))} "
+        f'--task_index "$SLURM_ARRAY_TASK_ID"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- Slurm calls
+
+def _require(command: str) -> str:
+    path = shutil.which(command)
+    if path is None:
+        raise SlurmError(
+            f"`{command}` not found on PATH: the Slurm backend must run where Slurm's "
+            f"client commands are installed (a cluster login node). Use --backend local "
+            f"to run on this machine, or install Slurm (Debian/Ubuntu: apt-get install "
+            f"slurm-wlm; for tests: tests/slurm_local.sh start).")
+    return path
+
+
+def submit(script_path: Path, settings: SlurmSettings) -> str:
+    """Submit with `sbatch --parsable`; returns the job id, or raises with sbatch's words."""
+    argv = sbatch_command(script_path, settings)
+    argv[0] = _require("sbatch")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        raise SlurmError(f"sbatch did not answer within 120 s (is slurmctld up?): "
+                         f"{shlex.join(argv)}") from exc
+    if proc.returncode != 0:
+        message = (proc.stderr or proc.stdout).strip()
+        raise SlurmError(f"sbatch rejected the job array (exit {proc.returncode}):\n"
+                         f"{message}\nscript: {script_path}\ncommand: {shlex.join(argv)}")
+    job_id = proc.stdout.strip().split(";")[0]  # --parsable: "ID" or "ID;cluster"
+    if not re.fullmatch(r"\d+", job_id):
+        raise SlurmError(f"sbatch printed no job id (stdout {proc.stdout!r}, "
+                         f"stderr {proc.stderr!r})")
+    return job_id
+
+
+def _expand_indices(text: str) -> list[int]:
+    """`3`, `2-5`, `[2-5%2]`, `1,4-6` → task indices (the %K throttle is ignored)."""
+    text = text.strip("[]").split("%")[0]
+    indices: list[int] = []
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        if low.isdigit() and (not high or high.isdigit()):
+            indices.extend(range(int(low), int(high or low) + 1))
+    return indices
+
+
+def squeue_states(job_id: str) -> dict[int, str] | None:
+    """Task index → state for every task squeue still knows (`--states=all`).
+
+    None when the job is unknown (finished and purged from the controller). Raises
+    SlurmError when squeue itself fails (controller unreachable, ...).
+    """
+    argv = [_require("squeue"), "-h", "-r", f"--jobs={job_id}", "--states=all",
+            "-o", "%i %T"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return None
+        raise SlurmError(f"squeue failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return _parse_squeue(proc.stdout, job_id)
+
+
+def _parse_squeue(text: str, job_id: str) -> dict[int, str]:
+    states: dict[int, str] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 2:
+            continue
+        ident, state = parts
+        array_id, _, index = ident.partition("_")
+        if array_id != job_id or not index:
+            continue
+        for i in _expand_indices(index):
+            states[i] = state
+    return states
+
+
+def scontrol_states(job_id: str) -> dict[int, str] | None:
+    """Same as `squeue_states` from `scontrol -o show job` (used when squeue cannot say)."""
+    argv = [_require("scontrol"), "-o", "show", "job", job_id]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return None
+        raise SlurmError(f"scontrol failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    states: dict[int, str] = {}
+    for line in proc.stdout.splitlines():
+        found = dict(re.findall(r"(\w+)=(\S*)", line))
+        if found.get("ArrayJobId") != job_id or "JobState" not in found:
+            continue
+        for i in _expand_indices(found.get("ArrayTaskId", "")):
+            states[i] = found["JobState"]
+    return states
+
+
+def _poll_states(job_id: str) -> dict[int, str] | None:
+    try:
+        return squeue_states(job_id)
+    except (SlurmError, subprocess.TimeoutExpired):
+        return scontrol_states(job_id)
+
+
+# --------------------------------------------------------------------------- following
+
+def _is_active(state: str | None) -> bool:
+    """Pending, running or about to be (UNKNOWN = ended but no longer listed)."""
+    return state is not None and state not in TERMINAL_STATES and state != "UNKNOWN"
+
+
+_ENDED_WITHOUT_ERROR = ("COMPLETED", "UNKNOWN")
+
+
+def _classify(tasks: Sequence[SlurmTask], states: dict[int, str]):
+    done, failed, missing = [], [], []
+    for i, task in enumerate(tasks):
+        if Path(task.result_path).exists():
+            done.append(task.key)
+        elif states.get(i, "UNKNOWN") in _ENDED_WITHOUT_ERROR:
+            missing.append(task.key)   # ended "well" (or unseen) yet wrote no result
+        else:
+            failed.append(task.key)
+    return tuple(done), tuple(failed), tuple(missing)
+
+
+def _counts(tasks, states: dict[int, str]) -> dict[str, int]:
+    counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
+    for i, task in enumerate(tasks):
+        state = states.get(i)
+        if Path(task.result_path).exists():
+            counts["done"] += 1
+        elif state in ("RUNNING", "COMPLETING", "CONFIGURING"):
+            counts["running"] += 1
+        elif _is_active(state):
+            counts["pending"] += 1
+        elif state is not None and state not in _ENDED_WITHOUT_ERROR:
+            counts["failed"] += 1
+    return counts
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines otherwise (on change, at most every 30 s)."""
+
+    def __init__(self, total: int, job_id: str, log: Callable[[str], None]):
+        self.total, self.job_id, self.log = total, job_id, log
+        self.bar = None
+        self.last_line, self.last_time = "", float("-inf")
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=f"slurm job {job_id}", unit="task",
+                            file=sys.stdout)
+
+    def update(self, counts: dict[str, int], ended: int, final: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.n = ended
+            self.bar.set_postfix(counts, refresh=True)
+            return
+        line = (f"slurm job {self.job_id}: {ended}/{self.total} ended "
+                f"({counts['done']} done, {counts['running']} running, "
+                f"{counts['pending']} pending, {counts['failed']} failed)")
+        due = time.monotonic() - self.last_time >= 30
+        if line != self.last_line and (due or final):
+            self.log(line)
+            self.last_line, self.last_time = line, time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def follow(job_id: str, tasks: Sequence[SlurmTask], *, poll_interval_s: float = 5.0,
+           log: Callable[[str], None] = print) -> tuple[dict[int, str], bool]:
+    """Poll until no task is pending or running; returns (last state by task index, finished).
+
+    `finished` is False when interrupted with Ctrl-C: we stop watching and say how to
+    cancel, but the array keeps running (cancelling is the user's decision).
+    """
+    states: dict[int, str] = {}
+    progress = _Progress(len(tasks), job_id, log)
+    failures = 0
+    seen = False
+    try:
+        while True:
+            try:
+                current = _poll_states(job_id)
+                if not current and not seen:
+                    raise SlurmError(f"Slurm does not list job {job_id} yet")
+                failures = 0
+            except (SlurmError, subprocess.TimeoutExpired) as exc:
+                failures += 1
+                if failures >= _MAX_SQUEUE_FAILURES:
+                    raise SlurmError(f"lost track of job {job_id}: {exc}. It may still be "
+                                     f"running: check with `squeue --jobs={job_id}`") from exc
+                log(f"warning: cannot query Slurm about job {job_id} ({exc}); retrying")
+                time.sleep(poll_interval_s)
+                continue
+            seen = True
+            current = current or {}  # None/empty: purged from the controller, all ended
+            states.update(current)
+            for i in range(len(tasks)):
+                if i not in current and _is_active(states.get(i)):
+                    states[i] = "UNKNOWN"  # no longer listed: it has ended, we missed how
+            active = any(_is_active(states.get(i)) for i in range(len(tasks)))
+            ended = sum(1 for i, t in enumerate(tasks)
+                        if Path(t.result_path).exists()
+                        or (i in states and not _is_active(states[i])))
+            progress.update(_counts(tasks, states), ended, final=not active)
+            if not active:
+                return states, True
+            time.sleep(poll_interval_s)
+    except KeyboardInterrupt:
+        progress.close()
+        log(f"\nstopped following slurm job {job_id}; it keeps running. "
+            f"Cancel it with: scancel {job_id}")
+        return states, False
+    finally:
+        progress.close()
+
+
+# --------------------------------------------------------------------------- entry point
+
+def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings, *,
+              wait: bool, worker_script: Path = DEFAULT_WORKER_SCRIPT,
+              python: str = sys.executable, poll_interval_s: float = 5.0,
+              log: Callable[[str], None] = print) -> SlurmOutcome:
+    """Submit `tasks` as one job array (task i runs manifest row i) and optionally follow it.
+
+    Writes `<output_dir>/slurm/<timestamp>/{manifest.json, job.sbatch, submitted.json}`
+    and makes `<output_dir>/logs/slurm/` for the task logs. Raises SlurmError when sbatch
+    is missing or rejects the job. With `wait`, returns done/failed/missing by checking
+    each task's `result_path` once no task is pending or running.
+    """
+    tasks = list(tasks)
+    if not tasks:
+        log("slurm: nothing to submit (every task already has its result)")
+        return SlurmOutcome(job_id=None, n_tasks=0, finished=True)
+    keys = [t.key for t in tasks]
+    if len(set(keys)) != len(keys):
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        raise SlurmError(f"duplicate task keys {duplicates}: each task must be unique")
+    _require("sbatch")  # fail before writing anything when Slurm is not here
+
+    output_dir = Path(output_dir).absolute()
+    (output_dir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
+    sub_dir = _new_submission_dir(output_dir)
+    manifest_path = sub_dir / MANIFEST_NAME
+    script_path = sub_dir / SCRIPT_NAME
+    _write_atomic(manifest_path, json.dumps(manifest_rows(tasks), indent=1) + "\n")
+    script = render_script(n_tasks=len(tasks), settings=settings,
+                           manifest_path=manifest_path, output_dir=output_dir,
+                           workdir=Path.cwd(), worker_script=Path(worker_script).absolute(),
+                           python=python, script_path=script_path)
+    _write_atomic(script_path, script, mode=0o755)
+
+    job_id = submit(script_path, settings)
+    _write_atomic(sub_dir / SUBMITTED_NAME, json.dumps({
+        "job_id": job_id, "n_tasks": len(tasks),
+        "submitted_at": datetime.now().isoformat(timespec="seconds"),
+        "command": sbatch_command(script_path, settings)}, indent=1) + "\n")
+    log(f"slurm: submitted job array {job_id} with {len(tasks)} task(s) "
+        f"(script {script_path})")
+    log(f"  follow it:  squeue --jobs={job_id}")
+    log(f"  task logs:  tail -f {shlex.quote(str(output_dir / 'logs' / 'slurm'))}/{job_id}_*.log")
+    log(f"  cancel it:  scancel {job_id}")
+    log("  resume:     rerun the same command; only models without a result are submitted")
+    outcome = dict(job_id=job_id, n_tasks=len(tasks), manifest_path=manifest_path,
+                   script_path=script_path)
+    if not wait:
+        return SlurmOutcome(**outcome)
+
+    states, finished = follow(job_id, tasks, poll_interval_s=poll_interval_s, log=log)
+    if finished and any(states.get(i) in (None, "UNKNOWN") for i in range(len(tasks))):
+        try:  # squeue lost some tasks: ask scontrol before calling them missing
+            for i, state in (scontrol_states(job_id) or {}).items():
+                if states.get(i) in (None, "UNKNOWN"):
+                    states[i] = state
+        except (SlurmError, subprocess.TimeoutExpired):
+            pass
+    by_key = {tasks[i].key: s for i, s in states.items() if i < len(tasks)}
+    if not finished:
+        done = tuple(t.key for t in tasks if Path(t.result_path).exists())
+        return SlurmOutcome(**outcome, done=done, states=by_key, finished=False)
+    done, failed, missing = _classify(tasks, states)
+    log(f"slurm: job {job_id} ended: {len(done)} done, {len(failed)} failed, "
+        f"{len(missing)} without result")
+    for key in failed:
+        log(f"  failed: {key} ({by_key.get(key)})")
+    for key in missing:
+        log(f"  no result: {key} ({by_key.get(key, 'state unknown')})")
+    if failed or missing:
+        log(f"  see the task logs: {output_dir / 'logs' / 'slurm'}/{job_id}_<task>.log "
+            f"(task numbers are rows of {manifest_path})")
+    return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
+                        states=by_key, finished=True)
+
+
+def submissions(output_dir: Path) -> Iterable[dict]:
+    """Earlier submissions under an output directory (oldest first), for status tools."""
+    for path in sorted((Path(output_dir) / "slurm").glob(f"*/{SUBMITTED_NAME}")):
+        try:
+            yield {**json.loads(path.read_text(encoding="utf-8")), "dir": str(path.parent)}
+        except (OSError, ValueError):
+            continue
