@@ -167,15 +167,24 @@ def _new_submission_dir(output_dir: Path) -> Path:
     raise SlurmError(f"cannot create a new submission directory under {base}")
 
 
-def manifest_rows(tasks: Sequence[SlurmTask]) -> list[dict]:
-    """The manifest: row i is what array task i runs (`argv` follows the worker script)."""
-    return [{"key": t.key, "argv": [str(a) for a in t.worker_argv],
-             "result_path": str(Path(t.result_path).absolute())} for t in tasks]
+def manifest_data(tasks: Sequence[SlurmTask], created: str | None = None) -> dict:
+    """The manifest: `tasks[i]` is what array task i runs (`argv` follows the worker script).
+
+    {"version": 1, "created": ISO time, "n_tasks": n,
+     "tasks": [{"key": ..., "argv": [...], "result_path": absolute path}, ...]}
+    """
+    return {
+        "version": 1,
+        "created": created or datetime.now().isoformat(timespec="seconds"),
+        "n_tasks": len(tasks),
+        "tasks": [{"key": t.key, "argv": [str(a) for a in t.worker_argv],
+                   "result_path": str(Path(t.result_path).absolute())} for t in tasks],
+    }
 
 
 def read_manifest_task(manifest_path: str | os.PathLike, task_index: int | str) -> dict:
     """Row `task_index` of a manifest: {"key", "argv", "result_path"} (for the worker)."""
-    rows = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    rows = json.loads(Path(manifest_path).read_text(encoding="utf-8"))["tasks"]
     index = int(task_index)
     if not 0 <= index < len(rows):
         raise IndexError(f"task index {index} out of range: {manifest_path} has "
@@ -477,7 +486,7 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
     sub_dir = _new_submission_dir(output_dir)
     manifest_path = sub_dir / MANIFEST_NAME
     script_path = sub_dir / SCRIPT_NAME
-    _write_atomic(manifest_path, json.dumps(manifest_rows(tasks), indent=1) + "\n")
+    _write_atomic(manifest_path, json.dumps(manifest_data(tasks), indent=1) + "\n")
     script = render_script(n_tasks=len(tasks), settings=settings,
                            manifest_path=manifest_path, output_dir=output_dir,
                            workdir=Path.cwd(), worker_script=Path(worker_script).absolute(),
