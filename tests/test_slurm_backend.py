@@ -1,0 +1,413 @@
+"""The Slurm backend: the generated script and manifest (pure), and real job arrays on a
+single-node Slurm started by tests/slurm_local.sh (marked `slurm`)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import slurm_backend  # noqa: E402
+from slurm_backend import (SlurmError, SlurmSettings, SlurmTask, read_manifest_task,  # noqa: E402
+                           render_script, run_array, sbatch_command, split_extra)
+
+SLURM_LOCAL = REPO / "tests" / "slurm_local.sh"
+
+# A stand-in for esd_worker.py with the same Slurm entry point: reads its row of the
+# manifest, fails when its argv says so, else writes its result atomically with the GPUs
+# Slurm gave it.
+TASK_SCRIPT = textwrap.dedent("""\
+    import argparse, json, os, sys, time
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--task_index", type=int, required=True)
+    args = parser.parse_args()
+    row = json.load(open(args.manifest))["tasks"][args.task_index]
+    print("task", args.task_index, row["key"], "argv", row["argv"], flush=True)
+    if "--sleep" in row["argv"]:
+        time.sleep(float(row["argv"][row["argv"].index("--sleep") + 1]))
+    if "--fail" in row["argv"]:
+        sys.exit(3)
+    if "--no_result" in row["argv"]:
+        sys.exit(0)
+    tmp = row["result_path"] + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                   "argv": row["argv"], "cwd": os.getcwd()}, handle)
+    os.replace(tmp, row["result_path"])
+    """)
+
+
+@pytest.fixture
+def task_script(tmp_path) -> Path:
+    path = tmp_path / "task script.py"   # a space on purpose: paths are quoted
+    path.write_text(TASK_SCRIPT)
+    return path
+
+
+def make_tasks(out: Path, n: int, extra: dict[int, tuple[str, ...]] | None = None):
+    extra = extra or {}
+    return [SlurmTask(key=f"org/model-{i}", worker_argv=("--model_id", f"org/model-{i}",
+                                                         *extra.get(i, ())),
+                      result_path=out / f"org--model-{i}.json") for i in range(n)]
+
+
+def render(tmp_path, settings, n=5, python="/opt/py env/bin/python"):
+    out = tmp_path / "my results"
+    return render_script(n_tasks=n, settings=settings,
+                         manifest_path=out / "slurm" / "ts" / "manifest.json",
+                         output_dir=out, workdir=tmp_path / "work dir",
+                         worker_script=tmp_path / "repo dir" / "esd_worker.py",
+                         python=python, script_path=out / "slurm" / "ts" / "job.sbatch")
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+# ---------------------------------------------------------------------------- pure tests
+
+def test_script_sets_array_with_parallelism_partition_time_gres_and_logs(tmp_path):
+    script = render(tmp_path, SlurmSettings(partition="gpu", time="02:00:00", gres="gpu:1",
+                                            array_parallelism=3, job_name="esd"))
+    options = [shlex.split(line)[0] for line in sbatch_lines(script)]
+    assert options == [
+        "--job-name=esd", "--array=0-4%3", "--partition=gpu", "--time=02:00:00",
+        "--gres=gpu:1", f"--output={tmp_path}/my results/logs/slurm/%A_%a.log",
+        f"--chdir={tmp_path}/work dir"]
+    assert script.startswith("#!/bin/bash\n# ESD experiment as a Slurm job array")
+
+
+def test_script_omits_unset_options_and_throttle(tmp_path):
+    options = sbatch_lines(render(tmp_path, SlurmSettings(), n=1))
+    assert "--array=0-0" in options
+    assert not any(o.startswith(("--partition", "--time", "--gres")) for o in options)
+
+
+def test_script_runs_exactly_the_worker_on_its_manifest_row_with_quoted_paths(tmp_path):
+    script = render(tmp_path, SlurmSettings())
+    exec_line = script.strip().splitlines()[-1]
+    assert exec_line == (
+        f"exec '/opt/py env/bin/python' '{tmp_path}/repo dir/esd_worker.py' "
+        f"--manifest '{tmp_path}/my results/slurm/ts/manifest.json' "
+        f'--task_index "$SLURM_ARRAY_TASK_ID"')
+
+
+def test_script_body_passes_paths_with_spaces_intact_when_run_by_bash(tmp_path):
+    # Run the generated script (not through Slurm) with a "python" that prints its argv.
+    fake_python = tmp_path / "bin dir" / "python"
+    fake_python.parent.mkdir()
+    fake_python.write_text('#!/bin/sh\nfor a in "$@"; do echo "[$a]"; done\n')
+    fake_python.chmod(0o755)
+    script = render(tmp_path, SlurmSettings(), python=str(fake_python))
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "7"}
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
+                          check=True)
+    assert proc.stdout.splitlines()[1:] == [
+        f"[{tmp_path}/repo dir/esd_worker.py]", "[--manifest]",
+        f"[{tmp_path}/my results/slurm/ts/manifest.json]", "[--task_index]", "[3]"]
+
+
+def test_extra_args_are_split_like_a_shell_and_go_on_the_sbatch_command_line(tmp_path):
+    extra = split_extra("--mem=8G --qos 'high prio' --account=abc")
+    assert extra == ("--mem=8G", "--qos", "high prio", "--account=abc")
+    settings = SlurmSettings(extra=extra)
+    script_path = tmp_path / "job.sbatch"
+    assert sbatch_command(script_path, settings) == [
+        "sbatch", "--parsable", "--mem=8G", "--qos", "high prio", "--account=abc",
+        str(script_path)]
+    script = render(tmp_path, settings)
+    assert not any("mem" in line for line in sbatch_lines(script))
+    assert "# Submitted with: sbatch --parsable --mem=8G --qos 'high prio' --account=abc" in script
+
+
+@pytest.mark.parametrize("bad", ["--array=0-3", "-a", "--output=x.log", "-ox.log",
+                                 "--chdir=/tmp", "--wrap=true"])
+def test_extra_args_that_would_break_the_array_contract_are_rejected(bad):
+    with pytest.raises(SlurmError, match="not allowed"):
+        SlurmSettings(extra=(bad,))
+
+
+def test_unknown_settings_are_rejected_with_the_valid_ones():
+    with pytest.raises(SlurmError) as info:
+        SlurmSettings.from_options(partition="gpu", gpus=2)
+    assert "gpus" in str(info.value) and "array_parallelism" in str(info.value)
+    settings = SlurmSettings.from_options(partition="gpu", extra="--mem=4G -c 2", time=None)
+    assert settings == SlurmSettings(partition="gpu", extra=("--mem=4G", "-c", "2"))
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_array_parallelism_must_be_positive(value):
+    with pytest.raises(SlurmError, match="array_parallelism"):
+        SlurmSettings(array_parallelism=value)
+
+
+def test_manifest_rows_hold_key_argv_and_absolute_result_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tasks = [SlurmTask("org/a", ("--model_id", "org/a"), Path("out/org--a.csv")),
+             SlurmTask("b c", ("--model_id", "b c; rm -rf /"), tmp_path / "b.csv")]
+    data = slurm_backend.manifest_data(tasks)
+    assert data["n_tasks"] == 2
+    assert data["tasks"] == [
+        {"key": "org/a", "argv": ["--model_id", "org/a"],
+         "result_path": str(tmp_path / "out" / "org--a.csv")},
+        {"key": "b c", "argv": ["--model_id", "b c; rm -rf /"],
+         "result_path": str(tmp_path / "b.csv")}]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(data))
+    assert read_manifest_task(manifest, "1")["argv"] == ["--model_id", "b c; rm -rf /"]
+    with pytest.raises(IndexError, match="2 task"):
+        read_manifest_task(manifest, 2)
+
+
+def test_the_real_worker_reads_its_arguments_from_our_manifest(tmp_path):
+    esd_worker = pytest.importorskip("esd_worker")
+    out = tmp_path / "out"
+    tasks = [SlurmTask("org/a@v1", ("--model_id", "org/a@v1", "--output_dir", str(out),
+                                    "--source_model", "org/base"), out / "org--a@v1.csv")]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(slurm_backend.manifest_data(tasks)))
+    config = esd_worker.parse_config(["--manifest", str(manifest), "--task_index", "0"])
+    assert (config.entry.model_id, config.entry.revision) == ("org/a", "v1")
+    assert config.entry.source_model == "org/base"
+
+
+def test_zero_tasks_submit_nothing(tmp_path):
+    lines = []
+    outcome = run_array([], tmp_path / "out", SlurmSettings(), wait=True, log=lines.append)
+    assert outcome.job_id is None and outcome.n_tasks == 0
+    assert any("nothing to submit" in line for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_sbatch_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SlurmError) as info:
+        run_array(make_tasks(tmp_path / "out", 2), tmp_path / "out", SlurmSettings(), wait=False)
+    message = str(info.value)
+    assert "`sbatch` not found" in message and "--backend local" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_task_keys_are_rejected(tmp_path):
+    tasks = make_tasks(tmp_path, 2)
+    with pytest.raises(SlurmError, match="duplicate"):
+        run_array(tasks + tasks[:1], tmp_path, SlurmSettings(), wait=False)
+
+
+def test_squeue_lines_become_states_by_task_index():
+    text = "12_0 COMPLETED\n12_1 RUNNING\n12_[2-4%2] PENDING\n13_0 RUNNING\n\n"
+    assert slurm_backend._parse_squeue(text, "12") == {
+        0: "COMPLETED", 1: "RUNNING", 2: "PENDING", 3: "PENDING", 4: "PENDING"}
+    assert slurm_backend._expand_indices("1,4-6%3") == [1, 4, 5, 6]
+
+
+# ---------------------------------------------------------------------------- real Slurm
+
+def _daemons_running() -> bool:
+    return subprocess.run(["bash", str(SLURM_LOCAL), "status"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm (2 fake GPUs); stopped at the end if this session started it."""
+    if shutil.which("slurmctld") is None:
+        pytest.skip("slurmctld is not installed (apt-get install -y slurm-wlm); "
+                    "real-Slurm tests need it")
+    already_running = _daemons_running()
+    proc = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"Slurm is installed but tests/slurm_local.sh start failed:\n"
+                    f"{proc.stdout}\n{proc.stderr}", pytrace=False)
+    yield
+    if not already_running:
+        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], capture_output=True)
+
+
+def _gpu_settings(**kw) -> SlurmSettings:
+    return SlurmSettings(gres="gpu:1", job_name="esd-test", **kw)
+
+
+@pytest.mark.slurm
+def test_wait_completes_every_task_each_on_one_of_the_two_gpus(slurm_cluster, tmp_path,
+                                                              task_script, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out dir"
+    tasks = make_tasks(out, 5)
+    lines: list[str] = []
+    outcome = run_array(tasks, out, _gpu_settings(array_parallelism=4), wait=True,
+                        worker_script=task_script, poll_interval_s=0.3, log=lines.append)
+    assert outcome.finished and outcome.n_tasks == 5
+    assert outcome.done == tuple(t.key for t in tasks)
+    assert outcome.failed == () and outcome.missing == ()
+    assert set(outcome.states.values()) == {"COMPLETED"}
+    results = [json.loads(t.result_path.read_text()) for t in tasks]
+    assert {r["cuda_visible_devices"] for r in results} <= {"0", "1"}
+    assert results[3]["argv"] == ["--model_id", "org/model-3"]
+    assert results[0]["cwd"] == str(tmp_path)            # --chdir: where we submitted from
+    # the frozen manifest and the script next to it, the logs where we said
+    manifest = json.loads(outcome.manifest_path.read_text())
+    assert [row["key"] for row in manifest["tasks"]] == [t.key for t in tasks]
+    assert outcome.manifest_path.parent.parent == out / "slurm"
+    assert "#SBATCH --array=0-4%4" in outcome.script_path.read_text()
+    logs = sorted((out / "logs" / "slurm").glob(f"{outcome.job_id}_*.log"))
+    assert len(logs) == 5 and "CUDA_VISIBLE_DEVICES=" in logs[0].read_text()
+    assert any(f"submitted job array {outcome.job_id} with 5 task(s)" in line for line in lines)
+    assert any(f"scancel {outcome.job_id}" in line for line in lines)
+    assert any("5/5 ended (5 done" in line for line in lines)
+
+
+@pytest.mark.slurm
+def test_failing_task_is_failed_and_silent_task_is_missing(slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 3, {1: ("--fail",), 2: ("--no_result",)})
+    outcome = run_array(tasks, out, _gpu_settings(), wait=True, worker_script=task_script,
+                        poll_interval_s=0.3, log=lambda line: None)
+    assert outcome.done == ("org/model-0",)
+    assert outcome.failed == ("org/model-1",)
+    assert outcome.missing == ("org/model-2",)
+    assert outcome.states == {"org/model-0": "COMPLETED", "org/model-1": "FAILED",
+                              "org/model-2": "COMPLETED"}
+
+
+@pytest.mark.slurm
+def test_without_wait_returns_after_submitting(slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    outcome = run_array(make_tasks(out, 2), out, _gpu_settings(), wait=False,
+                        worker_script=task_script, log=lambda line: None)
+    assert outcome.job_id and not outcome.finished and outcome.done == ()
+    submitted = json.loads((outcome.manifest_path.parent / "submitted.json").read_text())
+    assert submitted["job_id"] == outcome.job_id
+    subprocess.run(["scancel", outcome.job_id], check=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("settings, says", [
+    (SlurmSettings(gres="gpu:3"), "Requested node configuration is not available"),
+    (SlurmSettings(partition="no-such-partition"), "invalid partition"),
+    (SlurmSettings(time="soon"), "Invalid --time specification"),
+])
+def test_sbatch_rejection_carries_its_message(slurm_cluster, tmp_path, task_script,
+                                              settings, says):
+    with pytest.raises(SlurmError) as info:
+        run_array(make_tasks(tmp_path, 1), tmp_path, settings, wait=True,
+                  worker_script=task_script, log=lambda line: None)
+    assert "sbatch rejected the job array" in str(info.value)
+    assert says.lower() in str(info.value).lower()
+
+
+@pytest.mark.slurm
+def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""\
+        import sys; sys.path.insert(0, {str(REPO)!r})
+        from pathlib import Path
+        from slurm_backend import SlurmSettings, SlurmTask, run_array
+        tasks = [SlurmTask("slow", ("--sleep", "60"), Path({str(out / "slow.json")!r}))]
+        outcome = run_array(tasks, Path({str(out)!r}), SlurmSettings(), wait=True,
+                            worker_script=Path({str(task_script)!r}), poll_interval_s=0.2,
+                            log=lambda line: print(line, flush=True))
+        print("finished:", outcome.finished, flush=True)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    job_id = None
+    try:
+        for line in proc.stdout:
+            if "submitted job array" in line:
+                job_id = line.split("submitted job array ")[1].split()[0]
+                break
+        assert job_id, "run_array did not submit"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+        assert f"Cancel it with: scancel {job_id}" in rest
+        assert "finished: False" in rest
+        listed = subprocess.run(["squeue", "-h", f"--jobs={job_id}", "-o", "%T"],
+                                capture_output=True, text=True).stdout.split()
+        assert listed and listed[0] in ("RUNNING", "PENDING")
+    finally:
+        proc.kill()
+        if job_id:
+            subprocess.run(["scancel", job_id])
+
+
+# ---------------------------------------------------------------------------- end to end
+
+def _orchestrator_missing_reason() -> str | None:
+    if not (REPO / "run_esd_experiment.py").exists() or not (REPO / "esd_worker.py").exists():
+        return "run_esd_experiment.py / esd_worker.py not merged yet"
+    for module in ("net_esd", "model_loader"):
+        if not (REPO / f"{module}.py").exists():
+            return f"{module}.py (needed by esd_worker.py) not merged yet"
+    return None
+
+
+def _tiny_gpt2_models(root: Path, n: int) -> list[Path]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    import torch
+
+    paths = []
+    for i in range(n):
+        torch.manual_seed(i)
+        config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
+        path = root / f"tiny-gpt2-{i}"
+        GPT2LMHeadModel(config).save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def _run_experiment(cwd: Path, model_list: Path, out: Path) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(REPO / "run_esd_experiment.py"), "--model_list", str(model_list),
+            "--output_dir", str(out), "--backend", "slurm", "--slurm_gres", "gpu:1", "--wait"]
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return proc
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(_orchestrator_missing_reason() is not None,
+                    reason=str(_orchestrator_missing_reason()))
+def test_experiment_on_slurm_completes_every_model_and_resumes_only_what_is_missing(
+        slurm_cluster, tmp_path):
+    from model_list import ModelEntry, result_csv_path
+
+    models = _tiny_gpt2_models(tmp_path / "models", 3)
+    model_list = tmp_path / "models.csv"
+    model_list.write_text("model_id\n" + "".join(f"{p}\n" for p in models))
+    out = tmp_path / "results"
+
+    def manifests():
+        return sorted((out / "slurm").glob("*/manifest.json"))
+
+    first = _run_experiment(tmp_path, model_list, out)
+    assert first.returncode == 0, first.stdout + first.stderr
+    csvs = [result_csv_path(out, ModelEntry(str(p))) for p in models]
+    assert all(c.exists() for c in csvs), first.stdout + first.stderr
+    assert len(manifests()) == 1
+    assert json.loads(manifests()[0].read_text())["n_tasks"] == 3
+
+    again = _run_experiment(tmp_path, model_list, out)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "nothing to submit" in again.stdout + again.stderr
+    assert len(manifests()) == 1
+
+    csvs[1].unlink()
+    third = _run_experiment(tmp_path, model_list, out)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert len(manifests()) == 2
+    rows = json.loads(manifests()[-1].read_text())["tasks"]
+    assert [row["key"] for row in rows] == [str(models[1])]
+    assert "with 1 task(s)" in third.stdout + third.stderr
+    assert all(c.exists() for c in csvs)
