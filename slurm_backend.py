@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKER_SCRIPT = REPO_DIR / "esd_worker.py"
@@ -463,13 +463,17 @@ def follow(job_id: str, tasks: Sequence[SlurmTask], *, poll_interval_s: float = 
 def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings, *,
               wait: bool, worker_script: Path = DEFAULT_WORKER_SCRIPT,
               python: str = sys.executable, poll_interval_s: float = 5.0,
-              log: Callable[[str], None] = print) -> SlurmOutcome:
+              skip_queued: bool = True, log: Callable[[str], None] = print) -> SlurmOutcome:
     """Submit `tasks` as one job array (task i runs manifest row i) and optionally follow it.
 
     Writes `<output_dir>/slurm/<timestamp>/{manifest.json, job.sbatch, submitted.json}`
     and makes `<output_dir>/logs/slurm/` for the task logs. Raises SlurmError when sbatch
     is missing or rejects the job. With `wait`, returns done/failed/missing by checking
     each task's `result_path` once no task is pending or running.
+
+    With `skip_queued`, a task whose key is still pending or running in an earlier array
+    submitted for the same output directory is not submitted again (rerunning the command
+    while an array runs must not start every model twice).
     """
     tasks = list(tasks)
     if not tasks:
@@ -482,6 +486,18 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
     _require("sbatch")  # fail before writing anything when Slurm is not here
 
     output_dir = Path(output_dir).absolute()
+    if skip_queued:
+        queued = queued_keys(output_dir)
+        already = [t for t in tasks if t.key in queued]
+        if already:
+            jobs = sorted({queued[t.key] for t in already}, key=int)
+            log(f"slurm: {len(already)} task(s) already pending or running in job(s) "
+                f"{', '.join(jobs)}; not submitted again (follow: squeue --jobs="
+                f"{','.join(jobs)})")
+            tasks = [t for t in tasks if t.key not in queued]
+            if not tasks:
+                log("slurm: nothing to submit")
+                return SlurmOutcome(job_id=None, n_tasks=0, finished=False)
     (output_dir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
     sub_dir = _new_submission_dir(output_dir)
     manifest_path = sub_dir / MANIFEST_NAME
@@ -535,10 +551,42 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
                         states=by_key, finished=True)
 
 
-def submissions(output_dir: Path) -> Iterable[dict]:
-    """Earlier submissions under an output directory (oldest first), for status tools."""
+def submissions(output_dir: Path) -> list[dict]:
+    """Earlier submissions under an output directory (oldest first): the contents of each
+    `submitted.json` plus `dir`, the submission's directory."""
+    found = []
     for path in sorted((Path(output_dir) / "slurm").glob(f"*/{SUBMITTED_NAME}")):
         try:
-            yield {**json.loads(path.read_text(encoding="utf-8")), "dir": str(path.parent)}
+            found.append({**json.loads(path.read_text(encoding="utf-8")),
+                          "dir": str(path.parent)})
         except (OSError, ValueError):
             continue
+    return found
+
+
+def queued_keys(output_dir: Path, recent: int = 50) -> dict[str, str]:
+    """Task key → job id, for tasks still pending or running in the `recent` latest arrays
+    submitted for this output directory (one squeue call; {} when Slurm cannot say)."""
+    jobs = {s["job_id"]: Path(s["dir"]) for s in submissions(output_dir)[-recent:]
+            if str(s.get("job_id", "")).isdigit()}
+    if not jobs:
+        return {}
+    argv = [_require("squeue"), "-h", "-r", f"--jobs={','.join(jobs)}", "-o", "%i %T"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}
+    if proc.returncode != 0:  # "Invalid job id": all of them have ended and been purged
+        return {}
+    queued: dict[str, str] = {}
+    for job_id, sub_dir in jobs.items():
+        active = [i for i, state in _parse_squeue(proc.stdout, job_id).items()
+                  if _is_active(state)]
+        if not active:
+            continue
+        try:
+            rows = json.loads((sub_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["tasks"]
+        except (OSError, ValueError, KeyError):
+            continue
+        queued.update({rows[i]["key"]: job_id for i in active if i < len(rows)})
+    return queued

@@ -293,6 +293,29 @@ def test_without_wait_returns_after_submitting(slurm_cluster, tmp_path, task_scr
 
 
 @pytest.mark.slurm
+def test_rerun_while_an_array_runs_does_not_submit_its_tasks_twice(slurm_cluster, tmp_path,
+                                                                  task_script):
+    out = tmp_path / "out"
+    slow = make_tasks(out, 2, {0: ("--sleep", "60"), 1: ("--sleep", "60")})
+    first = run_array(slow, out, SlurmSettings(array_parallelism=1), wait=False,
+                      worker_script=task_script,
+                      log=lambda line: None)
+    try:
+        lines: list[str] = []
+        tasks = make_tasks(out, 3)   # the same two keys and one new one
+        second = run_array(tasks, out, SlurmSettings(), wait=True, worker_script=task_script,
+                           poll_interval_s=0.3, log=lines.append)
+        assert second.n_tasks == 1 and second.done == ("org/model-2",)
+        assert any(f"2 task(s) already pending or running in job(s) {first.job_id}" in line
+                   for line in lines)
+        third = run_array(slow, out, SlurmSettings(), wait=True, worker_script=task_script,
+                          log=lines.append)
+        assert third.job_id is None and lines[-1] == "slurm: nothing to submit"
+    finally:
+        subprocess.run(["scancel", first.job_id])
+
+
+@pytest.mark.slurm
 @pytest.mark.parametrize("settings, says", [
     (SlurmSettings(gres="gpu:3"), "Requested node configuration is not available"),
     (SlurmSettings(partition="no-such-partition"), "invalid partition"),
