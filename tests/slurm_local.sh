@@ -153,13 +153,13 @@ start() {
         stop_pidfile "$CTLD_PID" slurmctld
     fi
 
-    if ! pid_alive "$MUNGE_PID" munged; then
+    if ! pid_alive "$MUNGE_PID" munged && ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
         [[ -f /etc/munge/munge.key ]] || die "/etc/munge/munge.key missing (reinstall munge)"
         runuser -u munge -- munged --pid-file="$MUNGE_PID" \
             || die "munged did not start (see /var/log/munge/munged.log)"
         say "started munged"
     fi
-    if ! pid_alive "$CTLD_PID" slurmctld; then
+    if ! pid_alive "$CTLD_PID" slurmctld && ! scontrol ping 2>/dev/null | grep -q "is UP"; then
         slurmctld || { show_logs; die "slurmctld did not start"; }
         say "started slurmctld"
     fi

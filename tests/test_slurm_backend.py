@@ -371,31 +371,20 @@ def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, tas
 def _orchestrator_missing_reason() -> str | None:
     if not (REPO / "run_esd_experiment.py").exists() or not (REPO / "esd_worker.py").exists():
         return "run_esd_experiment.py / esd_worker.py not merged yet"
-    for module in ("net_esd", "model_loader"):
+    for module in ("net_esd", "model_loader", "analyze_results"):
         if not (REPO / f"{module}.py").exists():
-            return f"{module}.py (needed by esd_worker.py) not merged yet"
+            return f"{module}.py (needed by the experiment) not merged yet"
     return None
-
-
-def _tiny_gpt2_models(root: Path, n: int) -> list[Path]:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    import torch
-
-    paths = []
-    for i in range(n):
-        torch.manual_seed(i)
-        config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=32)
-        path = root / f"tiny-gpt2-{i}"
-        GPT2LMHeadModel(config).save_pretrained(path)
-        paths.append(path)
-    return paths
 
 
 def _run_experiment(cwd: Path, model_list: Path, out: Path) -> subprocess.CompletedProcess:
     argv = [sys.executable, str(REPO / "run_esd_experiment.py"), "--model_list", str(model_list),
             "--output_dir", str(out), "--backend", "slurm", "--slurm_gres", "gpu:1", "--wait"]
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600)
-    return proc
+    # Offline with a private hub cache; sbatch passes this environment on to the tasks.
+    env = dict(os.environ, HF_HOME=str(cwd / "hf_home"), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("HF_HUB_CACHE", None)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slurm
@@ -406,7 +395,9 @@ def test_experiment_on_slurm_completes_every_model_and_resumes_only_what_is_miss
         slurm_cluster, tmp_path):
     from model_list import ModelEntry, result_csv_path
 
-    models = _tiny_gpt2_models(tmp_path / "models", 3)
+    from tiny_models import save_gpt2  # GPT2Config(n_layer=2, n_embd=64, n_head=2, ...)
+
+    models = [save_gpt2(tmp_path / "models" / f"tiny-gpt2-{i}", seed=i) for i in range(3)]
     model_list = tmp_path / "models.csv"
     model_list.write_text("model_id\n" + "".join(f"{p}\n" for p in models))
     out = tmp_path / "results"
