@@ -95,14 +95,14 @@ class NVMLError(Exception):
 
 
 def _error_names():
-    return [n for n in dir(sys.modules[__name__]) if n.startswith("NVML_ERROR_")]
+    return sorted(n for n in globals() if n.startswith("NVML_ERROR_"))
 
 
 def _make_error_classes():
-    module = sys.modules[__name__]
+    module = globals()
     for err_name in _error_names():
         class_name = "NVMLError_" + string.capwords(err_name.replace("NVML_ERROR_", ""), "_").replace("_", "")
-        value = getattr(module, err_name)
+        value = module[err_name]
 
         def gen_new(val):
             def new(typ, *args):
@@ -111,7 +111,7 @@ def _make_error_classes():
 
         cls = type(class_name, (NVMLError,), {"__new__": gen_new(value)})
         cls.__module__ = __name__
-        setattr(module, class_name, cls)
+        module[class_name] = cls
         NVMLError._valClassMapping[value] = cls
 
 
@@ -169,7 +169,7 @@ def _script():
 
 
 def _code(name):
-    value = getattr(sys.modules[__name__], "NVML_ERROR_" + name.upper(), None)
+    value = globals().get("NVML_ERROR_" + name.upper())
     return NVML_ERROR_UNKNOWN if value is None else value
 
 
