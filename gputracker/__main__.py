@@ -41,8 +41,8 @@ def _gpu_list(values: list[str] | None) -> list[int] | None:
         return None
     if len(values) == 1 and values[0].lower() in ("none", "cpu"):
         return []
-    try:
-        return [int(v) for v in values]
+    try:  # "--gpus 0 1" and "--gpus 0,1" both work
+        return [int(v) for value in values for v in value.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--gpus takes GPU indices or 'none', got {' '.join(values)}") from None
 

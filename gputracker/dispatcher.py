@@ -175,7 +175,7 @@ class Dispatcher:
         self.mode = "gpu" if self.gpus else "cpu"
         self.lock_dir = locks.resolve_lock_dir(lock_dir)
         if self.mode == "gpu":
-            locks.ensure_lock_dir(self.lock_dir)
+            locks.ensure_lock_files(self.lock_dir, self.gpus)  # fail now, not mid-run
         self._gpu_state = {g: _GpuState() for g in self.gpus}
 
         self._queue: deque[_Queued] = deque()
@@ -224,6 +224,9 @@ class Dispatcher:
     # ------------------------------------------------------------- public API
     def submit(self, job: Job) -> None:
         """Queue ``job``; safe from any thread and from the callbacks."""
+        if isinstance(job.argv, (str, bytes)) or not job.argv:
+            raise TypeError(f"job {job.job_id}: argv must be a non-empty list of arguments "
+                            f"(no shell is used; split a command line with shlex.split), got {job.argv!r}")
         with self._queue_lock:
             self._queue.append(_Queued(job, time.monotonic()))
         self._wake()
@@ -494,7 +497,8 @@ class Dispatcher:
         self._stopping = True
         self.logger.warning("gputracker: stop requested; terminating %d running job(s)", len(self._running))
         for run in self._running.values():
-            run.interrupted = True
+            if run.returncode is None:  # a job already ended on its own keeps its result
+                run.interrupted = True
             self._terminate(run, now)
 
     def _kill_all_now(self) -> None:

@@ -43,6 +43,23 @@ def ensure_lock_dir(lock_dir: Path) -> Path:
     return lock_dir
 
 
+def ensure_lock_files(lock_dir: Path, gpu_indices: list[int]) -> Path:
+    """Create ``lock_dir`` and one lock file per GPU; raises PermissionError with a clear
+    message when this user cannot use the directory (e.g. it is not world-writable)."""
+    ensure_lock_dir(lock_dir)
+    for gpu_index in gpu_indices:
+        try:
+            os.close(_open_lock_file(lock_path(lock_dir, gpu_index)))
+        except PermissionError as exc:
+            raise PermissionError(f"cannot use GPU lock directory {lock_dir} ({exc}); it must be writable by "
+                                  f"every user (mode 1777), or choose another with --lock_dir / ${LOCK_DIR_ENV}") from None
+    return lock_dir
+
+
+def lock_path(lock_dir: Path, gpu_index: int) -> Path:
+    return lock_dir / f"gpu-{gpu_index}.lock"
+
+
 class GpuClaim:
     """An exclusive claim on one GPU. ``fd`` can be handed to a child via ``pass_fds``."""
 
@@ -83,7 +100,7 @@ def _open_lock_file(path: Path) -> int:
 
 def try_claim(lock_dir: Path, gpu_index: int) -> GpuClaim | None:
     """Claim GPU ``gpu_index`` without waiting; None if another process holds it."""
-    path = lock_dir / f"gpu-{gpu_index}.lock"
+    path = lock_path(lock_dir, gpu_index)
     fd = _open_lock_file(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

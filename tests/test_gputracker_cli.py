@@ -146,3 +146,16 @@ def test_dispatch_thread_runs_old_style_command_strings_without_a_shell(tmp_path
     assert not (tmp_path / "out.txt").exists()
     assert all(r["cuda_visible_devices"] == "0" for r in jobs.records().values())
     assert_no_gpu_overlap(record_intervals(jobs.records()))
+
+
+def test_cli_uses_only_the_listed_gpus_given_as_nvml_indices(tmp_path):
+    jobs = JobFactory(tmp_path)
+    script = write_fake_gpus(tmp_path / "fake.json", [{"used_mb": 0}, {"used_mb": 0}, {"used_mb": 0}])
+    commands = write_commands(tmp_path / "cmds.txt", [jobs.command_line(f"g{i}", sleep_s=0.2) for i in range(4)])
+    proc = subprocess.run(gputracker_cmd(commands, "--gpus", "0,2", "--poll_interval", "0.03", "--max_check", "1",
+                                         "--lock_dir", tmp_path / "locks", "--log_dir", tmp_path / "logs"),
+                          env=subprocess_env(script), capture_output=True, text=True, timeout=60)
+
+    assert proc.returncode == 0, proc.stderr
+    assert {r["cuda_visible_devices"] for r in jobs.records().values()} <= {"0", "2"}
+    assert all(r["cuda_device_order"] == "PCI_BUS_ID" for r in jobs.records().values())

@@ -294,3 +294,10 @@ def test_metrics_file_is_written_atomically_with_counts_waits_and_per_gpu_jobs(t
     assert m["gpu_wait_s"]["max"] >= m["gpu_wait_s"]["mean"] >= 0
     assert len(m["per_job"]) == 3 and m["total_runtime_s"] > 0
     assert [p.name for p in path.parent.iterdir()] == ["gpu_metrics.json"]  # no temp file left
+
+
+def test_submit_rejects_a_command_string_because_no_shell_is_used(tmp_path, fake_gpus):
+    fake_gpus([{"used_mb": 0}])
+    d = make_dispatcher(tmp_path)
+    with pytest.raises(TypeError, match="shlex.split"):
+        d.submit(Job("s", "python -c pass", tmp_path / "s.log"))
