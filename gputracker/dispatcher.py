@@ -293,7 +293,8 @@ class Dispatcher:
     def close(self) -> None:
         """Shut NVML down and close the wake pipe. The dispatcher is unusable afterwards."""
         self._nvml.close()
-        for fd in (self._wake_r, self._wake_w):
+        wake_fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in wake_fds:  # -1 first: a late request_stop must not write into a reused fd
             try:
                 os.close(fd)
             except OSError:
@@ -307,6 +308,8 @@ class Dispatcher:
 
     # ----------------------------------------------------------- wake / queue
     def _wake(self) -> None:
+        if self._wake_w < 0:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
@@ -394,6 +397,7 @@ class Dispatcher:
 
     def _launch(self, queued: _Queued, claims: list, selector) -> None:
         job = queued.job
+        argv = [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in job.argv]
         gpus = tuple(c.gpu_index for c in claims)
         env = dict(os.environ)
         env.update(job.env or {})
@@ -412,7 +416,7 @@ class Dispatcher:
                 log_file.write(f"[gputracker {stamp}] job {job.job_id} on {where}: {shlex.join(job.argv)}\n".encode())
                 log_file.flush()
             proc = subprocess.Popen(
-                list(job.argv),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT if log_file is not None else None,
@@ -441,7 +445,7 @@ class Dispatcher:
         deadline = start_mono + job.timeout_s if job.timeout_s else None
         self._running[proc.pid] = _Running(job, proc, pidfd, gpus, claims, start_time, start_mono, wait_s, deadline)
         self.logger.info("gputracker: job %s started on %s (pid %d, waited %.1f s): %s",
-                         job.job_id, where, proc.pid, wait_s, shlex.join(job.argv))
+                         job.job_id, where, proc.pid, wait_s, shlex.join(argv))
         self._call(self.on_job_start, job)
 
     # ----------------------------------------------------- running / cleanup
