@@ -413,7 +413,7 @@ class Dispatcher:
                 Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
                 log_file = open(job.log_path, "ab")
                 stamp = datetime.now().isoformat(timespec="seconds")
-                log_file.write(f"[gputracker {stamp}] job {job.job_id} on {where}: {shlex.join(job.argv)}\n".encode())
+                log_file.write(f"[gputracker {stamp}] job {job.job_id} on {where}: {shlex.join(argv)}\n".encode())
                 log_file.flush()
             proc = subprocess.Popen(
                 argv,
