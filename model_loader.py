@@ -680,13 +680,16 @@ def _plan_layers(resolved: ResolvedModel, ckpt: _Checkpoint,
             key = match(name)
             if key is not None:
                 claimed.add(key)
+        key_of_param: dict[int, str] = {}   # tied modules share one Parameter
         for name, module in model.named_modules(remove_duplicate=False):
             kind = _module_layer_type(module)
             if kind is None or getattr(module, "weight", None) is None:
                 continue
-            key = match(f"{name}.weight")
+            key = key_of_param.get(id(module.weight)) or match(f"{name}.weight")
             if key is None:
                 key = _tied_source_key(model, name, match)
+            if key is not None:
+                key_of_param.setdefault(id(module.weight), key)
             if key is None:
                 missing.append(name)
                 continue
