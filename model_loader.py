@@ -800,10 +800,11 @@ def _adapter_module(key: str) -> str:
 
 
 def _plan_adapter(resolved: ResolvedModel, adapter: _Checkpoint, modules, keys, base: _Checkpoint,
-                  warn: Warn) -> tuple[dict[str, list[_LoraUpdate]], dict[str, str]]:
+                  warn: Warn):
     """Check every adapter tensor against the base (names, shapes, ranks) before anything is
-    merged. Returns the LoRA updates by base checkpoint key, and modules_to_save replacements
-    by longname (adapter key of the full weight)."""
+    merged. Returns the LoRA updates by base checkpoint key, the modules_to_save replacements
+    by longname, and saved base weights (`…base_layer.weight`) by base checkpoint key (the
+    last two as adapter keys of the full weight)."""
     cfg = resolved.adapter_config or {}
     kinds = {name: (kind, transposed) for name, kind, transposed in modules}
     # A LoRA/modules_to_save name may use another prefix than the base skeleton.
@@ -855,7 +856,20 @@ def _plan_adapter(resolved: ResolvedModel, adapter: _Checkpoint, modules, keys, 
             updates.setdefault(keys[name], []).append(
                 _LoraUpdate(module, a_key, b_key, scaling, transpose))
     replacements: dict[str, str] = {}
+    overrides: dict[str, str] = {}
     for module, key in sorted(saved.items()):
+        if module.endswith(".base_layer"):
+            # peft's save_embedding_layers: the (possibly resized) base weight itself, which
+            # peft loads into the base before merging the LoRA update on top.
+            module = module[: -len(".base_layer")]
+            name = (by_name(f"{module}.weight") or "")[: -len(".weight")]
+            if name not in kinds or adapter.shapes[key] != base.shapes[keys[name]]:
+                problems.append(f"{module}: saved base weight {list(adapter.shapes[key])} does "
+                                "not fit the base" + (f" {list(base.shapes[keys[name]])}"
+                                                      if name in kinds else ""))
+            else:
+                overrides[keys[name]] = key
+            continue
         name = (by_name(f"{module}.weight") or "")[: -len(".weight")]
         if name not in kinds:
             # A head the base class lacks (e.g. a classifier): analysed as an extra layer.
@@ -874,7 +888,7 @@ def _plan_adapter(resolved: ResolvedModel, adapter: _Checkpoint, modules, keys, 
         raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id} does not fit base "
                          f"{resolved.source_model}: " + "; ".join(problems[:5]) +
                          (f"; … ({len(problems)} problems)" if len(problems) > 5 else ""))
-    return updates, replacements
+    return updates, replacements, overrides
 
 
 def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
@@ -927,7 +941,8 @@ def _iter_adapter_layers(resolved: ResolvedModel, warn: Warn):
         base = resolved.base
         base_ckpt = _Checkpoint(base.weight_files)
         modules, keys = _plan_layers(base, base_ckpt, warn)
-        updates, replacements = _plan_adapter(resolved, adapter, modules, keys, base_ckpt, warn)
+        updates, replacements, overrides = _plan_adapter(resolved, adapter, modules, keys,
+                                                         base_ckpt, warn)
         done: set[str] = set()
         for name, kind, _ in modules:
             if name in replacements:     # modules_to_save: the adapter's full weight
@@ -936,8 +951,11 @@ def _iter_adapter_layers(resolved: ResolvedModel, warn: Warn):
                 continue
             else:
                 done.add(keys[name])
-                tensor = _apply_updates(base_ckpt.tensor(keys[name]),
-                                        updates.get(keys[name], []), adapter)
+                key = keys[name]
+                weight = adapter.tensor(overrides[key]) if key in overrides \
+                    else base_ckpt.tensor(key)
+                tensor = _apply_updates(weight, updates.get(key, []), adapter)
+                del weight
             yield name, kind, tensor
             del tensor
         for name, key in replacements.items():   # saved heads the base class lacks
