@@ -262,7 +262,13 @@ def _download_snapshot(repo_id: str, revision: str, cache: Path,
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
                                       allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
-        raise _hub_failure(exc, repo_id, revision) from None
+        failure = _hub_failure(exc, repo_id, revision)
+    if failure.reason in ("network_error", "hub_unavailable"):
+        try:  # hub unreachable: a cached snapshot still serves, as huggingface_hub does
+            return _offline_snapshot(repo_id, revision, cache)
+        except ESDFailure:
+            pass
+    raise failure
 
 
 # --------------------------------------------------------------------------- files
@@ -843,8 +849,11 @@ def _plan_adapter(resolved: ResolvedModel, adapter: _Checkpoint, modules, keys, 
         a_shape, b_shape = adapter.shapes[a_key], adapter.shapes[b_key]   # A (r, in), B (out, r)
         base_shape = base.shapes[keys[name]]
         r, scaling = _lora_scaling(cfg, module)
-        transpose = embedding or transposed        # delta (out, in) vs stored (in, out)
         delta_shape = (b_shape[0], a_shape[1])
+        transpose = embedding or transposed        # delta (out, in) vs stored (in, out)
+        if (not transpose and cfg.get("fan_in_fan_out") and delta_shape != tuple(base_shape)
+                and delta_shape == tuple(reversed(base_shape))):
+            transpose = True    # base typed by the name/shape rule: a Conv1D stored (in, out)
         want = tuple(reversed(base_shape)) if transpose else tuple(base_shape)
         if a_shape[0] != b_shape[1] or a_shape[0] != r:
             problems.append(f"{module}: rank mismatch A {list(a_shape)}, B {list(b_shape)}, "

@@ -149,3 +149,27 @@ def test_the_token_never_appears_in_failure_messages(tmp_path, monkeypatch):
     with pytest.raises(ESDFailure) as info:
         resolve_model("nobody/private-thing")
     assert "hf_SECRET" not in str(info.value)
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Online mode against a closed localhost port: the hub cannot be reached (and nothing
+    leaves the machine)."""
+    import huggingface_hub.constants as constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    import huggingface_hub.utils._http as hub_http
+    monkeypatch.setattr(hub_http.time, "sleep", lambda seconds: None)  # skip retry back-off
+
+
+def test_unreachable_hub_falls_back_to_a_cached_snapshot(tmp_path, unreachable_hub):
+    snapshot = install_into_hub_cache("org/tiny", save_model("gpt2", tmp_path / "m"))
+    assert resolve_model("org/tiny").local_dir == snapshot
+
+
+def test_unreachable_hub_and_nothing_cached_is_a_retryable_network_error(unreachable_hub):
+    with pytest.raises(ESDFailure) as info:
+        resolve_model("org/not-cached")
+    assert (info.value.reason, info.value.retryable) == ("network_error", True)
