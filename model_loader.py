@@ -74,6 +74,7 @@ class ResolvedModel:
     adapter_config: dict | None = None
     trust_remote_code: bool = False
     warn: Warn = field(default=logger.warning, repr=False, compare=False)
+    needs_remote_code: bool = field(default=False, repr=False)  # config needs custom code
 
 
 # --------------------------------------------------------------------------- hub cache
@@ -550,14 +551,6 @@ def _normalise_key(key: str) -> str:
 
 # --------------------------------------------------------------------------- layers
 
-@dataclass
-class _Layer:
-    longname: str
-    layer_type: str
-    key: str                    # checkpoint key of its weight
-    transposed: bool = False    # stored (in, out), as transformers' Conv1D
-
-
 def _rule_layer_type(key: str, ndim: int) -> str | None:
     """The name/shape rule: 2-D → linear (embedding if the name says so), 3-D → conv1d,
     4-D → conv2d, anything else → not analysed."""
@@ -595,7 +588,7 @@ def _load_config(resolved: ResolvedModel, warn: Warn):
         if "trust_remote_code" in str(exc) and not resolved.trust_remote_code:
             warn(f"{resolved.model_id}: architecture needs trust_remote_code (not given); "
                  "layers found by the name/shape rule")
-            resolved._needs_remote_code = True  # type: ignore[attr-defined]
+            resolved.needs_remote_code = True
         else:
             warn(f"{resolved.model_id}: transformers cannot read its config "
                  f"({type(exc).__name__}: {str(exc)[:200]}); layers found by the name/shape rule")
@@ -716,7 +709,7 @@ def _plan_layers(resolved: ResolvedModel, ckpt: _Checkpoint,
         modules.append((name, _rule_layer_type(key, len(weight_keys[key])), False))
         keys[name] = key
     if not modules:
-        if getattr(resolved, "_needs_remote_code", False):
+        if resolved.needs_remote_code:
             raise ESDFailure("load", "trust_remote_code_required", f"{resolved.model_id}: custom "
                              "architecture and the name/shape rule finds no layer; rerun with "
                              "trust_remote_code")

@@ -270,3 +270,32 @@ def test_streaming_a_merged_adapter_keeps_at_most_two_layers_alive(tmp_path):
         peak = max(peak, len(alive))
         del tensor
     assert peak <= 2
+
+
+def _remote_code_config(path):
+    config = json.loads((path / "config.json").read_text())
+    config.update(model_type="my_secret_arch", architectures=["MySecretForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_secret.SecretConfig",
+                            "AutoModelForCausalLM": "modeling_secret.MySecretForCausalLM"})
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_remote_code_architecture_without_the_flag_uses_the_rule_and_says_why(tmp_path):
+    path = save_model("gpt2", tmp_path / "remote")
+    _remote_code_config(path)
+    warnings = []
+    got = streamed(resolve_model(str(path), warn=warnings.append))
+    assert any("trust_remote_code" in w for w in warnings)
+    assert "transformer.h.0.attn.c_attn" in got
+
+
+def test_remote_code_architecture_the_rule_cannot_read_fails_as_trust_remote_code_required(tmp_path):
+    path = tmp_path / "remote"
+    path.mkdir()
+    save_file({"blocks.0.scale": torch.ones(8), "blocks.0.mix": torch.ones(8, 8)},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model_type": "my_secret_arch"}))
+    _remote_code_config(path)
+    with pytest.raises(ESDFailure) as info:
+        list(iter_layers(resolve_model(str(path), warn=lambda m: None)))
+    assert (info.value.stage, info.value.reason) == ("load", "trust_remote_code_required")
