@@ -24,7 +24,7 @@ import math
 import os
 import re
 import shutil
-from contextlib import ExitStack
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -466,37 +466,52 @@ class _Checkpoint:
 
     Keys are normalised (`module.` / `_orig_mod.` from DDP / torch.compile stripped, a raw
     `{"model": state_dict}` checkpoint unwrapped); `shapes` is known without reading data.
+    At most `OPEN_FILES` files stay mapped, so the pages of shards already streamed are
+    released instead of accumulating in the process's resident memory.
     """
+    OPEN_FILES = 2
 
     def __init__(self, files: tuple[Path, ...]):
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
-        self._state_dicts: dict[Path, dict] = {}
+        self._open: OrderedDict[Path, object] = OrderedDict()  # safe_open handle or state dict
         self.key_file: dict[str, Path] = {}
         self.raw_key: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for path in files:
             self._index(path)
+        self.close()
 
     def close(self) -> None:
-        self._handles.clear()
-        self._state_dicts.clear()
-        self._stack.close()
+        self._open.clear()
+
+    def _file(self, path: Path):
+        if path in self._open:
+            self._open.move_to_end(path)
+            return self._open[path]
+        opened = self._safe_open(path) if path.suffix == ".safetensors" else self._torch_load(path)
+        self._open[path] = opened
+        while len(self._open) > self.OPEN_FILES:
+            self._open.popitem(last=False)
+        return opened
+
+    @staticmethod
+    def _safe_open(path: Path):
+        from safetensors import safe_open
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, …
+            raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
+                             f"({type(exc).__name__}: {exc})") from None
 
     def _index(self, path: Path) -> None:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            try:
-                handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-                entries = [(k, tuple(handle.get_slice(k).get_shape())) for k in handle.keys()]
-            except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, …
-                raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
-                                 f"({type(exc).__name__}: {exc})") from None
-            self._handles[path] = handle
+        opened = self._file(path)
+        if isinstance(opened, dict):
+            entries = [(k, tuple(v.shape)) for k, v in opened.items()]
         else:
-            state = self._torch_load(path)
-            self._state_dicts[path] = state
-            entries = [(k, tuple(v.shape)) for k, v in state.items()]
+            try:
+                entries = [(k, tuple(opened.get_slice(k).get_shape())) for k in opened.keys()]
+            except Exception as exc:  # noqa: BLE001
+                raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
+                                 f"header ({type(exc).__name__}: {exc})") from None
         for key, shape in entries:
             name = _normalise_key(key)
             self.key_file[name] = path
@@ -529,12 +544,13 @@ class _Checkpoint:
         """A float32 CPU copy of one tensor, owned by the caller."""
         path = self.key_file[key]
         raw = self.raw_key[key]
+        opened = self._file(path)
         try:
-            if path in self._handles:
-                t = self._handles[path].get_tensor(raw)  # copied out of the memory map
-                return t if t.dtype == torch.float32 else t.to(torch.float32)
-            t = self._state_dicts[path][raw]          # a view of the memory map
-            return t.to(torch.float32, copy=True).contiguous()
+            if isinstance(opened, dict):
+                t = opened[raw]                        # a view of the memory map
+                return t.to(torch.float32, copy=True).contiguous()
+            t = opened.get_tensor(raw)                 # copied out of the memory map
+            return t if t.dtype == torch.float32 else t.to(torch.float32)
         except ESDFailure:
             raise
         except Exception as exc:  # noqa: BLE001
