@@ -14,6 +14,24 @@ adapter types that cannot be merged streaming are merged by peft on a float32 CP
 
 Every failure is an `ESDFailure(stage, reason, message)` with stage `resolve`, `load` or
 `merge`; no raw torch / safetensors / hub traceback escapes for bad input.
+
+Decisions:
+- Layers: the model skeleton is built from config.json on the meta device (class from
+  `config.architectures`, else AutoModel); Linear / transformers Conv1D → `linear`,
+  Conv1d → `conv1d`, Conv2d → `conv2d`, Embedding → `embedding`. A tensor shared by two
+  modules is yielded once, under the first name. Checkpoint weights outside the skeleton,
+  and whole checkpoints transformers cannot build (no config, unknown or remote-code
+  architecture without `trust_remote_code`), follow the name/shape rule: `*.weight` 2-D →
+  `linear` (`embedding` if the name says embed/wte/wpe/…), 3-D → `conv1d`, 4-D → `conv2d`.
+- Adapters are recognised by their files, never by the relation hint. Plain LoRA (Linear,
+  Conv1D, Embedding; rank/alpha patterns, rsLoRA, modules_to_save, saved embedding layers)
+  is merged streaming, ΔW = B @ A · scaling in float32, after every name and shape has been
+  checked against the base. Everything else (DoRA, lora_bias, conv LoRA, IA3, LoHa, LoKr,
+  AdaLoRA, …) is merged by peft itself on a float32 CPU copy of the base (whole model in
+  memory, with a warning), never approximated.
+- Offline (`HF_HUB_OFFLINE=1`, read at call time): only the local cache is consulted; an
+  id that is not there is `repo_not_found` (a missing revision of a cached repo is
+  `revision_not_found`). Online, an unreachable hub falls back to a cached snapshot.
 """
 from __future__ import annotations
 

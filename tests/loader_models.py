@@ -8,9 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-ANALYSED = None  # filled lazily: the module classes the loader analyses
-
-
 @pytest.fixture(autouse=True)
 def offline_hub(tmp_path, monkeypatch):
     """No test may reach the network: offline hub, HF_HOME in a temp dir."""
