@@ -386,14 +386,14 @@ def check_hf_cache(min_free_gb: float = MIN_FREE_CACHE_GB) -> list[Check]:
                       f"({exc.strerror})", "set HF_HOME to a directory on a local disk")]
     finding = f"{cache} ({state}), {free_gb:.1f} GB free"
     details = {"path": str(cache), "free_gb": round(free_gb, 1)}
-    move_hint = "set HF_HOME (or HF_HUB_CACHE) to a disk with more space"
     if not os.access(existing, os.W_OK):
         return [Check(FAIL, "hf cache", f"{finding}, not writable: downloads will fail",
-                      f"fix permissions of {existing} or {move_hint.replace('more space', 'room')}",
-                      details)]
+                      f"fix permissions of {existing} or set HF_HOME (or HF_HUB_CACHE) to a "
+                      "directory you can write", details)]
     if free_gb < min_free_gb:
         return [Check(WARN, "hf cache", f"{finding}: under {min_free_gb:.0f} GB, large models "
-                      "will not fit", f"{move_hint}; a 7B model needs ~15 GB", details)]
+                      "will not fit", "set HF_HOME (or HF_HUB_CACHE) to a disk with more space; "
+                      "a 7B model needs ~15 GB", details)]
     return [Check(OK, "hf cache", finding, details=details)]
 
 
