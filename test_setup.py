@@ -177,7 +177,9 @@ def _check_required_package(req: Requirement) -> Check:
         with contextlib.redirect_stdout(io.StringIO()):
             module = importlib.import_module(req.import_name)
     except Exception as exc:  # ImportError, or a broken install raising anything else
-        reason = "not installed" if isinstance(exc, ModuleNotFoundError) else \
+        # a missing *dependency* of an installed package is a broken install, not a missing one
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == req.import_name
+        reason = "not installed" if missing else \
             f"cannot import {req.import_name}: {type(exc).__name__}: {_first_line(exc)}"
         return Check(FAIL, name, f"{reason} (need {req})", INSTALL_HINT)
     found = _installed_version(req, module)
