@@ -328,8 +328,11 @@ def describe_extremes(summary: pd.DataFrame, n: int = 5) -> str:
         if ranked.empty:
             continue
         view = ["model_id", metric, "num_layers"]
-        lines += ["", f"highest {metric}:", format_table(ranked.tail(n).iloc[::-1][view]),
-                  f"lowest {metric}:", format_table(ranked.head(n)[view])]
+        if len(ranked) <= 2 * n:
+            lines += ["", f"by {metric}, highest first:", format_table(ranked.iloc[::-1][view])]
+        else:
+            lines += ["", f"highest {metric}:", format_table(ranked.tail(n).iloc[::-1][view]),
+                      f"lowest {metric}:", format_table(ranked.head(n)[view])]
     failed = summary[summary["num_fit_failed"] > 0].sort_values("num_fit_failed", ascending=False)
     if len(failed):
         lines += ["", "models with failed fits:",
@@ -362,7 +365,7 @@ def plot_alpha_distribution(per_layer, summary, path) -> Path:
     ids, note = pick_models(summary, "alpha_median", MAX_MODELS_PER_PLOT)
     data = [per_layer.loc[per_layer["model_id"] == m, "alpha"].dropna().to_numpy() for m in ids]
     fig, ax = plt.subplots(figsize=(10, 1.5 + 0.32 * len(ids)))
-    ax.boxplot([d if len(d) else [np.nan] for d in data], vert=False, widths=0.6)
+    ax.boxplot([d if len(d) else [np.nan] for d in data], orientation="horizontal", widths=0.6)
     ax.set_yticks(range(1, len(ids) + 1), [_short(m) for m in ids], fontsize=8)
     ax.invert_yaxis()
     ax.axvline(2, color="grey", lw=0.8, ls="--")
@@ -395,11 +398,11 @@ def plot_alpha_by_depth(per_layer, summary, path) -> Path:
     for ax in axes.flat[:len(ids)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8)
-    fig.supxlabel("layer index (model order, 0 = first)", fontsize=9, y=0.04)
+    fig.legend(handles.values(), handles.keys(), loc="upper right", ncol=4, fontsize=8)
+    fig.supxlabel("layer index (model order, 0 = first)", fontsize=9)
     fig.supylabel("alpha", fontsize=9)
-    fig.suptitle(f"Alpha by layer depth{note}", fontsize=10)
-    fig.tight_layout(rect=(0.02, 0.06, 1, 0.97))
+    fig.suptitle(f"Alpha by layer depth{note}", fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     return _save(fig, path)
 
 
@@ -438,6 +441,7 @@ def plot_esd(eigenvalues: np.ndarray, layer: pd.Series, ax) -> None:
     """Log-log histogram density of one layer's eigenvalues, the fitted power law
     p(x) ∝ x^-alpha over [xmin, xmax] (scaled to the tail's share of the eigenvalues),
     and xmin marked."""
+    from matplotlib.ticker import NullFormatter
     x = np.asarray(eigenvalues, dtype=float)
     x = x[np.isfinite(x) & (x > 0)]
     if len(x) < 2:
@@ -455,6 +459,8 @@ def plot_esd(eigenvalues: np.ndarray, layer: pd.Series, ax) -> None:
         ax.axvline(xmin, color="black", ls="--", lw=1, label=f"xmin={xmin:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("eigenvalue λ", fontsize=8)
     ax.set_ylabel("density", fontsize=8)
     ax.set_title(f"{_short(str(layer['longname']), 45)} ({layer.get('fit_status', '')})", fontsize=8)
