@@ -1,0 +1,142 @@
+"""Reproducible runs (YAML config, runs/ records, the ESD-settings guard), the model list's
+validation, and the notebook API agreeing with the command line."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import model_list
+from tiny_models import save_gpt2, write_model_list
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "run_esd_experiment.py")]
+FAST = ["--gpus", "none", "--poll_interval", "0.05", "--max_check", "1"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    return dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_gpt2(tmp_path_factory.mktemp("m") / "gpt2", seed=5)
+
+
+def run(args, env, cwd):
+    return subprocess.run(RUN + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_yaml_config_run_equals_flag_run_and_cli_overrides_it(gpt2_dir, tmp_path, env):
+    models = write_model_list(tmp_path / "models.csv", [{"model_id": str(gpt2_dir)}])
+    by_flags = run(["--model_list", str(models), "--output_dir", str(tmp_path / "a"),
+                    "--fix_fingers", "DKS", "--bins", "50"] + FAST, env, tmp_path)
+    assert by_flags.returncode == 0, by_flags.stdout + by_flags.stderr
+    config = tmp_path / "experiment.yaml"
+    config.write_text("model_list: models.csv\noutput_dir: b\nfix-fingers: DKS\nbins: 50\n"
+                      "gpus: none\npoll_interval: 0.05\nmax_check: 1\nlimit: 5\n")
+    by_yaml = run(["--config", str(config), "--limit", "none"], env, tmp_path)
+    assert by_yaml.returncode == 0, by_yaml.stdout + by_yaml.stderr
+    (a,) = [p for p in (tmp_path / "a").glob("*.csv") if p.name not in ("summary.csv", "runs.csv")]
+    b = tmp_path / "b" / a.name
+    assert a.read_bytes() == b.read_bytes()
+    resolved = (tmp_path / "b" / "runs").glob("*/config.yaml")
+    import yaml
+    (saved,) = [yaml.safe_load(p.read_text()) for p in resolved]
+    assert saved["fix_fingers"] == "DKS" and saved["bins"] == 50 and saved["limit"] is None
+
+
+def test_unknown_config_key_is_refused_with_the_valid_ones(tmp_path, env):
+    config = tmp_path / "bad.yaml"
+    config.write_text("fix_finger: DKS\n")
+    result = run(["--config", str(config)], env, tmp_path)
+    assert result.returncode == 2
+    assert "unknown setting 'fix_finger'" in result.stderr and "fix_fingers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_each_run_appends_one_row_to_runs_csv_and_writes_its_record(gpt2_dir, tmp_path, env):
+    models = write_model_list(tmp_path / "models.csv", [{"model_id": str(gpt2_dir)}])
+    out = tmp_path / "out"
+    for _ in range(2):
+        result = run(["--model_list", str(models), "--output_dir", str(out)] + FAST, env, tmp_path)
+        assert result.returncode == 0, result.stdout + result.stderr
+    with open(out / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2
+    assert [r["done"] for r in rows] == ["1", "0"] and rows[1]["already_done"] == "1"
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/run.json"))]
+    assert {r["run_id"] for r in records} == {r["run_id"] for r in rows}
+    assert all(r["versions"]["torch"] and r["config"]["fix_fingers"] == "xmin_mid" for r in records)
+
+
+def test_rerun_with_other_esd_settings_into_same_dir_is_refused_unless_overwrite(gpt2_dir, tmp_path, env):
+    models = write_model_list(tmp_path / "models.csv", [{"model_id": str(gpt2_dir)}])
+    out = tmp_path / "out"
+    assert run(["--model_list", str(models), "--output_dir", str(out)] + FAST, env, tmp_path).returncode == 0
+    refused = run(["--model_list", str(models), "--output_dir", str(out), "--fix_fingers", "DKS"] + FAST,
+                  env, tmp_path)
+    assert refused.returncode == 2
+    assert "fix_fingers: 'xmin_mid' there, 'DKS' asked" in refused.stderr
+    accepted = run(["--model_list", str(models), "--output_dir", str(out), "--fix_fingers", "DKS",
+                    "--overwrite"] + FAST, env, tmp_path)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert json.loads((out / "esd_settings.json").read_text())["fix_fingers"] == "DKS"
+
+
+def test_api_per_layer_frame_equals_the_csv_the_cli_writes(gpt2_dir, tmp_path, env, monkeypatch):
+    models = write_model_list(tmp_path / "models.csv", [{"model_id": str(gpt2_dir)}])
+    out = tmp_path / "out"
+    assert run(["--model_list", str(models), "--output_dir", str(out)] + FAST, env, tmp_path).returncode == 0
+    from esd_api import analyze_model, load_results
+    frame = analyze_model(str(gpt2_dir))
+    csv_frame = pd.read_csv(out / f"{model_list.safe_id(str(gpt2_dir))}.csv")
+    round_tripped = pd.read_csv(__import__("io").StringIO(frame.to_csv(index=False)))
+    pd.testing.assert_frame_equal(round_tripped, csv_frame)
+    per_layer, summary = load_results(out)
+    assert len(per_layer) == len(csv_frame) and summary["model_id"].tolist() == [str(gpt2_dir)]
+
+
+def test_api_rejects_unknown_esd_option():
+    from esd_api import analyze_model
+    with pytest.raises(TypeError, match="fix_fingers"):
+        analyze_model("anything", fix_finger="DKS")
+
+
+def test_model_list_without_id_column_names_the_columns_found(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("name_of_model,foo\na,b\n")
+    with pytest.raises(model_list.ModelListError, match=r"no id column: found \['name_of_model', 'foo'\]"):
+        model_list.read_model_list(path)
+
+
+def test_model_list_accepts_full_name_skips_empty_rows_and_keeps_duplicates_once(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("full_name,revision\norg/a,\n,\norg/a@v1,\norg/a,\norg/b,main\n")
+    warnings = []
+    entries = model_list.read_model_list(path, warn=warnings.append)
+    assert [e.key for e in entries] == ["org/a", "org/a@v1", "org/b@main"]
+    assert any("row 3: empty full_name" in w for w in warnings)
+    assert any("row 5: duplicate of row 2" in w for w in warnings)
+
+
+def test_model_list_revision_conflict_names_the_row(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("model_id,revision\norg/a@v1,v2\n")
+    with pytest.raises(model_list.ModelListError, match="row 2"):
+        model_list.read_model_list(path)
+
+
+def test_safe_id_follows_the_contract_and_never_collides_on_unsafe_characters():
+    assert model_list.safe_id("org/name") == "org--name"
+    assert model_list.safe_id("org/name", "v1.0") == "org--name@v1.0"
+    a, b = model_list.safe_id("x; touch pwned"), model_list.safe_id("x: touch pwned")
+    assert a != b and all(c not in a for c in ";/ $`'\"")
+    assert not model_list.safe_id("../../etc/passwd").startswith(".")
