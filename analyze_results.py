@@ -372,6 +372,7 @@ def plot_alpha_distribution(per_layer, summary, path) -> Path:
     ax.axvline(6, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("layer alpha (dashed: 2 and 6, the usual well-trained range)")
     ax.set_title(f"Distribution of layer alphas per model{note}", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -421,6 +422,7 @@ def plot_metric_comparison(summary, metric, path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel(metric)
     ax.set_title(f"{metric} by model{note}", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -527,7 +529,7 @@ def _save(fig, path) -> Path:
     return path
 
 
-def _short(text, width=50) -> str:
+def _short(text, width=45) -> str:
     text = str(text)
     return text if len(text) <= width else "…" + text[-(width - 1):]
 
@@ -677,8 +679,12 @@ def plot_over_steps(table, layers, metrics, plots_dir) -> list[Path]:
             ax_mean.plot(mean.index, mean, color="tab:blue", marker="o", label="mean over layers")
             ax_mean.legend(fontsize=8)
             run_table = table[table["run"] == run]
+            final_steps = run_table.loc[run_table["step_label"] == "final", "step"]
             for ax, title in ((ax_layers, f"{metric} per layer"), (ax_mean, f"mean {metric}")):
-                ax.set_xticks(run_table["step"], run_table["step_label"], fontsize=7, rotation=45)
+                if len(run_table) <= 12:
+                    ax.set_xticks(run_table["step"], run_table["step_label"], fontsize=8)
+                for step in final_steps:     # many checkpoints: numeric ticks, final marked
+                    ax.axvline(step, color="grey", ls=":", lw=1)
                 ax.set_xlabel("training step")
                 ax.set_ylabel(metric)
                 ax.set_title(f"{_short(run, 50)}: {title}", fontsize=9)
