@@ -141,9 +141,10 @@ def build_summary(per_layer_df, layer_types=None, exclude_patterns=None) -> pd.D
     so no model disappears from the summary without a trace.
     """
     selected = select_layers(per_layer_df, layer_types, exclude_patterns)
+    chosen = {model_id: layers for model_id, layers in selected.groupby("model_id", sort=False)}
     rows = []
     for model_id, whole in per_layer_df.groupby("model_id", sort=True):
-        rows.append(_summarise_model(model_id, whole, selected[selected["model_id"] == model_id]))
+        rows.append(_summarise_model(model_id, whole, chosen.get(model_id, whole.iloc[:0])))
     summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for column in ("num_layers", "num_fit_failed"):
         summary[column] = summary[column].astype("int64")
@@ -391,7 +392,8 @@ def plot_alpha_by_depth(per_layer, summary, path) -> Path:
         for layer_type, group in layers.groupby("layer_type"):
             ax.scatter(group["layer_index"], group["alpha"], s=10, zorder=2,
                        color=colors.get(layer_type, "black"), label=layer_type)
-        ax.set_title(_short(model_id, 40), fontsize=8)
+        mean = summary.loc[summary["model_id"] == model_id, "alpha_mean"].iloc[0]
+        ax.set_title(f"{_short(model_id, 36)} (mean {mean:.2f})", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(ids):]:
         ax.set_visible(False)
