@@ -134,16 +134,23 @@ def read_model_list(path: str | os.PathLike, warn=print) -> list[ModelEntry]:
     return entries
 
 
-def write_model_list(entries, path: str | os.PathLike) -> Path:
-    """Write entries in the format `read_model_list` reads (atomically)."""
+def write_model_list(entries, path: str | os.PathLike, extra_columns=None) -> Path:
+    """Write entries in the format `read_model_list` reads (atomically).
+
+    `extra_columns` ({name: one value per entry}, e.g. a checkpoint's `step`) are written
+    after the standard columns; `read_model_list` ignores them, other tools may read them.
+    """
+    entries = list(entries)
+    extra_columns = dict(extra_columns or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(MODEL_LIST_COLUMNS)
-        for e in entries:
+        writer.writerow([*MODEL_LIST_COLUMNS, *extra_columns])
+        for i, e in enumerate(entries):
+            extras = ["" if values[i] is None else values[i] for values in extra_columns.values()]
             writer.writerow([e.model_id, e.source_model or "", e.base_model_relation or "",
-                             e.revision or ""])
+                             e.revision or "", *extras])
     os.replace(tmp, path)
     return path
