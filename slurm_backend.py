@@ -477,7 +477,7 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
     """
     tasks = list(tasks)
     if not tasks:
-        log("slurm: nothing to submit (every task already has its result)")
+        log("slurm: nothing to submit")
         return SlurmOutcome(job_id=None, n_tasks=0, finished=True)
     keys = [t.key for t in tasks]
     if len(set(keys)) != len(keys):

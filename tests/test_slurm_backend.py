@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -411,6 +412,9 @@ def test_experiment_on_slurm_completes_every_model_and_resumes_only_what_is_miss
     assert all(c.exists() for c in csvs), first.stdout + first.stderr
     assert len(manifests()) == 1
     assert json.loads(manifests()[0].read_text())["n_tasks"] == 3
+    logs = list((out / "logs" / "slurm").glob("*.log"))
+    assert len(logs) == 3
+    assert all(re.search(r"CUDA_VISIBLE_DEVICES=[01]\n", log.read_text()) for log in logs)
 
     again = _run_experiment(tmp_path, model_list, out)
     assert again.returncode == 0, again.stdout + again.stderr
