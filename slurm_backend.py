@@ -343,6 +343,14 @@ def _poll_states(job_id: str) -> dict[int, str] | None:
 
 # --------------------------------------------------------------------------- following
 
+@dataclass(frozen=True)
+class _Watched:
+    """One array task being followed: its job, its index in that job's manifest, the task."""
+    job_id: str
+    index: int
+    task: SlurmTask
+
+
 def _is_active(state: str | None) -> bool:
     """Pending, running or about to be (UNKNOWN = ended but no longer listed)."""
     return state is not None and state not in TERMINAL_STATES and state != "UNKNOWN"
@@ -351,23 +359,27 @@ def _is_active(state: str | None) -> bool:
 _ENDED_WITHOUT_ERROR = ("COMPLETED", "UNKNOWN")
 
 
-def _classify(tasks: Sequence[SlurmTask], states: dict[int, str]):
+def _has_result(watched: _Watched) -> bool:
+    return Path(watched.task.result_path).exists()
+
+
+def _classify(watch: Sequence[_Watched], states: dict[int, str]):
     done, failed, missing = [], [], []
-    for i, task in enumerate(tasks):
-        if Path(task.result_path).exists():
-            done.append(task.key)
-        elif states.get(i, "UNKNOWN") in _ENDED_WITHOUT_ERROR:
-            missing.append(task.key)   # ended "well" (or unseen) yet wrote no result
+    for n, w in enumerate(watch):
+        if _has_result(w):
+            done.append(w.task.key)
+        elif states.get(n, "UNKNOWN") in _ENDED_WITHOUT_ERROR:
+            missing.append(w.task.key)   # ended "well" (or unseen) yet wrote no result
         else:
-            failed.append(task.key)
+            failed.append(w.task.key)
     return tuple(done), tuple(failed), tuple(missing)
 
 
-def _counts(tasks, states: dict[int, str]) -> dict[str, int]:
+def _counts(watch: Sequence[_Watched], states: dict[int, str]) -> dict[str, int]:
     counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
-    for i, task in enumerate(tasks):
-        state = states.get(i)
-        if Path(task.result_path).exists():
+    for n, w in enumerate(watch):
+        state = states.get(n)
+        if _has_result(w):
             counts["done"] += 1
         elif state in ("RUNNING", "COMPLETING", "CONFIGURING"):
             counts["running"] += 1
@@ -381,21 +393,20 @@ def _counts(tasks, states: dict[int, str]) -> dict[str, int]:
 class _Progress:
     """A tqdm bar on a terminal; plain log lines otherwise (on change, at most every 30 s)."""
 
-    def __init__(self, total: int, job_id: str, log: Callable[[str], None]):
-        self.total, self.job_id, self.log = total, job_id, log
+    def __init__(self, total: int, label: str, log: Callable[[str], None]):
+        self.total, self.label, self.log = total, label, log
         self.bar = None
         self.last_line, self.last_time = "", float("-inf")
         if sys.stdout.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=f"slurm job {job_id}", unit="task",
-                            file=sys.stdout)
+            self.bar = tqdm(total=total, desc=label, unit="task", file=sys.stdout)
 
     def update(self, counts: dict[str, int], ended: int, final: bool = False) -> None:
         if self.bar is not None:
             self.bar.n = ended
             self.bar.set_postfix(counts, refresh=True)
             return
-        line = (f"slurm job {self.job_id}: {ended}/{self.total} ended "
+        line = (f"{self.label}: {ended}/{self.total} ended "
                 f"({counts['done']} done, {counts['running']} running, "
                 f"{counts['pending']} pending, {counts['failed']} failed)")
         due = time.monotonic() - self.last_time >= 30
@@ -409,53 +420,119 @@ class _Progress:
             self.bar = None
 
 
-def follow(job_id: str, tasks: Sequence[SlurmTask], *, poll_interval_s: float = 5.0,
+def follow(watch: Sequence[_Watched], *, poll_interval_s: float = 5.0,
            log: Callable[[str], None] = print) -> tuple[dict[int, str], bool]:
-    """Poll until no task is pending or running; returns (last state by task index, finished).
+    """Poll until no watched task is pending or running.
 
-    `finished` is False when interrupted with Ctrl-C: we stop watching and say how to
-    cancel, but the array keeps running (cancelling is the user's decision).
+    Returns (last Slurm state by position in `watch`, finished). `finished` is False when
+    interrupted with Ctrl-C: we stop watching and say how to cancel, but the arrays keep
+    running (cancelling is the user's decision).
     """
+    job_ids = sorted({w.job_id for w in watch}, key=int)
+    label = f"slurm job{'s' if len(job_ids) > 1 else ''} {','.join(job_ids)}"
     states: dict[int, str] = {}
-    progress = _Progress(len(tasks), job_id, log)
+    progress = _Progress(len(watch), label, log)
     failures = 0
-    seen = False
+    seen: set[str] = set()
     try:
         while True:
+            current: dict[tuple[str, int], str] = {}
             try:
-                current = _poll_states(job_id)
-                if not current and not seen:
-                    raise SlurmError(f"Slurm does not list job {job_id} yet")
+                for job_id in job_ids:
+                    job_states = _poll_states(job_id)
+                    if not job_states and job_id not in seen:
+                        raise SlurmError(f"Slurm does not list job {job_id} yet")
+                    seen.add(job_id)
+                    # None/empty: purged from the controller, so every task has ended
+                    current.update({(job_id, i): st for i, st in (job_states or {}).items()})
                 failures = 0
             except (SlurmError, subprocess.TimeoutExpired) as exc:
                 failures += 1
                 if failures >= _MAX_SQUEUE_FAILURES:
-                    raise SlurmError(f"lost track of job {job_id}: {exc}. It may still be "
-                                     f"running: check with `squeue --jobs={job_id}`") from exc
-                log(f"warning: cannot query Slurm about job {job_id} ({exc}); retrying")
+                    raise SlurmError(f"lost track of {label}: {exc}. It may still be "
+                                     f"running: check with `squeue --jobs="
+                                     f"{','.join(job_ids)}`") from exc
+                log(f"warning: cannot query Slurm about {label} ({exc}); retrying")
                 time.sleep(poll_interval_s)
                 continue
-            seen = True
-            current = current or {}  # None/empty: purged from the controller, all ended
-            states.update(current)
-            for i in range(len(tasks)):
-                if i not in current and _is_active(states.get(i)):
-                    states[i] = "UNKNOWN"  # no longer listed: it has ended, we missed how
-            active = any(_is_active(states.get(i)) for i in range(len(tasks)))
-            ended = sum(1 for i, t in enumerate(tasks)
-                        if Path(t.result_path).exists()
-                        or (i in states and not _is_active(states[i])))
-            progress.update(_counts(tasks, states), ended, final=not active)
+            for n, w in enumerate(watch):
+                if (w.job_id, w.index) in current:
+                    states[n] = current[(w.job_id, w.index)]
+                elif _is_active(states.get(n)) or n not in states:
+                    states[n] = "UNKNOWN"  # no longer listed: it has ended, we missed how
+            active = any(_is_active(states.get(n)) for n in range(len(watch)))
+            ended = sum(1 for n, w in enumerate(watch)
+                        if _has_result(w) or not _is_active(states.get(n)))
+            progress.update(_counts(watch, states), ended, final=not active)
             if not active:
                 return states, True
             time.sleep(poll_interval_s)
     except KeyboardInterrupt:
         progress.close()
-        log(f"\nstopped following slurm job {job_id}; it keeps running. "
-            f"Cancel it with: scancel {job_id}")
+        log(f"\nstopped following {label}; it keeps running. "
+            f"Cancel it with: scancel {' '.join(job_ids)}")
         return states, False
     finally:
         progress.close()
+
+
+def _resolve_unknown(watch: Sequence[_Watched], states: dict[int, str]) -> None:
+    """squeue lost some tasks: ask scontrol before calling them missing."""
+    for job_id in {w.job_id for n, w in enumerate(watch) if states.get(n, "UNKNOWN") == "UNKNOWN"}:
+        try:
+            known = scontrol_states(job_id) or {}
+        except (SlurmError, subprocess.TimeoutExpired):
+            continue
+        for n, w in enumerate(watch):
+            if w.job_id == job_id and states.get(n, "UNKNOWN") == "UNKNOWN" and w.index in known:
+                states[n] = known[w.index]
+
+
+# --------------------------------------------------------------------------- earlier arrays
+
+def submissions(output_dir: Path) -> list[dict]:
+    """Earlier submissions under an output directory (oldest first): the contents of each
+    `submitted.json` plus `dir`, the submission's directory."""
+    found = []
+    for path in sorted((Path(output_dir) / "slurm").glob(f"*/{SUBMITTED_NAME}")):
+        try:
+            found.append({**json.loads(path.read_text(encoding="utf-8")),
+                          "dir": str(path.parent)})
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def queued_tasks(output_dir: Path, recent: int = 50) -> dict[str, _Watched]:
+    """Task key → where it is queued, for tasks still pending or running in the `recent`
+    latest arrays submitted for this output directory ({} when Slurm cannot say)."""
+    jobs = {str(s["job_id"]): Path(s["dir"]) for s in submissions(output_dir)[-recent:]
+            if str(s.get("job_id", "")).isdigit()}
+    if not jobs:
+        return {}
+    argv = [_require("squeue"), "-h", "-r", f"--jobs={','.join(jobs)}", "-o", "%i %T"]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}
+    if proc.returncode != 0:  # "Invalid job id": all of them have ended and been purged
+        return {}
+    queued: dict[str, _Watched] = {}
+    for job_id, sub_dir in jobs.items():
+        active = [i for i, state in _parse_squeue(proc.stdout, job_id).items()
+                  if _is_active(state)]
+        if not active:
+            continue
+        try:
+            rows = json.loads((sub_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["tasks"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for i in active:
+            if i < len(rows):
+                row = rows[i]
+                task = SlurmTask(row["key"], tuple(row["argv"]), Path(row["result_path"]))
+                queued[task.key] = _Watched(job_id, i, task)
+    return queued
 
 
 # --------------------------------------------------------------------------- entry point
@@ -473,7 +550,8 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
 
     With `skip_queued`, a task whose key is still pending or running in an earlier array
     submitted for the same output directory is not submitted again (rerunning the command
-    while an array runs must not start every model twice).
+    while an array runs must not start every model twice); with `wait` it is followed in
+    that earlier array, and counted in done/failed/missing like the new ones.
     """
     tasks = list(tasks)
     if not tasks:
@@ -486,18 +564,51 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
     _require("sbatch")  # fail before writing anything when Slurm is not here
 
     output_dir = Path(output_dir).absolute()
+    earlier: list[_Watched] = []
     if skip_queued:
-        queued = queued_keys(output_dir)
-        already = [t for t in tasks if t.key in queued]
-        if already:
-            jobs = sorted({queued[t.key] for t in already}, key=int)
-            log(f"slurm: {len(already)} task(s) already pending or running in job(s) "
-                f"{', '.join(jobs)}; not submitted again (follow: squeue --jobs="
-                f"{','.join(jobs)})")
+        queued = queued_tasks(output_dir)
+        earlier = [queued[t.key] for t in tasks if t.key in queued]
+        if earlier:
+            jobs = ",".join(sorted({w.job_id for w in earlier}, key=int))
+            log(f"slurm: {len(earlier)} task(s) already pending or running in job(s) "
+                f"{jobs}; not submitted again (follow them: squeue --jobs={jobs})")
             tasks = [t for t in tasks if t.key not in queued]
-            if not tasks:
-                log("slurm: nothing to submit")
-                return SlurmOutcome(job_id=None, n_tasks=0, finished=False)
+
+    outcome: dict = dict(job_id=None, n_tasks=0)
+    if tasks:
+        outcome = _submit_array(tasks, output_dir, settings, worker_script=worker_script,
+                                python=python, log=log)
+    else:
+        log("slurm: nothing to submit")
+    watch = earlier + [_Watched(outcome["job_id"], i, t) for i, t in enumerate(tasks)]
+    if not wait:
+        return SlurmOutcome(**outcome)
+
+    states, finished = follow(watch, poll_interval_s=poll_interval_s, log=log)
+    by_key = {watch[n].task.key: state for n, state in states.items()}
+    if not finished:
+        done = tuple(w.task.key for w in watch if _has_result(w))
+        return SlurmOutcome(**outcome, done=done, states=by_key, finished=False)
+    _resolve_unknown(watch, states)
+    by_key = {watch[n].task.key: state for n, state in states.items()}
+    done, failed, missing = _classify(watch, states)
+    label = ",".join(sorted({w.job_id for w in watch}, key=int))
+    log(f"slurm: job {label} ended: {len(done)} done, {len(failed)} failed, "
+        f"{len(missing)} without result")
+    for key in failed:
+        log(f"  failed: {key} ({by_key.get(key)})")
+    for key in missing:
+        log(f"  no result: {key} ({by_key.get(key, 'state unknown')})")
+    if failed or missing:
+        log(f"  see the task logs: {output_dir / 'logs' / 'slurm'}/<job>_<task>.log "
+            f"(task numbers are rows of {output_dir / 'slurm'}/<timestamp>/{MANIFEST_NAME})")
+    return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
+                        states=by_key, finished=True)
+
+
+def _submit_array(tasks: Sequence[SlurmTask], output_dir: Path, settings: SlurmSettings, *,
+                  worker_script: Path, python: str, log: Callable[[str], None]) -> dict:
+    """Write manifest + script, submit, say how to follow; returns SlurmOutcome fields."""
     (output_dir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
     sub_dir = _new_submission_dir(output_dir)
     manifest_path = sub_dir / MANIFEST_NAME
@@ -514,79 +625,12 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
         "job_id": job_id, "n_tasks": len(tasks),
         "submitted_at": datetime.now().isoformat(timespec="seconds"),
         "command": sbatch_command(script_path, settings)}, indent=1) + "\n")
+    logs = shlex.quote(str(output_dir / "logs" / "slurm"))
     log(f"slurm: submitted job array {job_id} with {len(tasks)} task(s) "
         f"(script {script_path})")
     log(f"  follow it:  squeue --jobs={job_id}")
-    log(f"  task logs:  tail -f {shlex.quote(str(output_dir / 'logs' / 'slurm'))}/{job_id}_*.log")
+    log(f"  task logs:  tail -f {logs}/{job_id}_*.log")
     log(f"  cancel it:  scancel {job_id}")
     log("  resume:     rerun the same command; only models without a result are submitted")
-    outcome = dict(job_id=job_id, n_tasks=len(tasks), manifest_path=manifest_path,
-                   script_path=script_path)
-    if not wait:
-        return SlurmOutcome(**outcome)
-
-    states, finished = follow(job_id, tasks, poll_interval_s=poll_interval_s, log=log)
-    if finished and any(states.get(i) in (None, "UNKNOWN") for i in range(len(tasks))):
-        try:  # squeue lost some tasks: ask scontrol before calling them missing
-            for i, state in (scontrol_states(job_id) or {}).items():
-                if states.get(i) in (None, "UNKNOWN"):
-                    states[i] = state
-        except (SlurmError, subprocess.TimeoutExpired):
-            pass
-    by_key = {tasks[i].key: s for i, s in states.items() if i < len(tasks)}
-    if not finished:
-        done = tuple(t.key for t in tasks if Path(t.result_path).exists())
-        return SlurmOutcome(**outcome, done=done, states=by_key, finished=False)
-    done, failed, missing = _classify(tasks, states)
-    log(f"slurm: job {job_id} ended: {len(done)} done, {len(failed)} failed, "
-        f"{len(missing)} without result")
-    for key in failed:
-        log(f"  failed: {key} ({by_key.get(key)})")
-    for key in missing:
-        log(f"  no result: {key} ({by_key.get(key, 'state unknown')})")
-    if failed or missing:
-        log(f"  see the task logs: {output_dir / 'logs' / 'slurm'}/{job_id}_<task>.log "
-            f"(task numbers are rows of {manifest_path})")
-    return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
-                        states=by_key, finished=True)
-
-
-def submissions(output_dir: Path) -> list[dict]:
-    """Earlier submissions under an output directory (oldest first): the contents of each
-    `submitted.json` plus `dir`, the submission's directory."""
-    found = []
-    for path in sorted((Path(output_dir) / "slurm").glob(f"*/{SUBMITTED_NAME}")):
-        try:
-            found.append({**json.loads(path.read_text(encoding="utf-8")),
-                          "dir": str(path.parent)})
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def queued_keys(output_dir: Path, recent: int = 50) -> dict[str, str]:
-    """Task key → job id, for tasks still pending or running in the `recent` latest arrays
-    submitted for this output directory (one squeue call; {} when Slurm cannot say)."""
-    jobs = {s["job_id"]: Path(s["dir"]) for s in submissions(output_dir)[-recent:]
-            if str(s.get("job_id", "")).isdigit()}
-    if not jobs:
-        return {}
-    argv = [_require("squeue"), "-h", "-r", f"--jobs={','.join(jobs)}", "-o", "%i %T"]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return {}
-    if proc.returncode != 0:  # "Invalid job id": all of them have ended and been purged
-        return {}
-    queued: dict[str, str] = {}
-    for job_id, sub_dir in jobs.items():
-        active = [i for i, state in _parse_squeue(proc.stdout, job_id).items()
-                  if _is_active(state)]
-        if not active:
-            continue
-        try:
-            rows = json.loads((sub_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["tasks"]
-        except (OSError, ValueError, KeyError):
-            continue
-        queued.update({rows[i]["key"]: job_id for i in active if i < len(rows)})
-    return queued
+    return dict(job_id=job_id, n_tasks=len(tasks), manifest_path=manifest_path,
+                script_path=script_path)

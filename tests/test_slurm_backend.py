@@ -294,24 +294,29 @@ def test_without_wait_returns_after_submitting(slurm_cluster, tmp_path, task_scr
 
 
 @pytest.mark.slurm
-def test_rerun_while_an_array_runs_does_not_submit_its_tasks_twice(slurm_cluster, tmp_path,
-                                                                  task_script):
+def test_rerun_while_an_array_runs_submits_only_new_tasks_and_follows_the_rest(
+        slurm_cluster, tmp_path, task_script):
     out = tmp_path / "out"
-    slow = make_tasks(out, 2, {0: ("--sleep", "60"), 1: ("--sleep", "60")})
+    slow = make_tasks(out, 2, {0: ("--sleep", "3"), 1: ("--sleep", "3")})
     first = run_array(slow, out, SlurmSettings(array_parallelism=1), wait=False,
-                      worker_script=task_script,
-                      log=lambda line: None)
+                      worker_script=task_script, log=lambda line: None)
     try:
         lines: list[str] = []
+        again = run_array(slow, out, SlurmSettings(), wait=False, worker_script=task_script,
+                          log=lines.append)
+        assert again.job_id is None and again.n_tasks == 0
+        assert lines[-1] == "slurm: nothing to submit"
+        assert f"2 task(s) already pending or running in job(s) {first.job_id}" in lines[0]
+        assert len(list((out / "slurm").glob("*/manifest.json"))) == 1
+
         tasks = make_tasks(out, 3)   # the same two keys and one new one
         second = run_array(tasks, out, SlurmSettings(), wait=True, worker_script=task_script,
                            poll_interval_s=0.3, log=lines.append)
-        assert second.n_tasks == 1 and second.done == ("org/model-2",)
-        assert any(f"2 task(s) already pending or running in job(s) {first.job_id}" in line
-                   for line in lines)
-        third = run_array(slow, out, SlurmSettings(), wait=True, worker_script=task_script,
-                          log=lines.append)
-        assert third.job_id is None and lines[-1] == "slurm: nothing to submit"
+        assert second.n_tasks == 1 and second.job_id != first.job_id
+        rows = json.loads(second.manifest_path.read_text())["tasks"]
+        assert [row["key"] for row in rows] == ["org/model-2"]
+        # followed to the end: the two tasks of the first array as well as the new one
+        assert second.finished and sorted(second.done) == [t.key for t in tasks]
     finally:
         subprocess.run(["scancel", first.job_id])
 
