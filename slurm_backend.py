@@ -265,6 +265,8 @@ def submit(script_path: Path, settings: SlurmSettings) -> str:
                          f"{shlex.join(argv)}") from exc
     if proc.returncode != 0:
         message = (proc.stderr or proc.stdout).strip()
+        if "array" in message.lower():
+            message += _array_size_hint()
         raise SlurmError(f"sbatch rejected the job array (exit {proc.returncode}):\n"
                          f"{message}\nscript: {script_path}\ncommand: {shlex.join(argv)}")
     job_id = proc.stdout.strip().split(";")[0]  # --parsable: "ID" or "ID;cluster"
@@ -272,6 +274,21 @@ def submit(script_path: Path, settings: SlurmSettings) -> str:
         raise SlurmError(f"sbatch printed no job id (stdout {proc.stdout!r}, "
                          f"stderr {proc.stderr!r})")
     return job_id
+
+
+def _array_size_hint() -> str:
+    """Why an array can be refused: more tasks than the cluster's MaxArraySize allows."""
+    try:
+        proc = subprocess.run([_require("scontrol"), "show", "config"], capture_output=True,
+                              text=True, timeout=30)
+        found = re.search(r"^MaxArraySize\s*=\s*(\d+)", proc.stdout, re.MULTILINE)
+    except (SlurmError, subprocess.TimeoutExpired):
+        found = None
+    if not found:
+        return ""
+    return (f"\n(this cluster's MaxArraySize is {found.group(1)}: an array holds at most "
+            f"{found.group(1)} tasks; run the first models with --limit, then "
+            f"rerun the command for the rest)")
 
 
 def _expand_indices(text: str) -> list[int]:
