@@ -337,6 +337,15 @@ def test_sbatch_rejection_carries_its_message(slurm_cluster, tmp_path, task_scri
 
 
 @pytest.mark.slurm
+def test_array_larger_than_the_cluster_allows_is_refused_with_its_limit(slurm_cluster, tmp_path,
+                                                                         task_script):
+    # Debian's default MaxArraySize=1001 (task ids 0..1000)
+    with pytest.raises(SlurmError, match=r"MaxArraySize is 1001.*--limit"):
+        run_array(make_tasks(tmp_path, 1002), tmp_path, SlurmSettings(), wait=False,
+                  worker_script=task_script, log=lambda line: None)
+
+
+@pytest.mark.slurm
 def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, task_script):
     out = tmp_path / "out"
     code = textwrap.dedent(f"""\
