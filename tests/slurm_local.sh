@@ -154,7 +154,11 @@ start() {
     fi
 
     if ! pid_alive "$MUNGE_PID" munged && ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-        [[ -f /etc/munge/munge.key ]] || die "/etc/munge/munge.key missing (reinstall munge)"
+        if [[ ! -f /etc/munge/munge.key ]]; then
+            command -v mungekey >/dev/null || die "/etc/munge/munge.key missing (reinstall munge)"
+            runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
+            say "created /etc/munge/munge.key"
+        fi
         runuser -u munge -- munged --pid-file="$MUNGE_PID" \
             || die "munged did not start (see /var/log/munge/munged.log)"
         say "started munged"
