@@ -64,6 +64,7 @@ MAX_STEP_RUNS = 6             # training runs drawn in each over-steps figure
 
 CHECKPOINT_STEP = re.compile(r"checkpoint[_-](\d+)")
 FINAL_CHECKPOINT = re.compile(r"(^|[/\\])final_checkpoint([/\\]|$)")
+REVISION_STEP = re.compile(r"@step(\d+)$")     # hub revisions such as Pythia's org/name@step3000
 FILTER_EXPR = re.compile(r"^\s*(.+?)\s*(<=|>=|!=|==|=|<|>|~)\s*(.*?)\s*$")
 
 
@@ -539,12 +540,16 @@ def _short(text, width=45) -> str:
 # ================================================================ over training steps
 
 def step_of_model_id(model_id: str) -> tuple[float, bool]:
-    """(step, is_final) read from a checkpoint path; (nan, False) when it names no step."""
+    """(step, is_final) read from a checkpoint path (`checkpoint_<step>`, `checkpoint-<step>`,
+    `final_checkpoint`) or a hub revision `@step<N>`; (nan, False) when it names no step."""
     found = CHECKPOINT_STEP.findall(str(model_id))
     if found:
         return float(found[-1]), False
     if FINAL_CHECKPOINT.search(str(model_id)):
         return np.nan, True
+    found = REVISION_STEP.search(str(model_id))
+    if found:
+        return float(found.group(1)), False
     return np.nan, False
 
 
@@ -598,11 +603,17 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
         if listed is not None and result_file not in listed:
             continue
         path_step, is_final = step_of_model_id(model_id)
+        by_revision = np.isnan(path_step) and not is_final
+        if by_revision:     # the worker may keep a hub revision in the file name only
+            path_step, _ = step_of_model_id(result_file)
         step = listed.get(result_file, np.nan) if listed is not None else np.nan
         step = path_step if np.isnan(step) else step
         if np.isnan(step) and not is_final:
             continue
-        run = os.path.dirname(str(model_id).rstrip("/\\")) or "."
+        if by_revision:     # org/name@step3000: the run is the hub model
+            run = str(model_id).partition("@")[0]
+        else:               # saved_models/<run_id>/checkpoint_<step>: the run is the directory
+            run = os.path.dirname(str(model_id).rstrip("/\\")) or "."
         rows.append({"model_id": model_id, "result_file": result_file, "run": run,
                      "step": step, "is_final": is_final})
     table = pd.DataFrame(rows, columns=["model_id", "result_file", "run", "step", "is_final"])
@@ -637,15 +648,16 @@ def build_over_steps(per_layer, model_list=None, metrics=DEFAULT_STEP_METRICS):
         raise AnalysisError(f"--metrics: unknown per-layer column(s) {unknown}; choose from "
                             f"{', '.join(numeric)}")
     checkpoints = checkpoint_table(per_layer, model_list)
-    layer_columns = ["model_id", "layer_index", "longname", "layer_type", *metrics]
+    # a model is its result file: two revisions of one hub id share a model_id, not a file
+    layer_columns = ["result_file", "layer_index", "longname", "layer_type", *metrics]
     if "fit_status" in per_layer and "fit_status" not in metrics:
         layer_columns.append("fit_status")
-    layers = checkpoints.drop(columns="result_file").merge(
-        per_layer[list(dict.fromkeys(layer_columns))], on="model_id", how="inner")
+    layers = checkpoints.merge(per_layer[list(dict.fromkeys(layer_columns))], on="result_file",
+                               how="inner")
     layers = layers.sort_values(["run", "step", "is_final", "layer_index"], kind="stable")
     rows = []
     for _, checkpoint in checkpoints.iterrows():
-        group = layers[layers["model_id"] == checkpoint["model_id"]]
+        group = layers[layers["result_file"] == checkpoint["result_file"]]
         row = {k: checkpoint[k] for k in ("run", "step", "step_label", "model_id")}
         row["num_layers"] = len(group)
         row["num_fit_failed"] = int(group["alpha"].isna().sum()) if "alpha" in group else 0
@@ -655,7 +667,7 @@ def build_over_steps(per_layer, model_list=None, metrics=DEFAULT_STEP_METRICS):
             row[f"{metric}_median"] = values.median()
         rows.append(row)
     table = pd.DataFrame(rows)
-    return table, layers.drop(columns="is_final").reset_index(drop=True)
+    return table, layers.drop(columns=["is_final", "result_file"]).reset_index(drop=True)
 
 
 def plot_over_steps(table, layers, metrics, plots_dir) -> list[Path]:

@@ -506,5 +506,16 @@ def test_step_is_parsed_from_checkpoint_paths():
     assert ar.step_of_model_id("/abs/run/checkpoint-20/") == (20.0, False)
     step, final = ar.step_of_model_id("saved_models/r/final_checkpoint")
     assert np.isnan(step) and final
+    assert ar.step_of_model_id("EleutherAI/pythia-70m@step3000") == (3000.0, False)
     step, final = ar.step_of_model_id("org/model")
     assert np.isnan(step) and not final
+
+
+def test_hub_revisions_named_step_n_form_one_run_ordered_by_step():
+    per_layer = pd.DataFrame({
+        "model_id": ["EleutherAI/pythia-70m@step3000", "EleutherAI/pythia-70m@step1000", "org/other"],
+        "result_file": ["EleutherAI--pythia-70m@step3000", "EleutherAI--pythia-70m@step1000",
+                        "org--other"]})
+    table = ar.checkpoint_table(per_layer)
+    assert list(table["step"]) == [1000, 3000]
+    assert set(table["run"]) == {"EleutherAI/pythia-70m"}
