@@ -603,8 +603,8 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
         if listed is not None and result_file not in listed:
             continue
         path_step, is_final = step_of_model_id(model_id)
-        by_revision = np.isnan(path_step) and not is_final
-        if by_revision:     # the worker may keep a hub revision in the file name only
+        by_revision = not is_final and not CHECKPOINT_STEP.search(str(model_id))
+        if np.isnan(path_step) and not is_final:   # a revision may be in the file name only
             path_step, _ = step_of_model_id(result_file)
         step = listed.get(result_file, np.nan) if listed is not None else np.nan
         step = path_step if np.isnan(step) else step
