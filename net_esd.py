@@ -1,0 +1,674 @@
+"""Empirical spectral density (ESD) metrics of weight matrices.
+
+This module owns the numbers: the eigenvalues of each layer's WᵀW, the power-law fit of
+their tail and the derived norm metrics, exactly as defined in
+`/work/shared/reference/metrics.md` (which follows WeightWatcher where it is sound).
+It turns `(longname, layer_type, tensor)` triples into one metrics row each.
+
+It must not know where weights come from (hub, files, adapters: that is `model_loader.py`)
+nor how GPUs are scheduled between processes (`gputracker/`). Within one process it may
+spread layers over the CUDA devices it is given.
+
+Public API: `ESD_COLUMNS`, `FIX_FINGERS_METHODS`, `normalize_fix_fingers`,
+`layer_eigenvalues`, `matrix_esd_metrics`, `iter_model_layers`, `net_esd_estimator`.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+ESD_COLUMNS = [
+    "longname", "layer_type", "M", "N", "Q", "params", "num_evals",
+    "alpha", "alpha_weighted", "log_alpha_norm", "D", "xmin", "xmax", "num_pl_spikes", "sigma",
+    "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "matrix_rank",
+    "entropy", "fit_status",
+    # only meaningful for fix_fingers="clip_xmax"; NaN otherwise
+    "num_fingers", "raw_alpha",
+]
+
+LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
+FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
+_FIX_FINGERS_ALIASES = {"none": "DKS", "dks": "DKS"}
+
+# every eigenvalue above the threshold must match a float64 SVD to this relative accuracy
+EIGENVALUE_RTOL = 1e-4
+# Gram eigenvalues carry an absolute error of about eps·sqrt(N)·λ_max (Gram rounding plus the
+# eigensolver). Measured on all-MiniLM-L6-v2 in float32: up to 20·eps·λ_max at N=384, i.e.
+# ~1·eps·sqrt(N)·λ_max; this factor keeps a >10x margin (tests/test_net_esd.py proves it).
+_GRAM_ERROR_FACTOR = 16.0
+# WeightWatcher's clip_xmax constants (weightwatcher 0.7.7, RMT_Util.fit_clipped_powerlaw)
+_MAX_FINGERS = 10
+_FINGER_THRESH = 1.0
+_CLIP_MIN_ALPHA = 2.0
+# elements per block when computing KS distances of many candidates at once (float64: 32 MB)
+_KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# elements of W converted to the Gram dtype at once (float64: 128 MB)
+_GRAM_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def normalize_fix_fingers(method) -> str:
+    """Canonical fix_fingers name; None/'none'/'None' mean DKS. Unknown names raise ValueError."""
+    if method is None:
+        return "DKS"
+    name = str(method)
+    if name in FIX_FINGERS_METHODS:
+        return name
+    if name.lower() in _FIX_FINGERS_ALIASES:
+        return _FIX_FINGERS_ALIASES[name.lower()]
+    raise ValueError(
+        f"unknown fix_fingers {method!r}; valid: {', '.join(FIX_FINGERS_METHODS)} (or none = DKS)")
+
+
+# ----------------------------------------------------------------------------- eigenvalues
+
+def _as_matrices(weight: torch.Tensor, layer_type: str, conv_norm: float) -> tuple[torch.Tensor, float]:
+    """The (b, r, c) stack of matrices whose singular values make the ESD, and the factor
+    their eigenvalues are multiplied by (conv_norm for conv slices, else 1)."""
+    if layer_type not in LAYER_TYPES:
+        raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
+    if layer_type in ("conv1d", "conv2d") and weight.ndim >= 3:
+        out_ch, in_ch = weight.shape[:2]
+        slices = weight.reshape(out_ch, in_ch, -1).permute(2, 0, 1)  # (k, out, in)
+        return slices, float(conv_norm)
+    if weight.ndim != 2:
+        raise ValueError(f"{layer_type} weight must be 2-D, got shape {tuple(weight.shape)}")
+    return weight.unsqueeze(0), 1.0  # (1, r, c)
+
+
+def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Ascending eigenvalues (b, m) of the smaller Gram matrix of each of mats (b, r, c),
+    m = min(r, c). W is converted to `dtype` in row chunks so no full-size copy is made."""
+    if mats.shape[-2] < mats.shape[-1]:
+        mats = mats.mT  # (b, r, c) with r >= c: the c×c Gram WᵀW is the smaller one
+    b, r, c = mats.shape
+    gram = torch.zeros(b, c, c, dtype=dtype, device=device)  # (b, c, c)
+    rows_per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, b * c))
+    for start in range(0, r, rows_per_chunk):
+        part = mats[:, start:start + rows_per_chunk, :].to(device=device, dtype=dtype)  # (b, rows, c)
+        gram.baddbmm_(part.mT, part)
+    return torch.linalg.eigvalsh(gram)  # (b, c)
+
+
+def _svd_eigenvalues(mats: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Ascending σ² (b, m) from a float64 SVD: the slow path for ill-conditioned matrices."""
+    sv = torch.linalg.svdvals(mats.to(device=device, dtype=torch.float64))  # (b, m), descending
+    return (sv * sv).flip(-1)
+
+
+def _inaccurate_rows(evals: torch.Tensor, dtype: torch.dtype, n_dim: int, evals_thresh: float) -> torch.Tensor:
+    """Bool (b,): True where the Gram eigenvalues in `dtype` may miss EIGENVALUE_RTOL on the
+    smallest eigenvalue above evals_thresh (absolute error ≈ eps·sqrt(N)·λ_max)."""
+    lam_max = evals[:, -1].clamp(min=0)
+    kept = torch.where(evals > evals_thresh, evals, torch.full_like(evals, math.inf))
+    lam_min_kept = kept.min(dim=-1).values  # inf when nothing is kept
+    abs_error = _GRAM_ERROR_FACTOR * torch.finfo(dtype).eps * math.sqrt(n_dim) * lam_max
+    return abs_error > EIGENVALUE_RTOL * lam_min_kept
+
+
+def _gram_precisions(device: torch.device) -> tuple[torch.dtype, ...]:
+    """Gram dtypes tried in turn. float32 first only on CUDA (float64 is slow on most GPUs);
+    on CPU float64 costs ~2x float32 but float32 fails the accuracy bound on most trained
+    layers (27 of 39 in all-MiniLM-L6-v2), so trying it first would mostly add work."""
+    return (torch.float32, torch.float64) if device.type == "cuda" else (torch.float64,)
+
+
+def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh: float,
+                          precisions: Optional[tuple] = None) -> torch.Tensor:
+    """Ascending float64 eigenvalues (b, m) of the smaller Gram of each matrix, accurate to
+    EIGENVALUE_RTOL above evals_thresh: Gram eigenvalues in each of `precisions`, then a
+    float64 SVD, each only for the matrices the previous step could not certify."""
+    n_dim = max(mats.shape[-2], mats.shape[-1])
+    dtypes = precisions or _gram_precisions(device)
+    todo = torch.arange(mats.shape[0])
+    result = None
+    for dtype in dtypes:
+        evals = _gram_eigenvalues(mats[todo], dtype, device).to(torch.float64)
+        if result is None:
+            result = evals
+        else:
+            result[todo.to(device)] = evals
+        todo = todo[_inaccurate_rows(evals, dtype, n_dim, evals_thresh).cpu()]
+        if len(todo) == 0:
+            return result
+    result[todo.to(device)] = _svd_eigenvalues(mats[todo], device)
+    return result
+
+
+def layer_eigenvalues(weight: torch.Tensor, layer_type: str, conv_norm: float = 0.5,
+                      device="cpu", *, evals_thresh: float = 1e-5) -> np.ndarray:
+    """Ascending float64 eigenvalues of WᵀW (σ², not divided by N). Conv weights (out, in, k…)
+    contribute one (out × in) slice per kernel position, scaled by √conv_norm; all pooled.
+    Eigenvalues above evals_thresh match a float64 SVD to EIGENVALUE_RTOL."""
+    device = torch.device(device)
+    mats, scale = _as_matrices(weight.detach(), layer_type, conv_norm)
+    evals = _accurate_eigenvalues(mats, device, evals_thresh) * scale  # (b, m)
+    return np.sort(evals.flatten().cpu().numpy())
+
+
+# ----------------------------------------------------------------------------- power-law fit
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """One power-law fit of a sorted spectrum; NaN fields when status is not 'ok'."""
+    alpha: float = math.nan
+    D: float = math.nan
+    xmin: float = math.nan
+    xmax: float = math.nan
+    num_pl_spikes: float = math.nan
+    sigma: float = math.nan
+    status: str = "no_candidate"
+    num_fingers: float = math.nan
+    raw_alpha: float = math.nan
+
+
+def _candidate_alphas(log_x: torch.Tensor) -> torch.Tensor:
+    """α(i) = 1 + k / Σ_{j≥i} ln(x_j/x_i), k = n−i, for i in 0..n−2 (shape (n−1,));
+    NaN where the tail is flat (the sum is 0)."""
+    n = log_x.shape[0]
+    tail_sums = log_x.flip(0).cumsum(0).flip(0)  # (n,) Σ_{j≥i} ln x_j
+    k = torch.arange(n, 0, -1, dtype=log_x.dtype, device=log_x.device)  # (n,) n−i
+    spread = (tail_sums - k * log_x)[:-1]
+    alphas = 1 + k[:-1] / spread
+    return torch.where(spread > 0, alphas, torch.full_like(alphas, math.nan))
+
+
+def _ks_distances_block(log_x: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """D(i) = max_j |1 − (x_{i+j}/x_i)^(1−α(i)) − j/k| for candidate indices idx (b,), ascending."""
+    n = log_x.shape[0]
+    t = torch.arange(int(idx[0]), n, device=log_x.device)  # (w,) positions any tail can reach
+    j = t.to(log_x.dtype)[None, :] - idx.to(log_x.dtype)[:, None]  # (b, w) offset in each tail
+    outside = j < 0  # (b, w) positions before x_i
+    j.div_((n - idx).to(log_x.dtype)[:, None])  # (b, w) empirical CDF j/k
+    gap = log_x[t][None, :] - log_x[idx][:, None]  # (b, w) ln(x_t / x_i)
+    gap.mul_((1 - alphas[idx])[:, None]).exp_()  # (x_t / x_i)^(1−α): 1 − model CDF
+    gap.add_(j).sub_(1).abs_().masked_fill_(outside, 0)  # |1 − model CDF − j/k|
+    return gap.max(dim=1).values  # (b,)
+
+
+def _ks_distances(log_x: torch.Tensor, alphas: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """KS distance of each candidate (c,), in blocks of candidates × tail width of at most
+    _KS_BLOCK_ELEMENTS floats, so memory stays bounded (no n×n matrix at any n)."""
+    n = log_x.shape[0]
+    pieces, start = [], 0
+    while start < candidates.shape[0]:
+        block = max(1, _KS_BLOCK_ELEMENTS // (n - int(candidates[start])))
+        pieces.append(_ks_distances_block(log_x, alphas, candidates[start:start + block]))
+        start += block
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=log_x.dtype, device=log_x.device)
+
+
+def _best_candidate_fit(x: torch.Tensor, log_x: torch.Tensor, alphas: torch.Tensor,
+                        candidates: torch.Tensor) -> PowerLawFit:
+    """Among candidate indices with α > 1, the one with the smallest D (first on ties)."""
+    valid = alphas[candidates] > 1  # NaN compares False
+    candidates = candidates[valid]
+    if candidates.numel() == 0:
+        return PowerLawFit(status="no_candidate")
+    distances = _ks_distances(log_x, alphas, candidates)
+    best = int(candidates[int(torch.argmin(distances))])  # argmin returns the first minimum
+    n = x.shape[0]
+    alpha = float(alphas[best])
+    k = n - best
+    return PowerLawFit(alpha=alpha, D=float(distances.min()), xmin=float(x[best]), xmax=float(x[-1]),
+                       num_pl_spikes=k, sigma=(alpha - 1) / math.sqrt(k), status="ok")
+
+
+def _dks_fit(x: torch.Tensor) -> PowerLawFit:
+    """WeightWatcher's default fit: every i in 0..n−2 is a candidate."""
+    if x.shape[0] < 2:
+        return PowerLawFit(status="no_candidate")
+    log_x = torch.log(x)
+    alphas = _candidate_alphas(log_x)
+    return _best_candidate_fit(x, log_x, alphas, torch.arange(x.shape[0] - 1, device=x.device))
+
+
+def _xmin_mid_fit(x: torch.Tensor, xmin_pos: float) -> PowerLawFit:
+    """The single candidate i = ⌊n / xmin_pos⌋, clamped to n−2."""
+    n = x.shape[0]
+    if n < 2:
+        return PowerLawFit(status="no_candidate")
+    i = min(int(n // xmin_pos), n - 2)
+    log_x = torch.log(x)
+    alphas = _candidate_alphas(log_x)
+    return _best_candidate_fit(x, log_x, alphas, torch.tensor([i], device=x.device))
+
+
+def peak_window(x: np.ndarray, bins: int) -> tuple[float, float]:
+    """(low, high) = (0.95·p, 1.5·p), p = 10^(left edge of the fullest bin of the log10 histogram)."""
+    counts, edges = np.histogram(np.log10(x), bins=bins)
+    peak = 10.0 ** edges[int(np.argmax(counts))]
+    return 0.95 * peak, 1.5 * peak
+
+
+def _xmin_peak_fit(x: torch.Tensor, bins: int) -> PowerLawFit:
+    """Candidates with 0.95·p ≤ x_i ≤ 1.5·p (p from the log-histogram peak); DKS when none fits."""
+    n = x.shape[0]
+    if n < 2:
+        return PowerLawFit(status="no_candidate")
+    low, high = peak_window(x.cpu().numpy(), bins)
+    log_x = torch.log(x)
+    alphas = _candidate_alphas(log_x)
+    head = x[:-1]
+    candidates = torch.nonzero((head >= low) & (head <= high)).flatten()
+    fit = _best_candidate_fit(x, log_x, alphas, candidates)
+    if fit.status == "ok":
+        return fit
+    fallback = _best_candidate_fit(x, log_x, alphas, torch.arange(n - 1, device=x.device))
+    if fallback.status != "ok":
+        return fallback
+    return PowerLawFit(**{**fallback.__dict__, "status": "peak_window_empty"})
+
+
+def _clip_xmax_fit(x: torch.Tensor) -> PowerLawFit:
+    """WeightWatcher 0.7.7's finger clipping (RMT_Util.fit_clipped_powerlaw with its defaults):
+    fit all eigenvalues (raw fit), then refit without the top idx = 2, 3, … 9 eigenvalues; the
+    first refit whose α is below raw α − 1 wins with num_fingers = idx − 1 (WW's count); stop
+    early once a refit has α ≤ 2. Like WW, num_pl_spikes counts every eigenvalue ≥ xmin
+    (clipped fingers included) while xmax and sigma describe the clipped fit."""
+    raw = _dks_fit(x)
+    if raw.status != "ok":
+        return raw
+    best, num_fingers = raw, 0
+    for idx in range(2, _MAX_FINGERS):
+        if x.shape[0] - idx < 2:
+            break
+        clipped = _dks_fit(x[:-idx])
+        if clipped.status != "ok":
+            break
+        if clipped.alpha + _FINGER_THRESH < raw.alpha:
+            best, num_fingers = clipped, idx - 1
+            break
+        if clipped.alpha <= _CLIP_MIN_ALPHA:
+            break
+    spikes = int((x >= best.xmin).sum())
+    return PowerLawFit(**{**best.__dict__, "num_pl_spikes": spikes,
+                          "num_fingers": num_fingers, "raw_alpha": raw.alpha})
+
+
+def fit_power_law(x: np.ndarray, fix_fingers: str = "xmin_mid", xmin_pos: float = 2,
+                  bins: int = 100, device="cpu") -> PowerLawFit:
+    """Power-law fit of the sorted positive eigenvalues x (metrics.md, 'The power-law fit')."""
+    method = normalize_fix_fingers(fix_fingers)
+    xt = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64, device=torch.device(device))
+    if method == "DKS":
+        return _dks_fit(xt)
+    if method == "xmin_mid":
+        return _xmin_mid_fit(xt, xmin_pos)
+    if method == "xmin_peak":
+        return _xmin_peak_fit(xt, bins)
+    return _clip_xmax_fit(xt)
+
+
+# ----------------------------------------------------------------------------- one layer
+
+def _shape_columns(weight: torch.Tensor, layer_type: str) -> dict:
+    """longname-independent size columns: M, N, Q, params, num_evals."""
+    if layer_type in ("conv1d", "conv2d") and weight.ndim >= 3:
+        rows, cols = weight.shape[:2]
+        slices = int(np.prod(weight.shape[2:]))
+    elif weight.ndim == 2:
+        rows, cols = weight.shape
+        slices = 1
+    else:
+        raise ValueError(f"{layer_type} weight must be 2-D, got shape {tuple(weight.shape)}")
+    m, n = min(rows, cols), max(rows, cols)
+    return {"M": int(m), "N": int(n), "Q": n / m if m else math.nan,
+            "params": int(weight.numel()), "num_evals": int(m * slices)}
+
+
+def _log10(value: float) -> float:
+    """log10 of a positive number, NaN otherwise."""
+    return math.log10(value) if value > 0 and math.isfinite(value) else math.nan
+
+
+def _matrix_rank(evals: np.ndarray, n_dim: int) -> int:
+    """Number of σ > σ_max · N · eps32 (np.linalg.matrix_rank's rule with float32 eps)."""
+    sv = np.sqrt(np.clip(evals, 0, None))
+    if sv.size == 0:
+        return 0
+    return int(np.count_nonzero(sv > sv.max() * n_dim * np.finfo(np.float32).eps))
+
+
+def _entropy(kept: np.ndarray, rank: int) -> float:
+    """−Σ p ln p / ln(rank), p = λ/Σλ over the kept eigenvalues; NaN when rank ≤ 1."""
+    if rank <= 1 or kept.size == 0 or kept.sum() <= 0:
+        return math.nan
+    p = kept / kept.sum()
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum() / math.log(rank))
+
+
+def _log_alpha_norm(kept: np.ndarray, alpha: float) -> float:
+    """log10 Σ λ^α over the kept eigenvalues, as α·log10 λ_max + log10 Σ (λ/λ_max)^α."""
+    if not math.isfinite(alpha) or kept.size == 0:
+        return math.nan
+    lam_max = kept.max()
+    return float(alpha * math.log10(lam_max) + math.log10(np.sum((kept / lam_max) ** alpha)))
+
+
+def _norm_columns(evals: np.ndarray, kept: np.ndarray, n_dim: int, alpha: float) -> dict:
+    """Derived metrics of one spectrum (all eigenvalues for norms/rank, kept ones for the rest)."""
+    evals = np.clip(evals, 0, None)
+    norm = float(evals.sum())
+    lam_max = float(evals.max()) if evals.size else math.nan
+    rank = _matrix_rank(evals, n_dim)
+    return {
+        "norm": norm, "log_norm": _log10(norm),
+        "spectral_norm": lam_max, "log_spectral_norm": _log10(lam_max),
+        "stable_rank": norm / lam_max if lam_max > 0 else math.nan,
+        "alpha_weighted": alpha * _log10(lam_max),
+        "log_alpha_norm": _log_alpha_norm(kept, alpha),
+        "matrix_rank": rank, "entropy": _entropy(kept, rank),
+    }
+
+
+def _empty_row(longname: str, layer_type: str, shape_columns: dict, status: str) -> dict:
+    """A row with every metric NaN and the given fit_status."""
+    row = dict.fromkeys(ESD_COLUMNS, math.nan)
+    row.update(shape_columns, longname=longname, layer_type=layer_type, fit_status=status)
+    return row
+
+
+def _kept_eigenvalues(evals: np.ndarray, evals_thresh: float, filter_zeros: bool) -> np.ndarray:
+    """Eigenvalues the fit uses: λ > evals_thresh, or (filter_zeros off) every λ > 0, since the
+    fit takes logarithms."""
+    return evals[evals > (evals_thresh if filter_zeros else 0.0)]
+
+
+def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = "", *,
+                       evals_thresh: float = 1e-5, bins: int = 100, fix_fingers="xmin_mid",
+                       xmin_pos: float = 2, conv_norm: float = 0.5, filter_zeros: bool = True,
+                       min_evals: int = 10, device="cpu", return_eigs: bool = False):
+    """One metrics row (dict with ESD_COLUMNS) for one weight tensor; with return_eigs, the
+    tuple (row, ascending eigenvalues). NaN/Inf weights give fit_status 'non_finite_weights'."""
+    method = normalize_fix_fingers(fix_fingers)
+    if layer_type not in LAYER_TYPES:
+        raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
+    shape_columns = _shape_columns(weight, layer_type)
+    if not bool(torch.isfinite(weight).all()):
+        row = _empty_row(longname, layer_type, shape_columns, "non_finite_weights")
+        return (row, np.empty(0)) if return_eigs else row
+
+    evals = layer_eigenvalues(weight, layer_type, conv_norm, device, evals_thresh=evals_thresh)
+    kept = _kept_eigenvalues(evals, evals_thresh, filter_zeros)
+    if kept.size == 0:
+        fit = PowerLawFit(status="no_eigenvalue_above_threshold")
+    elif kept.size < min_evals:
+        fit = PowerLawFit(status="too_few_eigenvalues")
+    else:
+        fit = fit_power_law(kept, method, xmin_pos, bins, device)
+
+    row = _empty_row(longname, layer_type, shape_columns, fit.status)
+    row.update(alpha=fit.alpha, D=fit.D, xmin=fit.xmin, xmax=fit.xmax,
+               num_pl_spikes=fit.num_pl_spikes, sigma=fit.sigma)
+    if method == "clip_xmax":
+        row.update(num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha)
+    row.update(_norm_columns(evals, kept, shape_columns["N"], fit.alpha))
+    return (row, evals) if return_eigs else row
+
+
+# ----------------------------------------------------------------------------- a whole model
+
+def _conv1d_transformers_class():
+    """transformers' GPT-2 style Conv1D class, or None when transformers is not installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _module_layer_type(module: torch.nn.Module, hf_conv1d) -> Optional[str]:
+    """layer_type of an analysed module, None for modules we skip."""
+    if isinstance(module, torch.nn.Linear) or (hf_conv1d is not None and isinstance(module, hf_conv1d)):
+        return "linear"  # transformers' Conv1D is a dense (in, out) matrix
+    if isinstance(module, torch.nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, torch.nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    return None
+
+
+def iter_model_layers(net: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(longname, layer_type, weight) for every analysed module of net, in module order.
+    A weight shared by several modules (tied embeddings / lm_head) is yielded once, under
+    the first name."""
+    hf_conv1d = _conv1d_transformers_class()
+    seen: set[int] = set()
+    for name, module in net.named_modules():
+        layer_type = _module_layer_type(module, hf_conv1d)
+        weight = getattr(module, "weight", None)
+        if layer_type is None or not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        yield name, layer_type, weight.detach()
+
+
+@dataclass(frozen=True)
+class EsdOptions:
+    """The ESD parameters shared by every layer of one run."""
+    evals_thresh: float = 1e-5
+    bins: int = 100
+    fix_fingers: str = "xmin_mid"
+    xmin_pos: float = 2
+    conv_norm: float = 0.5
+    filter_zeros: bool = True
+    min_evals: int = 10
+
+
+def _failed_row(longname: str, layer_type: str, weight: torch.Tensor, error: Exception) -> dict:
+    """Row for a layer whose maths raised: sizes when they can be read, fit_status says why."""
+    try:
+        shape_columns = _shape_columns(weight, layer_type)
+    except Exception:
+        shape_columns = {"params": int(weight.numel())} if isinstance(weight, torch.Tensor) else {}
+    message = " ".join(str(error).split())[:200]
+    return _empty_row(longname, layer_type, shape_columns, f"error: {type(error).__name__}: {message}")
+
+
+def _layer_row(item: tuple, options: EsdOptions, device: torch.device) -> tuple[dict, np.ndarray]:
+    """(metrics row, eigenvalues) of one (longname, layer_type, weight); never raises."""
+    longname, layer_type, weight = item
+    try:
+        return matrix_esd_metrics(
+            weight, layer_type, longname, evals_thresh=options.evals_thresh, bins=options.bins,
+            fix_fingers=options.fix_fingers, xmin_pos=options.xmin_pos, conv_norm=options.conv_norm,
+            filter_zeros=options.filter_zeros, min_evals=options.min_evals, device=device,
+            return_eigs=True)
+    except Exception as error:  # one layer's maths must not kill the model
+        return _failed_row(longname, layer_type, weight, error), np.empty(0)
+
+
+_END = object()
+
+
+class _Failure:
+    """An exception raised by the layer iterator, carried to the consuming thread."""
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _LayerPrefetcher:
+    """Reads layers from an iterator in a background thread, so the next layer's disk I/O
+    overlaps the current layer's compute. At most `slots` layers are alive at a time: the
+    reader takes a slot before each next(), the consumer gives it back with release()."""
+
+    def __init__(self, layers: Iterator, slots: int):
+        self._layers = layers
+        self._slots = threading.Semaphore(slots)
+        self._ready: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read_all, name="esd-prefetch", daemon=True)
+        self._thread.start()
+
+    def _read_all(self) -> None:
+        try:
+            while True:
+                while not self._slots.acquire(timeout=0.1):
+                    if self._stop.is_set():
+                        return
+                if self._stop.is_set():
+                    return
+                try:
+                    item = next(self._layers)
+                except StopIteration:
+                    self._ready.put(_END)
+                    return
+                self._ready.put(item)
+        except BaseException as error:  # the iterator's own errors go to the consumer
+            self._ready.put(_Failure(error))
+
+    def get(self):
+        """The next (longname, layer_type, tensor), or None at the end; re-raises iterator errors."""
+        item = self._ready.get()
+        if item is _END or isinstance(item, _Failure):
+            self._ready.put(item)  # other consumers see the end / the error too
+        if item is _END:
+            return None
+        if isinstance(item, _Failure):
+            raise item.error
+        return item
+
+    def release(self) -> None:
+        """A layer is finished: the reader may fetch another."""
+        self._slots.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _resolve_devices(device_ids, device) -> list[torch.device]:
+    """The devices layers are computed on: the listed CUDA devices when CUDA is available,
+    else `device`, else CPU."""
+    if device_ids and torch.cuda.is_available():
+        return [torch.device("cuda", int(i)) for i in device_ids]
+    if device is not None and not (torch.device(device).type == "cuda" and not torch.cuda.is_available()):
+        return [torch.device(device)]
+    return [torch.device("cpu")]
+
+
+def _start_copy_to_device(item: tuple, device: torch.device, copy_stream):
+    """(item on device, ready event). On CUDA the host→device copy is issued asynchronously
+    from pinned memory on a side stream, so it overlaps the compute of the previous layer."""
+    longname, layer_type, weight = item
+    if device.type != "cuda":
+        return item, None
+    with torch.cuda.stream(copy_stream):
+        on_device = weight.pin_memory().to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(copy_stream)
+    return (longname, layer_type, on_device), ready
+
+
+def _device_worker(prefetcher: _LayerPrefetcher, device: torch.device, options: EsdOptions,
+                   counter: Iterator[int], results: dict, lock: threading.Lock,
+                   on_layer_done: Callable) -> None:
+    """Compute layers on one device until the prefetcher runs dry; keeps one layer copying
+    ahead on CUDA. Results go to results[order] = (row, eigenvalues)."""
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def fetch():
+        with lock:
+            item = prefetcher.get()
+            order = next(counter) if item is not None else None
+        if item is None:
+            return None
+        return (order,) + _start_copy_to_device(item, device, copy_stream)
+
+    pending = fetch()
+    while pending is not None:
+        order, item, ready = pending
+        pending = fetch() if device.type == "cuda" else None  # copy of the next layer starts now
+        if ready is not None:
+            torch.cuda.current_stream(device).wait_event(ready)
+        row, evals = _layer_row(item, options, device)
+        del item  # drop the layer before the reader may fetch another
+        prefetcher.release()
+        results[order] = (row, evals)
+        on_layer_done(row["longname"])
+        if device.type != "cuda":
+            pending = fetch()
+
+
+def _run_on_devices(layers: Iterator, devices: list[torch.device], options: EsdOptions,
+                    on_layer_done: Callable) -> list[tuple[dict, np.ndarray]]:
+    """(row, eigenvalues) per layer, in iterator order, computing on all devices in parallel."""
+    lookahead = 2 if devices[0].type == "cuda" else 1
+    prefetcher = _LayerPrefetcher(layers, slots=len(devices) * lookahead + 1)
+    counter, results, lock = iter(range(1 << 62)), {}, threading.Lock()
+    try:
+        if len(devices) == 1:
+            _device_worker(prefetcher, devices[0], options, counter, results, lock, on_layer_done)
+        else:
+            errors: list[BaseException] = []
+
+            def work(device):
+                try:
+                    _device_worker(prefetcher, device, options, counter, results, lock, on_layer_done)
+                except BaseException as error:
+                    errors.append(error)
+
+            threads = [threading.Thread(target=work, args=(d,), name=f"esd-{d}") for d in devices]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+    finally:
+        prefetcher.close()
+    return [results[order] for order in sorted(results)]
+
+
+def _selected_layers(layers: Iterable, names) -> Iterator:
+    """The layers whose longname is in `names` (all when names is None), lazily."""
+    wanted = None if names is None else set(names)
+    for item in layers:
+        if wanted is None or item[0] in wanted:
+            yield item
+
+
+def net_esd_estimator(net=None, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_mid", xmin_pos=2,
+                      conv_norm=0.5, filter_zeros=True, device_ids=None, *, layers=None,
+                      min_evals=10, eigs_out: Optional[dict] = None, device=None,
+                      progress: Optional[Callable[[int, str], None]] = None) -> pd.DataFrame:
+    """One ESD_COLUMNS row per analysed layer of `net`.
+
+    net: an nn.Module, or any iterable of (longname, layer_type, tensor), consumed lazily by a
+        prefetch thread (at most ~2 layers alive on CPU: the one computed and the next one).
+    layers: optional collection of longnames to analyse (others are skipped).
+    eigs_out: optional dict, filled with longname -> ascending eigenvalues (np.float64).
+    device_ids: CUDA device indices to spread layers over (ignored without CUDA);
+        otherwise `device` (default CPU).
+    progress: optional callback(layers_done, longname) after each layer.
+    Errors raised by the model/iterator propagate; a layer whose maths fails gets a row
+    whose fit_status starts with 'error:'.
+    """
+    options = EsdOptions(evals_thresh=EVALS_THRESH, bins=bins, fix_fingers=normalize_fix_fingers(fix_fingers),
+                         xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
+                         min_evals=min_evals)
+    source = iter_model_layers(net) if isinstance(net, torch.nn.Module) else iter(net)
+    done = iter(range(1, 1 << 62))
+
+    def on_layer_done(longname: str) -> None:
+        count = next(done)
+        if progress is not None:
+            progress(count, longname)
+
+    outputs = _run_on_devices(_selected_layers(source, layers), _resolve_devices(device_ids, device),
+                              options, on_layer_done)
+    if eigs_out is not None:
+        for row, evals in outputs:
+            eigs_out[row["longname"]] = evals
+    return pd.DataFrame([row for row, _ in outputs], columns=ESD_COLUMNS)

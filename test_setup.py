@@ -1,0 +1,587 @@
+"""The setup doctor: `python test_setup.py [--output_dir DIR] [--slurm] [--json]`.
+
+The first command a new user runs. It checks, one line each, what a run of the experiment
+needs: Python, the packages of requirements.txt at their minimum versions, torch and CUDA,
+the GPUs NVML sees, the HuggingFace token (configured or not -- never any part of it), the
+hub cache and its free disk, that the output directory is writable, and with `--slurm` the
+Slurm commands. Each check says OK / WARN / FAIL, what it found and, when not OK, what to
+do; the exit status is non-zero iff a check FAILs. `--json` prints the same for scripts.
+
+Owns: the `Check` result and one `check_*` function per concern; `run_checks()` runs them.
+Must not: change anything it inspects (the output directory is created for the write test
+only if missing, and removed again), print a secret, or run work at import time. Despite
+its historical name this is not a pytest module (pytest.ini collects `tests/` only) and it
+defines no `test_*` functions.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+STATUSES = (OK, WARN, FAIL)
+
+MIN_PYTHON = (3, 10)
+MIN_FREE_CACHE_GB = 20.0  # a 7B model in bf16 is ~15 GB of safetensors
+DEFAULT_GPU_MEMORY_THRESHOLD_MB = 500  # run_esd_experiment.py --gpu_memory_threshold default
+BYTES_PER_MB = 1024 * 1024
+BYTES_PER_GB = 1024 ** 3
+SLURM_COMMANDS = ("sbatch", "squeue", "scontrol")
+COMMAND_TIMEOUT_S = 15
+
+REPO_DIR = Path(__file__).resolve().parent
+REQUIREMENTS = REPO_DIR / "requirements.txt"
+TEST_REQUIREMENTS = REPO_DIR / "requirements-test.txt"
+INSTALL_HINT = "pip install -r requirements.txt"
+TEST_INSTALL_HINT = "pip install -r requirements-test.txt (needed only to run the tests)"
+CPU_MODE = "the experiment will run in CPU mode (--cpu_workers N)"
+
+# Distributions whose import name is not their normalised distribution name.
+IMPORT_NAMES = {"nvidia-ml-py": "pynvml", "pyyaml": "yaml", "pillow": "PIL",
+                "scikit-learn": "sklearn"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding. `details` carries machine-readable facts for `--json` (never secrets)."""
+
+    status: str  # OK / WARN / FAIL
+    name: str
+    finding: str
+    hint: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One line of a requirements file: `name`, operator (`>=`, `==`, ...) and version."""
+
+    name: str
+    op: str = ""
+    version: str = ""
+
+    @property
+    def import_name(self) -> str:
+        key = _normalise(self.name)
+        return IMPORT_NAMES.get(key, key.replace("-", "_"))
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.op}{self.version}"
+
+
+# --------------------------------------------------------------------------- requirements
+
+_REQUIREMENT_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*"
+                               r"(?:(==|>=|<=|~=|!=|>|<)\s*([^\s,;]+))?")
+
+
+def read_requirements(path: Path) -> list[Requirement]:
+    """The packages of a pip requirements file; `-r`/options, comments and markers skipped.
+
+    Only the first version clause of a line is kept (our files use one); parsed by hand so
+    the doctor works before `packaging` or anything else is installed.
+    """
+    requirements = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        match = _REQUIREMENT_LINE.match(line)
+        if match:
+            name, op, version = match.groups()
+            requirements.append(Requirement(name, op or "", version or ""))
+    return requirements
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """Release numbers of a version: `2.13.0+cpu` -> (2, 13, 0), `4.45.0rc1` -> (4, 45, 0)."""
+    match = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    return tuple(int(part) for part in match.group(1).split(".")) if match else ()
+
+
+def _compare(found: str, wanted: str) -> int:
+    a, b = version_tuple(found), version_tuple(wanted)
+    width = max(len(a), len(b))
+    a, b = a + (0,) * (width - len(a)), b + (0,) * (width - len(b))
+    return (a > b) - (a < b)
+
+
+def _version_problem(found: str, req: Requirement) -> tuple[str, str] | None:
+    """(status, reason) when `found` does not meet `req`, None when it does.
+
+    Older than a minimum or a pin is FAIL; newer than a pin is only WARN (the pin is what
+    we test with, e.g. torch, whose CUDA build you install to match your driver)."""
+    if not req.op or not found:
+        return None
+    cmp = _compare(found, req.version)
+    if req.op in (">=", "==") and cmp < 0:
+        kind = "minimum" if req.op == ">=" else "pinned version"
+        return FAIL, f"too old: {found} < {kind} {req.version}"
+    if req.op == "==" and cmp > 0:
+        return WARN, f"newer than the tested pin {req.version}"
+    satisfied = {">": cmp > 0, "<": cmp < 0, "<=": cmp <= 0, "!=": cmp != 0,
+                 "~=": cmp >= 0}.get(req.op, True)
+    return None if satisfied else (WARN, f"{found} does not satisfy {req.op}{req.version}")
+
+
+def _installed_version(req: Requirement, module=None) -> str:
+    try:
+        return importlib.metadata.version(req.name)
+    except importlib.metadata.PackageNotFoundError:
+        return str(getattr(module, "__version__", "") or "")
+
+
+def check_python() -> list[Check]:
+    version = ".".join(map(str, sys.version_info[:3]))
+    in_venv = sys.prefix != getattr(sys, "base_prefix", sys.prefix) or "CONDA_PREFIX" in os.environ
+    finding = f"{version} ({sys.executable}{', virtual env' if in_venv else ''})"
+    details = {"version": version, "executable": sys.executable}
+    if sys.version_info[:2] < MIN_PYTHON:
+        need = ".".join(map(str, MIN_PYTHON))
+        return [Check(FAIL, "python", finding, f"use Python >= {need}", details)]
+    return [Check(OK, "python", finding, details=details)]
+
+
+def check_required_packages(requirements_path: Path = REQUIREMENTS) -> list[Check]:
+    """Each package of requirements.txt imports and meets its minimum version."""
+    try:
+        requirements = read_requirements(requirements_path)
+    except OSError as exc:
+        return [Check(FAIL, "requirements", f"cannot read {requirements_path}: {exc.strerror}",
+                      "run the doctor from a checkout of the repository")]
+    return [_check_required_package(req) for req in requirements]
+
+
+def _check_required_package(req: Requirement) -> Check:
+    name = f"package {req.name}"
+    try:
+        # Some packages print on import; keep stdout clean for --json.
+        with contextlib.redirect_stdout(io.StringIO()):
+            module = importlib.import_module(req.import_name)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        # a missing *dependency* of an installed package is a broken install, not a missing one
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == req.import_name
+        reason = "not installed" if missing else \
+            f"cannot import {req.import_name}: {type(exc).__name__}: {_first_line(exc)}"
+        return Check(FAIL, name, f"{reason} (need {req})", INSTALL_HINT)
+    found = _installed_version(req, module)
+    details = {"version": found, "required": f"{req.op}{req.version}"}
+    if not found:
+        return Check(WARN, name, f"imports, version unknown (need {req})", INSTALL_HINT, details)
+    problem = _version_problem(found, req)
+    if problem:
+        status, reason = problem
+        return Check(status, name, f"{found}: {reason}", INSTALL_HINT, details)
+    return Check(OK, name, found + (f" ({req.op}{req.version})" if req.op else ""),
+                 details=details)
+
+
+def check_optional_packages(requirements_path: Path = TEST_REQUIREMENTS) -> list[Check]:
+    """Test-only packages (pytest, weightwatcher): present or WARN; not imported (slow)."""
+    try:
+        requirements = read_requirements(requirements_path)
+    except OSError:
+        requirements = [Requirement("pytest", ">=", "8"), Requirement("weightwatcher")]
+    checks = []
+    for req in requirements:
+        name = f"optional {req.name}"
+        if importlib.util.find_spec(req.import_name) is None:
+            checks.append(Check(WARN, name, f"not installed (need {req} to run the tests)",
+                                TEST_INSTALL_HINT))
+            continue
+        found = _installed_version(req)
+        problem = _version_problem(found, req)
+        if problem:
+            checks.append(Check(WARN, name, f"{found}: {problem[1]}", TEST_INSTALL_HINT,
+                                {"version": found}))
+        else:
+            checks.append(Check(OK, name, found or "installed", details={"version": found}))
+    return checks
+
+
+# --------------------------------------------------------------------------- torch, NVML
+
+def check_torch_cuda() -> list[Check]:
+    """torch's CUDA view: device count and names (CUDA indices), or CPU mode."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import torch
+    except Exception as exc:
+        return [Check(FAIL, "torch cuda", f"cannot import torch: {_first_line(exc)}",
+                      INSTALL_HINT)]
+    build = f"torch {torch.__version__}, " + (
+        f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        build += f", CUDA_VISIBLE_DEVICES={visible!r}"
+    if not torch.cuda.is_available():
+        hint = ("fine for small models; for GPUs install the torch build matching your "
+                "driver (https://pytorch.org/get-started/locally/)")
+        return [Check(WARN, "torch cuda", f"no CUDA: models will be analysed on CPU ({build})",
+                      hint, {"cuda_device_count": 0})]
+    count = torch.cuda.device_count()
+    names = []
+    for index in range(count):
+        try:
+            names.append(f"cuda:{index} {torch.cuda.get_device_name(index)}")
+        except Exception as exc:
+            names.append(f"cuda:{index} unreadable ({_first_line(exc)})")
+    return [Check(OK, "torch cuda", f"{count} CUDA device(s): {'; '.join(names)} ({build})",
+                  details={"cuda_device_count": count, "devices": names})]
+
+
+def check_nvml() -> list[Check]:
+    """The GPUs NVML sees (NVML indices, PCI bus order) with memory used/total in MB.
+
+    NVML missing (no library, no driver) is a WARN: the experiment runs on CPU. An error on
+    one GPU marks that GPU unavailable; the others are still listed."""
+    try:
+        import pynvml
+    except Exception as exc:
+        return [Check(WARN, "nvml", f"pynvml not importable ({_first_line(exc)}): {CPU_MODE}",
+                      "pip install nvidia-ml-py (only useful on a machine with NVIDIA GPUs)")]
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, OSError, ...
+        return [Check(WARN, "nvml", f"NVML not available ({_nvml_reason(exc)}): {CPU_MODE}",
+                      "on a GPU server check the NVIDIA driver with `nvidia-smi`; "
+                      "on a CPU-only machine nothing to do",
+                      {"gpu_count": 0})]
+    try:
+        return _nvml_gpus(pynvml)
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+def _nvml_gpus(pynvml) -> list[Check]:
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+    except Exception as exc:
+        return [Check(WARN, "nvml", f"NVML cannot count GPUs ({_nvml_reason(exc)}): {CPU_MODE}",
+                      "check `nvidia-smi`", {"gpu_count": 0})]
+    driver = ""
+    with contextlib.suppress(Exception):
+        driver = f"driver {_as_str(pynvml.nvmlSystemGetDriverVersion())}, "
+    if count == 0:
+        return [Check(WARN, "nvml", f"{driver}NVML sees no GPU: {CPU_MODE}",
+                      "check `nvidia-smi` and the GPUs allocated to you", {"gpu_count": 0})]
+    gpus = [_nvml_gpu(pynvml, index) for index in range(count)]
+    readable = sum(gpu.status == OK for gpu in gpus)
+    summary = Check(OK, "nvml", f"{driver}{count} GPU(s), {readable} readable",
+                    details={"gpu_count": count, "readable": readable})
+    return [summary, *gpus]
+
+
+def _nvml_gpu(pynvml, index: int) -> Check:
+    name = f"gpu {index}"
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        gpu_name = _as_str(pynvml.nvmlDeviceGetName(handle))
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        used_mb, total_mb = memory.used / BYTES_PER_MB, memory.total / BYTES_PER_MB
+    except Exception as exc:
+        return Check(WARN, name, f"unavailable: NVML error ({_nvml_reason(exc)})",
+                     "check this GPU with `nvidia-smi`; the scheduler skips it while NVML "
+                     "cannot read it", {"index": index, "available": False})
+    busy = used_mb >= DEFAULT_GPU_MEMORY_THRESHOLD_MB
+    state = (f"busy (over the default {DEFAULT_GPU_MEMORY_THRESHOLD_MB} MB threshold)"
+             if busy else "free")
+    return Check(OK, name, f"{gpu_name}, {used_mb:.0f} / {total_mb:.0f} MB used, {state}",
+                 details={"index": index, "available": True, "name": gpu_name,
+                          "memory_used_mb": round(used_mb, 1),
+                          "memory_total_mb": round(total_mb, 1)})
+
+
+def check_gpu_consistency(checks: list[Check]) -> list[Check]:
+    """NVML sees GPUs but torch has no CUDA: the classic CPU-only torch on a GPU server."""
+    nvml_gpus = max((c.details.get("gpu_count", 0) for c in checks if c.name == "nvml"),
+                    default=0)
+    cuda_devices = max((c.details.get("cuda_device_count", 0) for c in checks
+                        if c.name == "torch cuda"), default=0)
+    if nvml_gpus and not cuda_devices:
+        return [Check(WARN, "gpu vs torch", f"NVML sees {nvml_gpus} GPU(s) but torch has no "
+                      "CUDA: workers would run on CPU",
+                      "install the torch build for your driver after requirements.txt "
+                      "(https://pytorch.org/get-started/locally/)")]
+    return []
+
+
+def _nvml_reason(exc: BaseException) -> str:
+    return _first_line(exc) or type(exc).__name__
+
+
+def _as_str(value) -> str:
+    # pynvml < 11.5 returns bytes for names, newer versions str
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# --------------------------------------------------------------------------- HuggingFace
+
+def check_hf_token() -> list[Check]:
+    """Whether a token is configured. Only a yes/no and where it comes from is printed."""
+    try:
+        import huggingface_hub
+        configured = bool(huggingface_hub.get_token())  # the token itself is not kept
+    except Exception as exc:
+        # type name only: an exception message is not trusted to be free of the token
+        return [Check(WARN, "hf token", f"cannot check ({type(exc).__name__})", INSTALL_HINT)]
+    if not configured:
+        return [Check(WARN, "hf token", "not configured (public models only)",
+                      "gated models (e.g. meta-llama/*) need one: `hf auth login` "
+                      "(older: `huggingface-cli login`) or export HF_TOKEN",
+                      {"configured": False})]
+    source = next((f"{var} environment variable" for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+                   if os.environ.get(var, "").strip()), "token file")
+    return [Check(OK, "hf token", f"configured (from the {source})",
+                  details={"configured": True})]
+
+
+def check_hf_offline() -> list[Check]:
+    try:
+        from huggingface_hub import constants
+        offline = bool(constants.HF_HUB_OFFLINE)
+    except Exception as exc:
+        return [Check(WARN, "hf offline", f"cannot check ({_first_line(exc)})", INSTALL_HINT)]
+    offline = offline or os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in (
+        "1", "on", "yes", "true")
+    if offline:
+        return [Check(WARN, "hf offline", "offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): "
+                      "only models already in the hub cache can be loaded",
+                      "unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE to download models",
+                      {"offline": True})]
+    return [Check(OK, "hf offline", "online: models are downloaded on demand",
+                  details={"offline": False})]
+
+
+def check_hf_cache(min_free_gb: float = MIN_FREE_CACHE_GB) -> list[Check]:
+    """Where models are downloaded (HF_HUB_CACHE, under HF_HOME) and the free disk there."""
+    try:
+        from huggingface_hub import constants
+        cache = Path(constants.HF_HUB_CACHE)
+    except Exception as exc:
+        return [Check(WARN, "hf cache", f"cannot locate ({_first_line(exc)})", INSTALL_HINT)]
+    existing = _nearest_existing(cache)
+    state = "exists" if cache.is_dir() else "will be created"
+    try:
+        free_gb = shutil.disk_usage(existing).free / BYTES_PER_GB
+    except OSError as exc:
+        return [Check(WARN, "hf cache", f"{cache} ({state}): cannot read free space "
+                      f"({exc.strerror})", "set HF_HOME to a directory on a local disk")]
+    finding = f"{cache} ({state}), {free_gb:.1f} GB free"
+    details = {"path": str(cache), "free_gb": round(free_gb, 1)}
+    if not os.access(existing, os.W_OK):
+        return [Check(FAIL, "hf cache", f"{finding}, not writable: downloads will fail",
+                      f"fix permissions of {existing} or set HF_HOME (or HF_HUB_CACHE) to a "
+                      "directory you can write", details)]
+    if free_gb < min_free_gb:
+        return [Check(WARN, "hf cache", f"{finding}: under {min_free_gb:.0f} GB, large models "
+                      "will not fit", "set HF_HOME (or HF_HUB_CACHE) to a disk with more space; "
+                      "a 7B model needs ~15 GB", details)]
+    return [Check(OK, "hf cache", finding, details=details)]
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+# --------------------------------------------------------------------------- output dir
+
+def check_output_dir(output_dir: str | os.PathLike) -> list[Check]:
+    """The output directory can be created and written: a temp file is written and deleted;
+    directories created for the test are removed again."""
+    path = Path(output_dir).expanduser().absolute()
+    existed = path.is_dir()
+    created: list[Path] = []
+    hint = f"--output_dir {path}: choose a directory you can write to, or fix its permissions"
+    try:
+        for directory in _missing_directories(path):
+            directory.mkdir()
+            created.append(directory)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".esd_doctor_") as probe:
+            probe.write(b"ok\n")
+            probe.flush()
+        free_gb = shutil.disk_usage(path).free / BYTES_PER_GB
+    except OSError as exc:
+        blocker = _nearest_existing(path)
+        reason = (f"{blocker} is a file, not a directory" if not blocker.is_dir()
+                  else exc.strerror or str(exc))
+        return [Check(FAIL, "output dir", f"{path} is not writable: {reason}", hint,
+                      {"path": str(path)})]
+    finally:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    state = "exists" if existed else "will be created by the run"
+    return [Check(OK, "output dir", f"{path} is writable ({state}), {free_gb:.1f} GB free",
+                  details={"path": str(path), "existed": existed})]
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """`path` and its missing ancestors, outermost first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return list(reversed(missing))
+
+
+# --------------------------------------------------------------------------- Slurm
+
+def check_slurm_commands() -> list[Check]:
+    """sbatch, squeue, scontrol on PATH (asked for with --slurm, so missing is FAIL)."""
+    checks = []
+    for command in SLURM_COMMANDS:
+        where = shutil.which(command)
+        if where is None:
+            checks.append(Check(FAIL, f"slurm {command}", f"{command} not found on PATH",
+                                "load Slurm (e.g. `module load slurm`) or use --backend local"))
+            continue
+        version = _run([where, "--version"])
+        suffix = f" ({version[1].strip()})" if version and version[0] == 0 and version[1].strip() else ""
+        checks.append(Check(OK, f"slurm {command}", f"{where}{suffix}"))
+    return checks
+
+
+def check_sinfo() -> list[Check]:
+    """Partitions, their state and node states, if `sinfo` runs."""
+    where = shutil.which("sinfo")
+    if where is None:
+        return [Check(WARN, "slurm sinfo", "sinfo not found on PATH: partitions unknown",
+                      "load Slurm (e.g. `module load slurm`)")]
+    result = _run([where, "--noheader", "--format=%P|%a|%D|%T"])
+    if result is None or result[0] != 0:
+        reason = "timed out or could not start" if result is None else \
+            (_first_line(result[2]) or f"exit status {result[0]}")
+        return [Check(WARN, "slurm sinfo", f"sinfo failed: {reason}",
+                      "is the Slurm controller reachable? try `scontrol ping`")]
+    partitions = summarise_sinfo(result[1])
+    if not partitions:
+        return [Check(WARN, "slurm sinfo", "sinfo lists no partition",
+                      "ask your admin which partition to use (--slurm_partition)")]
+    return [Check(OK, "slurm sinfo", "; ".join(partitions), details={"partitions": partitions})]
+
+
+def summarise_sinfo(output: str) -> list[str]:
+    """`debug*|up|2|idle` lines -> ["debug* (up): 2 idle, 1 mixed", ...]."""
+    states: dict[tuple[str, str], list[str]] = {}
+    for line in output.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4:
+            continue
+        partition, avail, nodes, state = parts
+        states.setdefault((partition, avail), []).append(f"{nodes} {state}")
+    return [f"{partition} ({avail}): {', '.join(nodes)}"
+            for (partition, avail), nodes in states.items()]
+
+
+def _run(argv: list[str]) -> tuple[int, str, str] | None:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.returncode, done.stdout, done.stderr
+
+
+# --------------------------------------------------------------------------- running
+
+def _first_line(value) -> str:
+    text = str(value).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _guarded(check: Callable[..., list[Check]], *args) -> list[Check]:
+    """A check that raises is a FAIL of that check, never a crash of the doctor."""
+    try:
+        return check(*args)
+    except Exception as exc:
+        name = check.__name__.removeprefix("check_").replace("_", " ")
+        return [Check(FAIL, name, f"the check itself failed: {type(exc).__name__}",
+                      "please report this with the full output")]
+
+
+def run_checks(output_dir: str | os.PathLike = "results", slurm: bool = False) -> list[Check]:
+    """All checks, in the order a user fixes things."""
+    checks: list[Check] = []
+    checks += _guarded(check_python)
+    checks += _guarded(check_required_packages)
+    checks += _guarded(check_optional_packages)
+    checks += _guarded(check_torch_cuda)
+    checks += _guarded(check_nvml)
+    checks += _guarded(check_gpu_consistency, checks)
+    checks += _guarded(check_hf_token)
+    checks += _guarded(check_hf_offline)
+    checks += _guarded(check_hf_cache)
+    checks += _guarded(check_output_dir, output_dir)
+    if slurm:
+        checks += _guarded(check_slurm_commands)
+        checks += _guarded(check_sinfo)
+    return checks
+
+
+def count_statuses(checks: list[Check]) -> dict[str, int]:
+    return {status: sum(c.status == status for c in checks) for status in STATUSES}
+
+
+def format_check(check: Check, name_width: int = 24) -> str:
+    line = f"{check.status:<4}  {check.name:<{name_width}} {check.finding}"
+    return f"{line}  -> {check.hint}" if check.hint and check.status != OK else line
+
+
+def format_report(checks: list[Check]) -> str:
+    counts = count_statuses(checks)
+    width = max((len(c.name) for c in checks), default=0) + 1
+    verdict = ("fix the FAIL lines, then run again" if counts[FAIL]
+               else "ready" + (" (see WARN lines)" if counts[WARN] else ""))
+    lines = [format_check(c, width) for c in checks]
+    lines.append(f"{counts[OK]} OK, {counts[WARN]} WARN, {counts[FAIL]} FAIL: {verdict}")
+    return "\n".join(lines)
+
+
+def format_json(checks: list[Check]) -> str:
+    counts = count_statuses(checks)
+    return json.dumps({"ok": counts[FAIL] == 0, "counts": counts,
+                       "checks": [asdict(c) for c in checks]}, indent=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Check that this machine is ready to run the ESD experiment.")
+    parser.add_argument("--output_dir", "--output-dir", default="results",
+                        help="output directory to test for writing (default: results/)")
+    parser.add_argument("--slurm", action="store_true",
+                        help="also check the Slurm commands (sbatch, squeue, scontrol, sinfo)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    checks = run_checks(args.output_dir, slurm=args.slurm)
+    print(format_json(checks) if args.json else format_report(checks), flush=True)
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
