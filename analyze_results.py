@@ -750,7 +750,7 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
     failures = read_failure_table(results_dir)
     sections = [_overview_html(results_dir, per_layer, failures)]
     if not failures.empty:
-        sections.append(_section("Failed models", _table_html(failures)))
+        sections.append(_section("Failed models", _table_html(failures, scroll=True)))
     if not per_layer.empty:
         selected = select_layers(per_layer, layer_types, exclude_patterns)
         summary = build_summary(per_layer, layer_types, exclude_patterns)
@@ -764,7 +764,7 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
             table_path, step_plots = write_over_steps(results_dir, model_list, metrics,
                                                       layer_types, exclude_patterns)
             sections.append(_section("Over training steps",
-                                     _table_html(pd.read_csv(table_path))
+                                     _table_html(pd.read_csv(table_path), scroll=True)
                                      + "".join(_img_html(p) for p in step_plots)))
         sections.append(_section("Summary", _table_html(summary, scroll=True)))
         if "fit_status" in selected:
