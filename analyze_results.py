@@ -23,6 +23,14 @@ Layer selection (`--layer_types`, `--exclude`) applies to everything: summary, p
 report and over-steps. `--exclude` patterns are Python regular expressions searched
 anywhere in the layer's longname (case-sensitive): `embed` drops `model.embed_tokens`,
 `lm_head` drops `lm_head`, `^transformer\\.wte$` one exact layer.
+
+Plots (`DIR/plots/`, PNG): `alpha_distribution.png` (box per model), `alpha_by_depth.png`
+(small multiples, one panel per model), `compare_<metric>.png` (bars), `esd/<safe_id>.png`
+(with `eigs/`: log-log ESD, fitted power law, xmin; default layers: lowest, median and
+highest alpha), `over_steps_<metric>.png`. The file count does not grow with the number
+of models: beyond the caps below a plot shows the models at both ends of the ranking.
+Over steps: `over_steps.csv` (one row per checkpoint, ordered by step: mean and median of
+each metric) and `over_steps_layers.csv` (one row per checkpoint and layer).
 """
 from __future__ import annotations
 
