@@ -23,6 +23,14 @@ Layer selection (`--layer_types`, `--exclude`) applies to everything: summary, p
 report and over-steps. `--exclude` patterns are Python regular expressions searched
 anywhere in the layer's longname (case-sensitive): `embed` drops `model.embed_tokens`,
 `lm_head` drops `lm_head`, `^transformer\\.wte$` one exact layer.
+
+Plots (`DIR/plots/`, PNG): `alpha_distribution.png` (box per model), `alpha_by_depth.png`
+(small multiples, one panel per model), `compare_<metric>.png` (bars), `esd/<safe_id>.png`
+(with `eigs/`: log-log ESD, fitted power law, xmin; default layers: lowest, median and
+highest alpha), `over_steps_<metric>.png`. The file count does not grow with the number
+of models: beyond the caps below a plot shows the models at both ends of the ranking.
+Over steps: `over_steps.csv` (one row per checkpoint, ordered by step: mean and median of
+each metric) and `over_steps_layers.csv` (one row per checkpoint and layer).
 """
 from __future__ import annotations
 
@@ -64,6 +72,7 @@ MAX_STEP_RUNS = 6             # training runs drawn in each over-steps figure
 
 CHECKPOINT_STEP = re.compile(r"checkpoint[_-](\d+)")
 FINAL_CHECKPOINT = re.compile(r"(^|[/\\])final_checkpoint([/\\]|$)")
+REVISION_STEP = re.compile(r"@step(\d+)$")     # hub revisions such as Pythia's org/name@step3000
 FILTER_EXPR = re.compile(r"^\s*(.+?)\s*(<=|>=|!=|==|=|<|>|~)\s*(.*?)\s*$")
 
 
@@ -539,12 +548,16 @@ def _short(text, width=45) -> str:
 # ================================================================ over training steps
 
 def step_of_model_id(model_id: str) -> tuple[float, bool]:
-    """(step, is_final) read from a checkpoint path; (nan, False) when it names no step."""
+    """(step, is_final) read from a checkpoint path (`checkpoint_<step>`, `checkpoint-<step>`,
+    `final_checkpoint`) or a hub revision `@step<N>`; (nan, False) when it names no step."""
     found = CHECKPOINT_STEP.findall(str(model_id))
     if found:
         return float(found[-1]), False
     if FINAL_CHECKPOINT.search(str(model_id)):
         return np.nan, True
+    found = REVISION_STEP.search(str(model_id))
+    if found:
+        return float(found.group(1)), False
     return np.nan, False
 
 
@@ -598,11 +611,17 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
         if listed is not None and result_file not in listed:
             continue
         path_step, is_final = step_of_model_id(model_id)
+        by_revision = not is_final and not CHECKPOINT_STEP.search(str(model_id))
+        if np.isnan(path_step) and not is_final:   # a revision may be in the file name only
+            path_step, _ = step_of_model_id(result_file)
         step = listed.get(result_file, np.nan) if listed is not None else np.nan
         step = path_step if np.isnan(step) else step
         if np.isnan(step) and not is_final:
             continue
-        run = os.path.dirname(str(model_id).rstrip("/\\")) or "."
+        if by_revision:     # org/name@step3000: the run is the hub model
+            run = str(model_id).partition("@")[0]
+        else:               # saved_models/<run_id>/checkpoint_<step>: the run is the directory
+            run = os.path.dirname(str(model_id).rstrip("/\\")) or "."
         rows.append({"model_id": model_id, "result_file": result_file, "run": run,
                      "step": step, "is_final": is_final})
     table = pd.DataFrame(rows, columns=["model_id", "result_file", "run", "step", "is_final"])
@@ -637,15 +656,16 @@ def build_over_steps(per_layer, model_list=None, metrics=DEFAULT_STEP_METRICS):
         raise AnalysisError(f"--metrics: unknown per-layer column(s) {unknown}; choose from "
                             f"{', '.join(numeric)}")
     checkpoints = checkpoint_table(per_layer, model_list)
-    layer_columns = ["model_id", "layer_index", "longname", "layer_type", *metrics]
+    # a model is its result file: two revisions of one hub id share a model_id, not a file
+    layer_columns = ["result_file", "layer_index", "longname", "layer_type", *metrics]
     if "fit_status" in per_layer and "fit_status" not in metrics:
         layer_columns.append("fit_status")
-    layers = checkpoints.drop(columns="result_file").merge(
-        per_layer[list(dict.fromkeys(layer_columns))], on="model_id", how="inner")
+    layers = checkpoints.merge(per_layer[list(dict.fromkeys(layer_columns))], on="result_file",
+                               how="inner")
     layers = layers.sort_values(["run", "step", "is_final", "layer_index"], kind="stable")
     rows = []
     for _, checkpoint in checkpoints.iterrows():
-        group = layers[layers["model_id"] == checkpoint["model_id"]]
+        group = layers[layers["result_file"] == checkpoint["result_file"]]
         row = {k: checkpoint[k] for k in ("run", "step", "step_label", "model_id")}
         row["num_layers"] = len(group)
         row["num_fit_failed"] = int(group["alpha"].isna().sum()) if "alpha" in group else 0
@@ -655,7 +675,7 @@ def build_over_steps(per_layer, model_list=None, metrics=DEFAULT_STEP_METRICS):
             row[f"{metric}_median"] = values.median()
         rows.append(row)
     table = pd.DataFrame(rows)
-    return table, layers.drop(columns="is_final").reset_index(drop=True)
+    return table, layers.drop(columns=["is_final", "result_file"]).reset_index(drop=True)
 
 
 def plot_over_steps(table, layers, metrics, plots_dir) -> list[Path]:
@@ -738,7 +758,7 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
     failures = read_failure_table(results_dir)
     sections = [_overview_html(results_dir, per_layer, failures)]
     if not failures.empty:
-        sections.append(_section("Failed models", _table_html(failures)))
+        sections.append(_section("Failed models", _table_html(failures, scroll=True)))
     if not per_layer.empty:
         selected = select_layers(per_layer, layer_types, exclude_patterns)
         summary = build_summary(per_layer, layer_types, exclude_patterns)
@@ -752,7 +772,7 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
             table_path, step_plots = write_over_steps(results_dir, model_list, metrics,
                                                       layer_types, exclude_patterns)
             sections.append(_section("Over training steps",
-                                     _table_html(pd.read_csv(table_path))
+                                     _table_html(pd.read_csv(table_path), scroll=True)
                                      + "".join(_img_html(p) for p in step_plots)))
         sections.append(_section("Summary", _table_html(summary, scroll=True)))
         if "fit_status" in selected:

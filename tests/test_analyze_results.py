@@ -437,17 +437,21 @@ def train_and_save_checkpoints(run_dir: Path, save_at=(2, 4, 6), total_steps=8) 
 
 @pytest.fixture(scope="module")
 def checkpoint_results(tmp_path_factory):
-    """saved_models/run1/ checkpoints → from-checkpoints list → real worker on each."""
+    """The documented pipeline: saved_models/run1/ checkpoints → `create_model_list.py
+    from-checkpoints` → the real orchestrator (CPU, two real workers) → results/."""
     root = tmp_path_factory.mktemp("steps")
     train_and_save_checkpoints(root / "saved_models" / "run1")
     listing = subprocess.run([sys.executable, str(ROOT / "create_model_list.py"), "from-checkpoints",
                               "saved_models/run1/", "--output", "steps.csv"],
                              cwd=root, capture_output=True, text=True, env=env(), timeout=60)
     assert listing.returncode == 0, listing.stderr
-    entries = read_model_list(root / "steps.csv")
-    results = run_workers([e.model_id for e in entries], root / "results", cwd=root)
-    for entry, result in zip(entries, results):
-        assert result.returncode == 0, f"{entry.model_id}: {result.stderr[-2000:]}"
+    assert len(read_model_list(root / "steps.csv")) == 4
+    experiment = subprocess.run(
+        [sys.executable, str(ROOT / "run_esd_experiment.py"), "--model_list", "steps.csv",
+         "--output_dir", "results", "--gpus", "none", "--cpu_workers", "2", "--poll_interval", "0.05",
+         "--max_check", "1", "--save_eigs"], cwd=root, capture_output=True, text=True, env=env(),
+        timeout=300)
+    assert experiment.returncode == 0, experiment.stderr[-3000:] + experiment.stdout[-3000:]
     return root
 
 
@@ -456,6 +460,8 @@ def test_over_steps_with_model_list_writes_table_ordered_by_step_and_a_plot_per_
     result = analyze("--results_dir", "results", "--over_steps", "--model_list", "steps.csv",
                      "--metrics", "alpha", "stable_rank", "spectral_norm", cwd=root)
     assert result.returncode == 0, result.stderr
+    # the orchestrator wrote the summary at the end of its run, through write_summary
+    assert list(pd.read_csv(root / "results" / "summary.csv").columns) == CONTRACT_SUMMARY
     table = pd.read_csv(root / "results" / "over_steps.csv")
     assert list(table["step_label"].astype(str)) == ["2", "4", "6", "final"]
     assert table["step"].is_monotonic_increasing
@@ -506,5 +512,16 @@ def test_step_is_parsed_from_checkpoint_paths():
     assert ar.step_of_model_id("/abs/run/checkpoint-20/") == (20.0, False)
     step, final = ar.step_of_model_id("saved_models/r/final_checkpoint")
     assert np.isnan(step) and final
+    assert ar.step_of_model_id("EleutherAI/pythia-70m@step3000") == (3000.0, False)
     step, final = ar.step_of_model_id("org/model")
     assert np.isnan(step) and not final
+
+
+def test_hub_revisions_named_step_n_form_one_run_ordered_by_step():
+    per_layer = pd.DataFrame({
+        "model_id": ["EleutherAI/pythia-70m@step3000", "EleutherAI/pythia-70m@step1000", "org/other"],
+        "result_file": ["EleutherAI--pythia-70m@step3000", "EleutherAI--pythia-70m@step1000",
+                        "org--other"]})
+    table = ar.checkpoint_table(per_layer)
+    assert list(table["step"]) == [1000, 3000]
+    assert set(table["run"]) == {"EleutherAI/pythia-70m"}
