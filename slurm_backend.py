@@ -77,7 +77,9 @@ class SlurmSettings:
     extra: tuple[str, ...] = ()         # more sbatch arguments, already split ("--mem=8G", ...)
     job_name: str = "esd"
 
-    def __post_init__(self):
+    def validate(self) -> "SlurmSettings":
+        """Raise SlurmError naming the bad value; `run_array` calls this before anything,
+        so callers get the message where they already handle SlurmError."""
         if self.array_parallelism is not None and (
                 not isinstance(self.array_parallelism, int) or self.array_parallelism < 1):
             raise SlurmError(f"array_parallelism must be a positive integer, "
@@ -96,6 +98,7 @@ class SlurmSettings:
             value = getattr(self, name)
             if value is not None and (not str(value).strip() or "\n" in str(value)):
                 raise SlurmError(f"{name} must be a non-empty single line, got {value!r}")
+        return self
 
     @classmethod
     def from_options(cls, **options) -> "SlurmSettings":
@@ -110,7 +113,7 @@ class SlurmSettings:
             raise SlurmError(f"unknown Slurm option(s) {unknown}; valid options: {valid}")
         if "extra" in options:
             options["extra"] = split_extra(options["extra"])
-        return cls(**{k: v for k, v in options.items() if v is not None})
+        return cls(**{k: v for k, v in options.items() if v is not None}).validate()
 
 
 @dataclass(frozen=True)
@@ -570,6 +573,7 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
     while an array runs must not start every model twice); with `wait` it is followed in
     that earlier array, and counted in done/failed/missing like the new ones.
     """
+    settings.validate()
     tasks = list(tasks)
     if not tasks:
         log("slurm: nothing to submit")

@@ -137,7 +137,7 @@ def test_extra_args_are_split_like_a_shell_and_go_on_the_sbatch_command_line(tmp
                                  "--chdir=/tmp", "--wrap=true"])
 def test_extra_args_that_would_break_the_array_contract_are_rejected(bad):
     with pytest.raises(SlurmError, match="not allowed"):
-        SlurmSettings(extra=(bad,))
+        SlurmSettings(extra=(bad,)).validate()
 
 
 def test_unknown_settings_are_rejected_with_the_valid_ones():
@@ -151,7 +151,14 @@ def test_unknown_settings_are_rejected_with_the_valid_ones():
 @pytest.mark.parametrize("value", [0, -1])
 def test_array_parallelism_must_be_positive(value):
     with pytest.raises(SlurmError, match="array_parallelism"):
-        SlurmSettings(array_parallelism=value)
+        SlurmSettings(array_parallelism=value).validate()
+
+
+def test_invalid_settings_are_reported_by_run_array_before_anything_is_written(tmp_path):
+    with pytest.raises(SlurmError, match="array_parallelism"):
+        run_array(make_tasks(tmp_path / "out", 1), tmp_path / "out",
+                  SlurmSettings(array_parallelism=0), wait=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_manifest_rows_hold_key_argv_and_absolute_result_path(tmp_path, monkeypatch):
