@@ -180,8 +180,22 @@ def _parse_gpus(values) -> tuple[int, ...] | None:
         raise ConfigError(f"--gpus takes GPU indices or 'none', got {list(values)}") from None
 
 
+def _attach_slurm_extra(argv: list[str]) -> list[str]:
+    """`--slurm_extra "--mem=8G"`: argparse would take the value for an option; attach it."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--slurm_extra", "--slurm-extra") and i + 1 < len(argv):
+            out.append(f"--slurm_extra={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def parse_config(argv: list[str]) -> ExperimentConfig:
     parser = build_parser()
+    argv = _attach_slurm_extra(list(argv))
     config_path = None
     for i, word in enumerate(argv):  # find --config before the real parse, to load its defaults
         if word in ("--config",) and i + 1 < len(argv):
