@@ -390,6 +390,7 @@ def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = ""
     """One metrics row (dict with ESD_COLUMNS) for one weight tensor; with return_eigs, the
     tuple (row, ascending eigenvalues). NaN/Inf weights give fit_status 'non_finite_weights'."""
     method = normalize_fix_fingers(fix_fingers)
+    weight = weight.detach()
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
     shape_columns = _shape_columns(weight, layer_type)

@@ -309,7 +309,7 @@ def test_conv2d_pools_kernel_slices_scaled_by_conv_norm():
     np.testing.assert_allclose(evals, reference_eigenvalues(conv.weight, "conv2d", 0.5), rtol=1e-10, atol=1e-14)
     row = net_esd.matrix_esd_metrics(conv.weight, "conv2d", conv_norm=0.5)
     assert (row["M"], row["N"], row["num_evals"], row["params"]) == (8, 16, 72, 16 * 8 * 9)
-    assert row["norm"] == pytest.approx(0.5 * float((conv.weight.double() ** 2).sum()), rel=1e-10)
+    assert row["norm"] == pytest.approx(0.5 * float((conv.weight.detach().double() ** 2).sum()), rel=1e-10)
 
 
 def test_conv1d_pools_kernel_slices_scaled_by_conv_norm():
