@@ -52,6 +52,8 @@ _CLIP_MIN_ALPHA = 2.0
 _KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
 # elements of W converted to the Gram dtype at once (float64: 128 MB)
 _GRAM_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# column blocks of the Gram product; only blocks on or below the diagonal are computed
+_GRAM_COLUMN_BLOCKS = 4
 
 
 def normalize_fix_fingers(method) -> str:
@@ -83,18 +85,48 @@ def _as_matrices(weight: torch.Tensor, layer_type: str, conv_norm: float) -> tup
     return weight.unsqueeze(0), 1.0  # (1, r, c)
 
 
-def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Ascending eigenvalues (b, m) of the smaller Gram matrix of each of mats (b, r, c),
-    m = min(r, c). W is converted to `dtype` in row chunks so no full-size copy is made."""
+class NonFiniteWeightsError(ValueError):
+    """The weight holds NaN or Inf: it has no spectrum."""
+
+
+def _column_blocks(c: int) -> list[tuple[int, int]]:
+    """Column ranges splitting c columns into _GRAM_COLUMN_BLOCKS nearly equal blocks."""
+    k = min(_GRAM_COLUMN_BLOCKS, c)
+    edges = [round(i * c / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _gram_matrices(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The smaller Gram matrix (b, m, m) of each of mats (b, r, c), m = min(r, c), lower
+    triangle only: with 4 column blocks only the 10 blocks on or below the diagonal are
+    multiplied (62% of the flops of a full matmul; torch has no syrk). W is converted to
+    `dtype` in row chunks, so no full-size copy of it is made."""
     if mats.shape[-2] < mats.shape[-1]:
         mats = mats.mT  # (b, r, c) with r >= c: the c×c Gram WᵀW is the smaller one
     b, r, c = mats.shape
+    blocks = _column_blocks(c)
     gram = torch.zeros(b, c, c, dtype=dtype, device=device)  # (b, c, c)
     rows_per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, b * c))
     for start in range(0, r, rows_per_chunk):
         part = mats[:, start:start + rows_per_chunk, :].to(device=device, dtype=dtype)  # (b, rows, c)
-        gram.baddbmm_(part.mT, part)
-    return torch.linalg.eigvalsh(gram)  # (b, c)
+        for i, (i0, i1) in enumerate(blocks):
+            for j0, j1 in blocks[:i + 1]:
+                gram[:, i0:i1, j0:j1].baddbmm_(part[:, :, i0:i1].mT, part[:, :, j0:j1])
+    return gram
+
+
+def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Ascending eigenvalues (b, m) of the smaller Gram matrix of each of mats (b, r, c).
+    Raises NonFiniteWeightsError for NaN/Inf weights: any of them makes a diagonal entry of
+    the Gram (a sum of squares of one column) non-finite, so checking the m×m Gram replaces
+    a pass over the whole weight."""
+    gram = _gram_matrices(mats, dtype, device)  # (b, m, m)
+    if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
+        if not bool(torch.isfinite(mats).all()):
+            raise NonFiniteWeightsError("weight holds NaN or Inf")
+        if dtype != torch.float64:  # finite weights whose squares overflow this dtype
+            return _gram_eigenvalues(mats, torch.float64, device)
+    return torch.linalg.eigvalsh(gram, UPLO="L")  # (b, m)
 
 
 def _svd_eigenvalues(mats: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -126,11 +158,14 @@ def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh
     EIGENVALUE_RTOL above evals_thresh: Gram eigenvalues in each of `precisions`, then a
     float64 SVD, each only for the matrices the previous step could not certify."""
     n_dim = max(mats.shape[-2], mats.shape[-1])
-    dtypes = precisions or _gram_precisions(device)
-    todo = torch.arange(mats.shape[0])
+    todo = torch.arange(mats.shape[0])  # matrices not certified yet
+
+    def pending():  # no copy while every matrix is pending (a 2-D weight: the common case)
+        return mats if len(todo) == mats.shape[0] else mats[todo]
+
     result = None
-    for dtype in dtypes:
-        evals = _gram_eigenvalues(mats[todo], dtype, device).to(torch.float64)
+    for dtype in precisions or _gram_precisions(device):
+        evals = _gram_eigenvalues(pending(), dtype, device).to(torch.float64)  # (len(todo), m)
         if result is None:
             result = evals
         else:
@@ -138,7 +173,7 @@ def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh
         todo = todo[_inaccurate_rows(evals, dtype, n_dim, evals_thresh).cpu()]
         if len(todo) == 0:
             return result
-    result[todo.to(device)] = _svd_eigenvalues(mats[todo], device)
+    result[todo.to(device)] = _svd_eigenvalues(pending(), device)
     return result
 
 
@@ -146,10 +181,11 @@ def layer_eigenvalues(weight: torch.Tensor, layer_type: str, conv_norm: float = 
                       device="cpu", *, evals_thresh: float = 1e-5) -> np.ndarray:
     """Ascending float64 eigenvalues of WᵀW (σ², not divided by N). Conv weights (out, in, k…)
     contribute one (out × in) slice per kernel position, scaled by √conv_norm; all pooled.
-    Eigenvalues above evals_thresh match a float64 SVD to EIGENVALUE_RTOL."""
+    Eigenvalues above evals_thresh match a float64 SVD to EIGENVALUE_RTOL.
+    Raises NonFiniteWeightsError (a ValueError) when the weight holds NaN or Inf."""
     device = torch.device(device)
     mats, scale = _as_matrices(weight.detach(), layer_type, conv_norm)
-    evals = _accurate_eigenvalues(mats, device, evals_thresh) * scale  # (b, m)
+    evals = _accurate_eigenvalues(mats, device, evals_thresh / scale) * scale  # (b, m)
     return np.sort(evals.flatten().cpu().numpy())
 
 
@@ -394,11 +430,11 @@ def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = ""
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
     shape_columns = _shape_columns(weight, layer_type)
-    if not bool(torch.isfinite(weight).all()):
+    try:
+        evals = layer_eigenvalues(weight, layer_type, conv_norm, device, evals_thresh=evals_thresh)
+    except NonFiniteWeightsError:
         row = _empty_row(longname, layer_type, shape_columns, "non_finite_weights")
         return (row, np.empty(0)) if return_eigs else row
-
-    evals = layer_eigenvalues(weight, layer_type, conv_norm, device, evals_thresh=evals_thresh)
     kept = _kept_eigenvalues(evals, evals_thresh, filter_zeros)
     if kept.size == 0:
         fit = PowerLawFit(status="no_eigenvalue_above_threshold")
