@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -300,7 +300,7 @@ def _xmin_peak_fit(x: torch.Tensor, bins: int) -> PowerLawFit:
     fallback = _best_candidate_fit(x, log_x, alphas, torch.arange(n - 1, device=x.device))
     if fallback.status != "ok":
         return fallback
-    return PowerLawFit(**{**fallback.__dict__, "status": "peak_window_empty"})
+    return replace(fallback, status="peak_window_empty")
 
 
 def _clip_xmax_fit(x: torch.Tensor) -> PowerLawFit:
@@ -325,8 +325,7 @@ def _clip_xmax_fit(x: torch.Tensor) -> PowerLawFit:
         if clipped.alpha <= _CLIP_MIN_ALPHA:
             break
     spikes = int((x >= best.xmin).sum())
-    return PowerLawFit(**{**best.__dict__, "num_pl_spikes": spikes,
-                          "num_fingers": num_fingers, "raw_alpha": raw.alpha})
+    return replace(best, num_pl_spikes=spikes, num_fingers=num_fingers, raw_alpha=raw.alpha)
 
 
 def fit_power_law(x: np.ndarray, fix_fingers: str = "xmin_mid", xmin_pos: float = 2,
@@ -695,6 +694,8 @@ def net_esd_estimator(net=None, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_m
     options = EsdOptions(evals_thresh=EVALS_THRESH, bins=bins, fix_fingers=normalize_fix_fingers(fix_fingers),
                          xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
                          min_evals=min_evals)
+    if net is None:
+        raise TypeError("net_esd_estimator needs a model or an iterable of (longname, layer_type, tensor)")
     source = iter_model_layers(net) if isinstance(net, torch.nn.Module) else iter(net)
     done = iter(range(1, 1 << 62))
 

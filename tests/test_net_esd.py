@@ -9,6 +9,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -497,3 +498,27 @@ def test_iterator_errors_propagate_but_layer_math_errors_become_rows():
 def test_device_ids_without_cuda_run_on_cpu():
     df = net_esd.net_esd_estimator(TiedLM(), device_ids=[0, 1], device="cpu")
     assert df["fit_status"].tolist() == ["ok", "ok", "ok"]
+
+
+def test_layers_spread_over_several_devices_come_back_in_iterator_order():
+    # the multi-device worker pool (one thread per device), exercised with two CPU "devices"
+    gen = torch.Generator().manual_seed(2)
+    layers = [(f"l{i}", "linear", torch.randn(30 + 5 * i, 40, generator=gen)) for i in range(7)]
+    options = net_esd.EsdOptions(fix_fingers="DKS")
+    done = []
+    outputs = net_esd._run_on_devices(iter(layers), [torch.device("cpu")] * 2, options, done.append)
+    assert [row["longname"] for row, _ in outputs] == [name for name, _, _ in layers]
+    assert sorted(done) == sorted(name for name, _, _ in layers)
+    for (row, evals), (name, _, weight) in zip(outputs, layers):
+        expected = net_esd.matrix_esd_metrics(weight, "linear", name, fix_fingers="DKS")
+        assert pd.Series(row).equals(pd.Series(expected))  # NaN-aware equality
+        assert evals.shape == (min(weight.shape),)
+
+
+def test_iterator_error_propagates_from_the_multi_device_pool():
+    def broken():
+        yield "ok", "linear", torch.randn(20, 20)
+        raise KeyError("missing shard")
+
+    with pytest.raises(KeyError, match="missing shard"):
+        net_esd._run_on_devices(broken(), [torch.device("cpu")] * 2, net_esd.EsdOptions(), lambda name: None)
