@@ -626,8 +626,9 @@ def _device_worker(prefetcher: _LayerPrefetcher, device: torch.device, options: 
     while pending is not None:
         order, item, ready = pending
         pending = fetch() if device.type == "cuda" else None  # copy of the next layer starts now
-        if ready is not None:
-            torch.cuda.current_stream(device).wait_event(ready)
+        if ready is not None:  # CUDA: compute waits for the copy; the allocator must not
+            torch.cuda.current_stream(device).wait_event(ready)  # reuse its memory early
+            item[2].record_stream(torch.cuda.current_stream(device))
         row, evals = _layer_row(item, options, device)
         del item  # drop the layer before the reader may fetch another
         prefetcher.release()
