@@ -5,6 +5,7 @@
 `num_layers` decoder layers, saved as bfloat16 safetensors like the hub checkpoints.
 """
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +33,10 @@ def build_llama_checkpoint(out_dir=DEFAULT_WORK_DIR / "llama", num_layers=4, hid
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)  # normal(0, initializer_range) init on CPU
     model.to(torch.bfloat16)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} exists but holds no complete checkpoint; remove it")
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # left over by an interrupted build
     model.save_pretrained(tmp_dir, safe_serialization=True)
     tmp_dir.rename(out_dir)  # a directory that exists is complete
     return out_dir

@@ -229,13 +229,22 @@ def test_fit_on_given_eigenvalues_equals_reference_loop_including_ties():
         assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-9)
 
 
-def test_dks_picks_the_first_candidate_among_equal_ks_distances():
-    # candidates 0..n-2 of a flat-then-tail spectrum: the tied tail values give equal D for
-    # several i with the same α; the first index must win
+def test_dks_on_a_flat_bulk_with_a_geometric_tail_equals_reference():
+    # ten tied bulk eigenvalues: candidates 0..9 share xmin but not their tail
     x = np.array([1.0] * 10 + [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
     fit = net_esd.fit_power_law(x, "DKS")
     alpha, D, xmin, k = reference_fit(x, "DKS")
-    assert (fit.alpha, fit.D, fit.num_pl_spikes) == pytest.approx((alpha, D, k), rel=1e-12)
+    assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-12)
+
+
+def test_dks_at_8192_eigenvalues_equals_reference_across_candidate_blocks():
+    # 8192 candidates do not fit one block (_KS_BLOCK_ELEMENTS): D is computed block by block
+    x = pareto_spectrum(2.7, 8192, seed=11) * np.random.default_rng(11).uniform(0.5, 1.5, 8192)
+    x = np.sort(x)
+    assert net_esd._KS_BLOCK_ELEMENTS // len(x) < len(x) - 1
+    fit = net_esd.fit_power_law(x, "DKS")
+    alpha, D, xmin, k = reference_fit(x, "DKS")
+    assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-9)
 
 
 @pytest.mark.parametrize("true_alpha", [2.0, 3.0, 4.5])
