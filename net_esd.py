@@ -165,7 +165,10 @@ def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh
 
     result = None
     for dtype in precisions or _gram_precisions(device):
-        evals = _gram_eigenvalues(pending(), dtype, device).to(torch.float64)  # (len(todo), m)
+        try:
+            evals = _gram_eigenvalues(pending(), dtype, device).to(torch.float64)  # (len(todo), m)
+        except torch.linalg.LinAlgError:  # the eigensolver did not converge: next precision / SVD
+            continue
         if result is None:
             result = evals
         else:
@@ -173,6 +176,8 @@ def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh
         todo = todo[_inaccurate_rows(evals, dtype, n_dim, evals_thresh).cpu()]
         if len(todo) == 0:
             return result
+    if result is None:
+        return _svd_eigenvalues(mats, device)
     result[todo.to(device)] = _svd_eigenvalues(pending(), device)
     return result
 

@@ -2,7 +2,6 @@
 the eigenvalues and a plain loop over candidates for the power-law fit (metrics.md)."""
 
 import math
-import os
 import sys
 import threading
 import weakref
