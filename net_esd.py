@@ -693,7 +693,8 @@ def net_esd_estimator(net=None, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_m
     eigs_out: optional dict, filled with longname -> ascending eigenvalues (np.float64).
     device_ids: CUDA device indices to spread layers over (ignored without CUDA);
         otherwise `device` (default CPU).
-    progress: optional callback(layers_done, longname) after each layer.
+    progress: optional callback(layers_done, longname) after each layer (called from the
+        device worker threads when several CUDA devices are used).
     Errors raised by the model/iterator propagate; a layer whose maths fails gets a row
     whose fit_status starts with 'error:'.
     """
