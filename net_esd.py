@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -52,6 +52,8 @@ _CLIP_MIN_ALPHA = 2.0
 _KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
 # elements of W converted to the Gram dtype at once (float64: 128 MB)
 _GRAM_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# column blocks of the Gram product; only blocks on or below the diagonal are computed
+_GRAM_COLUMN_BLOCKS = 4
 
 
 def normalize_fix_fingers(method) -> str:
@@ -83,18 +85,48 @@ def _as_matrices(weight: torch.Tensor, layer_type: str, conv_norm: float) -> tup
     return weight.unsqueeze(0), 1.0  # (1, r, c)
 
 
-def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Ascending eigenvalues (b, m) of the smaller Gram matrix of each of mats (b, r, c),
-    m = min(r, c). W is converted to `dtype` in row chunks so no full-size copy is made."""
+class NonFiniteWeightsError(ValueError):
+    """The weight holds NaN or Inf: it has no spectrum."""
+
+
+def _column_blocks(c: int) -> list[tuple[int, int]]:
+    """Column ranges splitting c columns into _GRAM_COLUMN_BLOCKS nearly equal blocks."""
+    k = min(_GRAM_COLUMN_BLOCKS, c)
+    edges = [round(i * c / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _gram_matrices(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The smaller Gram matrix (b, m, m) of each of mats (b, r, c), m = min(r, c), lower
+    triangle only: with 4 column blocks only the 10 blocks on or below the diagonal are
+    multiplied (62% of the flops of a full matmul; torch has no syrk). W is converted to
+    `dtype` in row chunks, so no full-size copy of it is made."""
     if mats.shape[-2] < mats.shape[-1]:
         mats = mats.mT  # (b, r, c) with r >= c: the c×c Gram WᵀW is the smaller one
     b, r, c = mats.shape
+    blocks = _column_blocks(c)
     gram = torch.zeros(b, c, c, dtype=dtype, device=device)  # (b, c, c)
     rows_per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, b * c))
     for start in range(0, r, rows_per_chunk):
         part = mats[:, start:start + rows_per_chunk, :].to(device=device, dtype=dtype)  # (b, rows, c)
-        gram.baddbmm_(part.mT, part)
-    return torch.linalg.eigvalsh(gram)  # (b, c)
+        for i, (i0, i1) in enumerate(blocks):
+            for j0, j1 in blocks[:i + 1]:
+                gram[:, i0:i1, j0:j1].baddbmm_(part[:, :, i0:i1].mT, part[:, :, j0:j1])
+    return gram
+
+
+def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Ascending eigenvalues (b, m) of the smaller Gram matrix of each of mats (b, r, c).
+    Raises NonFiniteWeightsError for NaN/Inf weights: any of them makes a diagonal entry of
+    the Gram (a sum of squares of one column) non-finite, so checking the m×m Gram replaces
+    a pass over the whole weight."""
+    gram = _gram_matrices(mats, dtype, device)  # (b, m, m)
+    if not bool(torch.isfinite(gram.diagonal(dim1=-2, dim2=-1)).all()):
+        if not bool(torch.isfinite(mats).all()):
+            raise NonFiniteWeightsError("weight holds NaN or Inf")
+        if dtype != torch.float64:  # finite weights whose squares overflow this dtype
+            return _gram_eigenvalues(mats, torch.float64, device)
+    return torch.linalg.eigvalsh(gram, UPLO="L")  # (b, m)
 
 
 def _svd_eigenvalues(mats: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -126,11 +158,17 @@ def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh
     EIGENVALUE_RTOL above evals_thresh: Gram eigenvalues in each of `precisions`, then a
     float64 SVD, each only for the matrices the previous step could not certify."""
     n_dim = max(mats.shape[-2], mats.shape[-1])
-    dtypes = precisions or _gram_precisions(device)
-    todo = torch.arange(mats.shape[0])
+    todo = torch.arange(mats.shape[0])  # matrices not certified yet
+
+    def pending():  # no copy while every matrix is pending (a 2-D weight: the common case)
+        return mats if len(todo) == mats.shape[0] else mats[todo]
+
     result = None
-    for dtype in dtypes:
-        evals = _gram_eigenvalues(mats[todo], dtype, device).to(torch.float64)
+    for dtype in precisions or _gram_precisions(device):
+        try:
+            evals = _gram_eigenvalues(pending(), dtype, device).to(torch.float64)  # (len(todo), m)
+        except torch.linalg.LinAlgError:  # the eigensolver did not converge: next precision / SVD
+            continue
         if result is None:
             result = evals
         else:
@@ -138,7 +176,9 @@ def _accurate_eigenvalues(mats: torch.Tensor, device: torch.device, evals_thresh
         todo = todo[_inaccurate_rows(evals, dtype, n_dim, evals_thresh).cpu()]
         if len(todo) == 0:
             return result
-    result[todo.to(device)] = _svd_eigenvalues(mats[todo], device)
+    if result is None:
+        return _svd_eigenvalues(mats, device)
+    result[todo.to(device)] = _svd_eigenvalues(pending(), device)
     return result
 
 
@@ -146,10 +186,11 @@ def layer_eigenvalues(weight: torch.Tensor, layer_type: str, conv_norm: float = 
                       device="cpu", *, evals_thresh: float = 1e-5) -> np.ndarray:
     """Ascending float64 eigenvalues of WᵀW (σ², not divided by N). Conv weights (out, in, k…)
     contribute one (out × in) slice per kernel position, scaled by √conv_norm; all pooled.
-    Eigenvalues above evals_thresh match a float64 SVD to EIGENVALUE_RTOL."""
+    Eigenvalues above evals_thresh match a float64 SVD to EIGENVALUE_RTOL.
+    Raises NonFiniteWeightsError (a ValueError) when the weight holds NaN or Inf."""
     device = torch.device(device)
     mats, scale = _as_matrices(weight.detach(), layer_type, conv_norm)
-    evals = _accurate_eigenvalues(mats, device, evals_thresh) * scale  # (b, m)
+    evals = _accurate_eigenvalues(mats, device, evals_thresh / scale) * scale  # (b, m)
     return np.sort(evals.flatten().cpu().numpy())
 
 
@@ -264,7 +305,7 @@ def _xmin_peak_fit(x: torch.Tensor, bins: int) -> PowerLawFit:
     fallback = _best_candidate_fit(x, log_x, alphas, torch.arange(n - 1, device=x.device))
     if fallback.status != "ok":
         return fallback
-    return PowerLawFit(**{**fallback.__dict__, "status": "peak_window_empty"})
+    return replace(fallback, status="peak_window_empty")
 
 
 def _clip_xmax_fit(x: torch.Tensor) -> PowerLawFit:
@@ -289,8 +330,7 @@ def _clip_xmax_fit(x: torch.Tensor) -> PowerLawFit:
         if clipped.alpha <= _CLIP_MIN_ALPHA:
             break
     spikes = int((x >= best.xmin).sum())
-    return PowerLawFit(**{**best.__dict__, "num_pl_spikes": spikes,
-                          "num_fingers": num_fingers, "raw_alpha": raw.alpha})
+    return replace(best, num_pl_spikes=spikes, num_fingers=num_fingers, raw_alpha=raw.alpha)
 
 
 def fit_power_law(x: np.ndarray, fix_fingers: str = "xmin_mid", xmin_pos: float = 2,
@@ -390,14 +430,15 @@ def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = ""
     """One metrics row (dict with ESD_COLUMNS) for one weight tensor; with return_eigs, the
     tuple (row, ascending eigenvalues). NaN/Inf weights give fit_status 'non_finite_weights'."""
     method = normalize_fix_fingers(fix_fingers)
+    weight = weight.detach()
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
     shape_columns = _shape_columns(weight, layer_type)
-    if not bool(torch.isfinite(weight).all()):
+    try:
+        evals = layer_eigenvalues(weight, layer_type, conv_norm, device, evals_thresh=evals_thresh)
+    except NonFiniteWeightsError:
         row = _empty_row(longname, layer_type, shape_columns, "non_finite_weights")
         return (row, np.empty(0)) if return_eigs else row
-
-    evals = layer_eigenvalues(weight, layer_type, conv_norm, device, evals_thresh=evals_thresh)
     kept = _kept_eigenvalues(evals, evals_thresh, filter_zeros)
     if kept.size == 0:
         fit = PowerLawFit(status="no_eigenvalue_above_threshold")
@@ -590,8 +631,9 @@ def _device_worker(prefetcher: _LayerPrefetcher, device: torch.device, options: 
     while pending is not None:
         order, item, ready = pending
         pending = fetch() if device.type == "cuda" else None  # copy of the next layer starts now
-        if ready is not None:
-            torch.cuda.current_stream(device).wait_event(ready)
+        if ready is not None:  # CUDA: compute waits for the copy; the allocator must not
+            torch.cuda.current_stream(device).wait_event(ready)  # reuse its memory early
+            item[2].record_stream(torch.cuda.current_stream(device))
         row, evals = _layer_row(item, options, device)
         del item  # drop the layer before the reader may fetch another
         prefetcher.release()
@@ -651,13 +693,16 @@ def net_esd_estimator(net=None, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_m
     eigs_out: optional dict, filled with longname -> ascending eigenvalues (np.float64).
     device_ids: CUDA device indices to spread layers over (ignored without CUDA);
         otherwise `device` (default CPU).
-    progress: optional callback(layers_done, longname) after each layer.
+    progress: optional callback(layers_done, longname) after each layer (called from the
+        device worker threads when several CUDA devices are used).
     Errors raised by the model/iterator propagate; a layer whose maths fails gets a row
     whose fit_status starts with 'error:'.
     """
     options = EsdOptions(evals_thresh=EVALS_THRESH, bins=bins, fix_fingers=normalize_fix_fingers(fix_fingers),
                          xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
                          min_evals=min_evals)
+    if net is None:
+        raise TypeError("net_esd_estimator needs a model or an iterable of (longname, layer_type, tensor)")
     source = iter_model_layers(net) if isinstance(net, torch.nn.Module) else iter(net)
     done = iter(range(1, 1 << 62))
 

@@ -2,13 +2,13 @@
 the eigenvalues and a plain loop over candidates for the power-law fit (metrics.md)."""
 
 import math
-import os
 import sys
 import threading
 import weakref
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -228,13 +228,22 @@ def test_fit_on_given_eigenvalues_equals_reference_loop_including_ties():
         assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-9)
 
 
-def test_dks_picks_the_first_candidate_among_equal_ks_distances():
-    # candidates 0..n-2 of a flat-then-tail spectrum: the tied tail values give equal D for
-    # several i with the same α; the first index must win
+def test_dks_on_a_flat_bulk_with_a_geometric_tail_equals_reference():
+    # ten tied bulk eigenvalues: candidates 0..9 share xmin but not their tail
     x = np.array([1.0] * 10 + [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
     fit = net_esd.fit_power_law(x, "DKS")
     alpha, D, xmin, k = reference_fit(x, "DKS")
-    assert (fit.alpha, fit.D, fit.num_pl_spikes) == pytest.approx((alpha, D, k), rel=1e-12)
+    assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-12)
+
+
+def test_dks_at_8192_eigenvalues_equals_reference_across_candidate_blocks():
+    # 8192 candidates do not fit one block (_KS_BLOCK_ELEMENTS): D is computed block by block
+    x = pareto_spectrum(2.7, 8192, seed=11) * np.random.default_rng(11).uniform(0.5, 1.5, 8192)
+    x = np.sort(x)
+    assert net_esd._KS_BLOCK_ELEMENTS // len(x) < len(x) - 1
+    fit = net_esd.fit_power_law(x, "DKS")
+    alpha, D, xmin, k = reference_fit(x, "DKS")
+    assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-9)
 
 
 @pytest.mark.parametrize("true_alpha", [2.0, 3.0, 4.5])
@@ -309,7 +318,7 @@ def test_conv2d_pools_kernel_slices_scaled_by_conv_norm():
     np.testing.assert_allclose(evals, reference_eigenvalues(conv.weight, "conv2d", 0.5), rtol=1e-10, atol=1e-14)
     row = net_esd.matrix_esd_metrics(conv.weight, "conv2d", conv_norm=0.5)
     assert (row["M"], row["N"], row["num_evals"], row["params"]) == (8, 16, 72, 16 * 8 * 9)
-    assert row["norm"] == pytest.approx(0.5 * float((conv.weight.double() ** 2).sum()), rel=1e-10)
+    assert row["norm"] == pytest.approx(0.5 * float((conv.weight.detach().double() ** 2).sum()), rel=1e-10)
 
 
 def test_conv1d_pools_kernel_slices_scaled_by_conv_norm():
@@ -497,3 +506,27 @@ def test_iterator_errors_propagate_but_layer_math_errors_become_rows():
 def test_device_ids_without_cuda_run_on_cpu():
     df = net_esd.net_esd_estimator(TiedLM(), device_ids=[0, 1], device="cpu")
     assert df["fit_status"].tolist() == ["ok", "ok", "ok"]
+
+
+def test_layers_spread_over_several_devices_come_back_in_iterator_order():
+    # the multi-device worker pool (one thread per device), exercised with two CPU "devices"
+    gen = torch.Generator().manual_seed(2)
+    layers = [(f"l{i}", "linear", torch.randn(30 + 5 * i, 40, generator=gen)) for i in range(7)]
+    options = net_esd.EsdOptions(fix_fingers="DKS")
+    done = []
+    outputs = net_esd._run_on_devices(iter(layers), [torch.device("cpu")] * 2, options, done.append)
+    assert [row["longname"] for row, _ in outputs] == [name for name, _, _ in layers]
+    assert sorted(done) == sorted(name for name, _, _ in layers)
+    for (row, evals), (name, _, weight) in zip(outputs, layers):
+        expected = net_esd.matrix_esd_metrics(weight, "linear", name, fix_fingers="DKS")
+        assert pd.Series(row).equals(pd.Series(expected))  # NaN-aware equality
+        assert evals.shape == (min(weight.shape),)
+
+
+def test_iterator_error_propagates_from_the_multi_device_pool():
+    def broken():
+        yield "ok", "linear", torch.randn(20, 20)
+        raise KeyError("missing shard")
+
+    with pytest.raises(KeyError, match="missing shard"):
+        net_esd._run_on_devices(broken(), [torch.device("cpu")] * 2, net_esd.EsdOptions(), lambda name: None)
