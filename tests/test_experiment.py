@@ -223,3 +223,34 @@ def test_kill9_worker_is_retried_and_ends_done(slow_models, tmp_path, env):
     assert "worker_killed" in output and "retry" in output
     assert len(result_csvs(out)) == 1
     assert failed_lines(out) == []
+
+
+def test_demo_command_in_a_clean_clone_writes_per_model_csvs_and_summary(tmp_path):
+    """`python run_esd_experiment.py` with no arguments, in a fresh clone with an empty hub cache:
+    the packaged all-MiniLM-L6-v2 reached by its hub id, and the shipped LoRA adapter."""
+    clone = tmp_path / "clone"
+    if (ROOT / ".git").exists():
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    else:
+        import shutil
+        shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns("results", ".*", "_work"))
+    environment = dict(os.environ, HF_HOME=str(tmp_path / "empty_hf_home"))
+    environment.pop("HF_HUB_CACHE", None)
+    environment.pop("HF_HUB_OFFLINE", None)  # the demo must set what it needs itself
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "run_esd_experiment.py"], cwd=clone, env=environment,
+                            capture_output=True, text=True, timeout=600)
+    print(f"demo took {time.monotonic() - started:.1f}s")
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = clone / "results"
+    base = pd.read_csv(results / "sentence-transformers--all-MiniLM-L6-v2.csv")
+    adapter = pd.read_csv(results / "examples--minilm-lora-demo.csv")
+    assert len(base) == len(adapter) == 40 and (base["fit_status"] == "ok").sum() >= 38
+    assert adapter["is_adapter"].all() and adapter["source_model"].iloc[0] == "sentence-transformers/all-MiniLM-L6-v2"
+    changed = base.merge(adapter, on="longname")
+    moved = changed[changed["alpha_x"] != changed["alpha_y"]]["longname"]
+    assert len(moved) > 0 and all(n.endswith(("query", "value")) for n in moved)
+    summary = pd.read_csv(results / "summary.csv")
+    assert set(summary["model_id"]) == {"sentence-transformers/all-MiniLM-L6-v2", "examples/minilm-lora-demo"}
+    assert result.stdout.rstrip().splitlines()[-2].startswith("summary:")
+    assert (tmp_path / "empty_hf_home" / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2").is_dir()
