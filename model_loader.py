@@ -484,13 +484,16 @@ class _Checkpoint:
 
     Keys are normalised (`module.` / `_orig_mod.` from DDP / torch.compile stripped, a raw
     `{"model": state_dict}` checkpoint unwrapped); `shapes` is known without reading data.
-    At most `OPEN_FILES` files stay mapped, so the pages of shards already streamed are
-    released instead of accumulating in the process's resident memory.
+    A safetensors file is mapped afresh for each tensor and unmapped right after the copy:
+    the pages a tensor touched count in the process's resident memory while mapped, so a
+    map held across tensors would grow to the whole file (measured: 0.9 GB after 60 tensors
+    of a 1.3 GB file, against 4 MB with a map per tensor). PyTorch `.bin` files are
+    unpickled once (mapped); at most `OPEN_FILES` of them stay open.
     """
     OPEN_FILES = 2
 
     def __init__(self, files: tuple[Path, ...]):
-        self._open: OrderedDict[Path, object] = OrderedDict()  # safe_open handle or state dict
+        self._open: OrderedDict[Path, dict] = OrderedDict()  # unpickled .bin state dicts
         self.key_file: dict[str, Path] = {}
         self.raw_key: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -505,7 +508,7 @@ class _Checkpoint:
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
-        opened = self._safe_open(path) if path.suffix == ".safetensors" else self._torch_load(path)
+        opened = self._torch_load(path)
         self._open[path] = opened
         while len(self._open) > self.OPEN_FILES:
             self._open.popitem(last=False)
@@ -521,15 +524,15 @@ class _Checkpoint:
                              f"({type(exc).__name__}: {exc})") from None
 
     def _index(self, path: Path) -> None:
-        opened = self._file(path)
-        if isinstance(opened, dict):
-            entries = [(k, tuple(v.shape)) for k, v in opened.items()]
+        if path.suffix == ".safetensors":
+            with self._safe_open(path) as opened:
+                try:
+                    entries = [(k, tuple(opened.get_slice(k).get_shape())) for k in opened.keys()]
+                except Exception as exc:  # noqa: BLE001
+                    raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
+                                     f"header ({type(exc).__name__}: {exc})") from None
         else:
-            try:
-                entries = [(k, tuple(opened.get_slice(k).get_shape())) for k in opened.keys()]
-            except Exception as exc:  # noqa: BLE001
-                raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
-                                 f"header ({type(exc).__name__}: {exc})") from None
+            entries = [(k, tuple(v.shape)) for k, v in self._file(path).items()]
         for key, shape in entries:
             name = _normalise_key(key)
             self.key_file[name] = path
@@ -562,18 +565,33 @@ class _Checkpoint:
         """A float32 CPU copy of one tensor, owned by the caller."""
         path = self.key_file[key]
         raw = self.raw_key[key]
-        opened = self._file(path)
         try:
-            if isinstance(opened, dict):
-                t = opened[raw]                        # a view of the memory map
-                return t.to(torch.float32, copy=True).contiguous()
-            t = opened.get_tensor(raw)                 # copied out of the memory map
-            return t if t.dtype == torch.float32 else t.to(torch.float32)
+            if path.suffix == ".safetensors":
+                with self._safe_open(path) as opened:  # mapped for this tensor only
+                    return _float32_copy(opened.get_slice(raw))
+            t = self._file(path)[raw]                  # a view of the memory map
+            return t.to(torch.float32, copy=True).contiguous()
         except ESDFailure:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ESDFailure("load", "corrupt_file", f"{path.name}: cannot read {raw!r} "
                              f"({type(exc).__name__}: {exc})") from None
+
+
+_CONVERT_CHUNK_ELEMENTS = 8 * 1024 * 1024
+
+
+def _float32_copy(view) -> torch.Tensor:
+    """A float32 copy of a safetensors slice, converted in row chunks: a bf16/fp16 tensor
+    never sits in memory twice (stored dtype + float32) in full."""
+    shape = tuple(view.get_shape())
+    if view.get_dtype() == "F32" or len(shape) < 2:
+        return view[:].to(torch.float32)
+    out = torch.empty(shape, dtype=torch.float32)
+    rows = max(1, _CONVERT_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = view[start:start + rows]  # (rows, …) stored dtype → float32
+    return out
 
 
 def _normalise_key(key: str) -> str:

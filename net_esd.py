@@ -50,8 +50,8 @@ _FINGER_THRESH = 1.0
 _CLIP_MIN_ALPHA = 2.0
 # elements per block when computing KS distances of many candidates at once (float64: 32 MB)
 _KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
-# elements of W converted to the Gram dtype at once (float64: 128 MB)
-_GRAM_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# elements of W converted to the Gram dtype at once (float64: 32 MB)
+_GRAM_CHUNK_ELEMENTS = 4 * 1024 * 1024
 # column blocks of the Gram product; only blocks on or below the diagonal are computed
 _GRAM_COLUMN_BLOCKS = 4
 

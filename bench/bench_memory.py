@@ -3,8 +3,8 @@
     python bench/bench_memory.py [--work_dir bench/_work] [--skip_ww]
 
 Builds the Llama-style checkpoints of `bench/llama_fixture.py` (4 layers, hidden 2048,
-intermediate 5632, vocab 32000, about 1.3 GB of float32 safetensors) and a 12-layer twin
-(about 3.2 GB), then runs each measurement in its own process and reads that process's peak
+intermediate 5632, vocab 32000, TinyLlama's shapes, 0.6 GB of bfloat16 safetensors) and a
+12-layer twin (1.3 GB), then runs each measurement in its own process and reads that process's peak
 resident set size (`wait4` rusage, which counts mapped file pages it touched):
 
 - import floor: a process that only imports torch, transformers and peft;
@@ -25,10 +25,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+# This process stays small (stdlib only): a child's peak-RSS figure starts from its parent's
+# at fork time, so the checkpoints are built in a child process too.
+BUILD = ("import sys; sys.path.insert(0, sys.argv[1]); from llama_fixture import build_llama_checkpoint; "
+         "build_llama_checkpoint(sys.argv[2], num_layers=int(sys.argv[3]))")
 
-from llama_fixture import build_llama_checkpoint  # noqa: E402
+
+def build_llama_checkpoint(out_dir: Path, num_layers: int) -> Path:
+    subprocess.run([sys.executable, "-c", BUILD, str(ROOT / "bench"), str(out_dir), str(num_layers)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out_dir
 
 IMPORT_ONLY = "import torch, transformers, peft, safetensors, pandas"
 WW_SCRIPT = """
