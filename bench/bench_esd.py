@@ -4,7 +4,7 @@
 
 Times, in one run and on the same weights (bench/llama_fixture.py, TinyLlama shapes):
  1. WeightWatcher analyze(), including loading the model with transformers;
- 2. ours: net_esd_estimator fed by a small safetensors reader (safe_open), reading included;
+ 2. ours: model_loader streaming the checkpoint into net_esd_estimator, reading included;
  3. the arithmetic floor: the smaller float32 Gram matrix (M×M, M = min dim) of every analysed
     matrix. The smaller Gram costs N·M² flops against N²·M for the larger one and is the one
     whose eigenvalues we need (the larger has the same nonzero eigenvalues plus zeros).
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,22 +27,15 @@ import net_esd  # noqa: E402
 from llama_fixture import DEFAULT_WORK_DIR, build_llama_checkpoint  # noqa: E402
 
 
-def safetensors_layers(model_dir: Path):
-    """(longname, layer_type, tensor) for every 2-D '.weight' of the checkpoint, one at a time
-    (a stand-in for model_loader.py)."""
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if not key.endswith(".weight") or len(handle.get_slice(key).get_shape()) != 2:
-                    continue
-                longname = key[: -len(".weight")]
-                layer_type = "embedding" if "embed" in longname else "linear"
-                yield longname, layer_type, handle.get_tensor(key)
+def model_layers(model_dir: Path):
+    """(longname, layer_type, float32 tensor), one at a time, through the real loader."""
+    from model_loader import iter_layers, resolve_model
+    return iter_layers(resolve_model(str(model_dir)))
 
 
 def time_ours(model_dir: Path):
     start = time.perf_counter()
-    df = net_esd.net_esd_estimator(safetensors_layers(model_dir), fix_fingers="DKS")
+    df = net_esd.net_esd_estimator(model_layers(model_dir), fix_fingers="DKS")
     return time.perf_counter() - start, df
 
 
@@ -62,7 +54,7 @@ def time_gram_floor(model_dir: Path):
     """(seconds of the bare float32 smaller-Gram products, seconds spent reading + converting)."""
     gram_seconds, read_seconds = 0.0, 0.0
     start = time.perf_counter()
-    for _, _, weight in safetensors_layers(model_dir):
+    for _, _, weight in model_layers(model_dir):
         w = weight.float()
         if w.shape[0] < w.shape[1]:
             w = w.T
@@ -78,7 +70,7 @@ def time_eigensolver_floor(model_dir: Path):
     """Seconds of float32 Gram + float32 eigvalsh (no accuracy guarantee): what a float32-only
     pipeline would cost."""
     total = 0.0
-    for _, _, weight in safetensors_layers(model_dir):
+    for _, _, weight in model_layers(model_dir):
         w = weight.float()
         w = w.T if w.shape[0] < w.shape[1] else w
         start = time.perf_counter()
@@ -92,7 +84,7 @@ def time_float64_stages(model_dir: Path):
     time of ours goes, apart from reading and the fit."""
     gram_s, eig_s = 0.0, 0.0
     cpu = torch.device("cpu")
-    for _, _, weight in safetensors_layers(model_dir):
+    for _, _, weight in model_layers(model_dir):
         start = time.perf_counter()
         gram = net_esd._gram_matrices(weight.unsqueeze(0), torch.float64, cpu)
         gram_s += time.perf_counter() - start
