@@ -140,3 +140,13 @@ def test_safe_id_follows_the_contract_and_never_collides_on_unsafe_characters():
     a, b = model_list.safe_id("x; touch pwned"), model_list.safe_id("x: touch pwned")
     assert a != b and all(c not in a for c in ";/ $`'\"")
     assert not model_list.safe_id("../../etc/passwd").startswith(".")
+
+
+def test_out_of_memory_errors_become_retryable_failures_and_others_do_not():
+    import torch
+    from esd_worker import _oom_failure
+    cuda_oom = _oom_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    host_oom = _oom_failure(MemoryError())
+    assert (cuda_oom.stage, cuda_oom.reason, cuda_oom.retryable) == ("analyze", "out_of_memory", True)
+    assert host_oom.reason == "out_of_memory" and host_oom.retryable
+    assert _oom_failure(ValueError("bad shape")) is None

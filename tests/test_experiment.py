@@ -255,3 +255,22 @@ def test_demo_command_in_a_clean_clone_writes_per_model_csvs_and_summary(tmp_pat
     assert set(summary["model_id"]) == {"sentence-transformers/all-MiniLM-L6-v2", "examples/minilm-lora-demo"}
     assert result.stdout.rstrip().splitlines()[-2].startswith("summary:")
     assert (tmp_path / "empty_hf_home" / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2").is_dir()
+
+
+def test_sigterm_stops_the_run_leaves_no_worker_and_a_rerun_finishes(slow_models, tmp_path, env):
+    out = tmp_path / "out"
+    model_list = write_model_list(tmp_path / "models.csv",
+                                  [{"model_id": str(slow_models / f"llama-{i}")} for i in range(4)])
+    args = RUN + ["--model_list", str(model_list), "--output_dir", str(out)] + FAST
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: len(_worker_pids(out)) == 2), "workers never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert _wait_for(lambda: not _worker_pids(out), timeout=10), "a worker outlived the stopped run"
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["status"].tolist() == ["interrupted"]
+    assert failed_lines(out) == [], "an interrupted model is not a failed model"
+
+    rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert len(result_csvs(out)) == 4
