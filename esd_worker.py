@@ -193,7 +193,8 @@ def _oom_failure(exc: BaseException) -> ESDFailure | None:
 
 
 def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = "auto",
-                          trust_remote_code: bool = False, eigs_out: dict | None = None):
+                          trust_remote_code: bool = False, eigs_out: dict | None = None,
+                          progress=None):
     """Per-layer metrics of one model as a DataFrame with the per-model CSV columns.
 
     The same path serves the worker, the notebook API and the tests. Raises ESDFailure.
@@ -210,7 +211,7 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
             iter_layers(resolved), EVALS_THRESH=esd.evals_thresh, bins=esd.bins,
             fix_fingers=esd.fix_fingers, xmin_pos=esd.xmin_pos, conv_norm=esd.conv_norm,
             filter_zeros=esd.filter_zeros, device_ids=device_ids, device=device_name,
-            eigs_out=eigs_out)
+            eigs_out=eigs_out, progress=progress)
     except ESDFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - classified below, never lost
@@ -280,6 +281,10 @@ def model_lock(config: WorkerConfig):
         lock.release()
 
 
+def _print_layer_done(layers_done: int, longname: str) -> None:
+    print(f"  layer {layers_done:4d}  {longname}", flush=True)  # `tail -f` the worker's log
+
+
 def run_worker(config: WorkerConfig) -> int:
     entry = config.entry
     out = result_csv_path(config.output_dir, entry)
@@ -292,7 +297,8 @@ def run_worker(config: WorkerConfig) -> int:
         try:
             eigs = {} if config.save_eigs else None
             frame = compute_model_metrics(entry, config.esd, device=config.device,
-                                          trust_remote_code=config.trust_remote_code, eigs_out=eigs)
+                                          trust_remote_code=config.trust_remote_code, eigs_out=eigs,
+                                          progress=_print_layer_done)
             save_results(config, frame, eigs)
         except ESDFailure as failure:
             record = record_failure(config.output_dir, entry.key, failure)

@@ -197,12 +197,9 @@ def _attach_slurm_extra(argv: list[str]) -> list[str]:
 def parse_config(argv: list[str]) -> ExperimentConfig:
     parser = build_parser()
     argv = _attach_slurm_extra(list(argv))
-    config_path = None
-    for i, word in enumerate(argv):  # find --config before the real parse, to load its defaults
-        if word in ("--config",) and i + 1 < len(argv):
-            config_path = Path(argv[i + 1])
-        elif word.startswith("--config="):
-            config_path = Path(word.split("=", 1)[1])
+    pre = argparse.ArgumentParser(add_help=False)  # --config first: its values become defaults
+    add_flag(pre, "config", type=Path)
+    config_path = pre.parse_known_args(argv)[0].config
     if config_path is not None:
         parser.set_defaults(**_config_file_defaults(parser, config_path))
     args = parser.parse_args(argv)
