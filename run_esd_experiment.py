@@ -277,6 +277,17 @@ def _write_json_atomic(path: Path, data) -> None:
 
 # ---------------------------------------------------------------- logging and progress
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Console lines that do not tear a progress bar apart (tqdm.write clears and redraws it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(output_dir: Path) -> Path:
     log_path = output_dir / "logs" / "esd_experiment.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +298,7 @@ def setup_logging(output_dir: Path) -> Path:
         handler.close()
     file_handler = logging.FileHandler(log_path, encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    console = logging.StreamHandler(sys.stdout)
+    console = _ConsoleHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(file_handler)
     log.addHandler(console)
@@ -296,7 +307,7 @@ def setup_logging(output_dir: Path) -> Path:
     dispatch_log.propagate = False
     for handler in list(dispatch_log.handlers):
         dispatch_log.removeHandler(handler)
-    quiet_console = logging.StreamHandler(sys.stdout)
+    quiet_console = _ConsoleHandler(sys.stdout)
     quiet_console.setLevel(logging.WARNING)
     quiet_console.setFormatter(console.formatter)
     dispatch_log.addHandler(file_handler)
