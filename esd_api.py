@@ -46,16 +46,21 @@ def run_experiment(model_list, output_dir, **options) -> int:
     from run_esd_experiment import main
     argv = ["--model_list", str(model_list), "--output_dir", str(output_dir)]
     for name, value in options.items():
-        if value is None or value is False:
+        if value is None:
             continue
         flag = f"--{name}"
         if value is True:
             argv.append(flag)
+        elif value is False:
+            argv.append(f"--no_{name}")   # overwrite=False, filter_zeros=False, …
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
-    return main(argv)
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse rejected an option; its message is already printed
+        raise ValueError(f"run_experiment: invalid options {options}") from exc
 
 
 def load_results(output_dir):

@@ -150,3 +150,18 @@ def test_out_of_memory_errors_become_retryable_failures_and_others_do_not():
     assert (cuda_oom.stage, cuda_oom.reason, cuda_oom.retryable) == ("analyze", "out_of_memory", True)
     assert host_oom.reason == "out_of_memory" and host_oom.retryable
     assert _oom_failure(ValueError("bad shape")) is None
+
+
+def test_api_run_experiment_takes_flags_as_keywords_including_switching_one_off(gpt2_dir, tmp_path, monkeypatch):
+    from esd_api import load_results, run_experiment
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models = write_model_list(tmp_path / "models.csv", [{"model_id": str(gpt2_dir)}])
+    out = tmp_path / "out"
+    status = run_experiment(models, out, gpus="none", poll_interval=0.05, max_check=1,
+                            filter_zeros=False, overwrite=False)
+    assert status == 0
+    assert json.loads((out / "esd_settings.json").read_text())["filter_zeros"] is False
+    per_layer, summary = load_results(out)
+    assert len(summary) == 1 and len(per_layer) > 0
+    with pytest.raises(ValueError, match="invalid options"):
+        run_experiment(models, out, no_such_flag=3)
