@@ -497,6 +497,7 @@ class _Checkpoint:
         self.key_file: dict[str, Path] = {}
         self.raw_key: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.floating: dict[str, bool] = {}   # False for integer / bool tensors
         for path in files:
             self._index(path)
         self.close()
@@ -527,17 +528,24 @@ class _Checkpoint:
         if path.suffix == ".safetensors":
             with self._safe_open(path) as opened:
                 try:
-                    entries = [(k, tuple(opened.get_slice(k).get_shape())) for k in opened.keys()]
+                    entries = []
+                    for k in opened.keys():
+                        view = opened.get_slice(k)
+                        dtype = view.get_dtype()            # "F32", "BF16", "I8", "BOOL", …
+                        entries.append((k, tuple(view.get_shape()),
+                                        dtype.startswith("F") or dtype == "BF16"))
                 except Exception as exc:  # noqa: BLE001
                     raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
                                      f"header ({type(exc).__name__}: {exc})") from None
         else:
-            entries = [(k, tuple(v.shape)) for k, v in self._file(path).items()]
-        for key, shape in entries:
+            entries = [(k, tuple(v.shape), v.is_floating_point())
+                       for k, v in self._file(path).items()]
+        for key, shape, floating in entries:
             name = _normalise_key(key)
             self.key_file[name] = path
             self.raw_key[name] = key
             self.shapes[name] = shape
+            self.floating[name] = floating
 
     @staticmethod
     def _torch_load(path: Path) -> dict:
@@ -712,6 +720,7 @@ def _plan_layers(resolved: ResolvedModel, ckpt: _Checkpoint,
                  warn: Warn) -> tuple[list[tuple[str, str, bool]], dict[str, str]]:
     """The analysable modules in model order, as (longname, layer_type, transposed), and the
     checkpoint key of each. Tied modules map to the same key."""
+    _check_index_complete(resolved, ckpt)
     config = _load_config(resolved, warn)
     model = None
     if config is not None:
@@ -736,7 +745,14 @@ def _plan_layers(resolved: ResolvedModel, ckpt: _Checkpoint,
             kind = _module_layer_type(module)
             if kind is None or getattr(module, "weight", None) is None:
                 continue
-            key = key_of_param.get(id(module.weight)) or match(f"{name}.weight")
+            own_key = match(f"{name}.weight")
+            key = key_of_param.get(id(module.weight)) or own_key
+            if own_key is not None and key != own_key and not _same_values(ckpt, key, own_key):
+                # Tied in the config, but the checkpoint holds two different copies:
+                # transformers unties them on loading, so both are layers of the model.
+                warn(f"{resolved.model_id}: {name} is tied to {key} in the config but the "
+                     f"checkpoint holds a different {own_key}; both are analysed")
+                key = own_key
             if key is None:
                 key = _tied_source_key(model, name, match)
             if key is not None:
@@ -760,6 +776,11 @@ def _plan_layers(resolved: ResolvedModel, ckpt: _Checkpoint,
         name = key[: -len(".weight")]
         modules.append((name, _rule_layer_type(key, len(weight_keys[key])), False))
         keys[name] = key
+    not_float = [keys[name] for name, _, _ in modules if not ckpt.floating.get(keys[name], True)]
+    if not_float:
+        raise ESDFailure("load", "quantized_unsupported", f"{resolved.model_id}: integer/bool "
+                         f"layer weights ({', '.join(not_float[:3])}): a quantized checkpoint "
+                         "without quantization_config? Its spectra are not those of the model")
     if not modules:
         if resolved.needs_remote_code:
             raise ESDFailure("load", "trust_remote_code_required", f"{resolved.model_id}: custom "
@@ -768,6 +789,30 @@ def _plan_layers(resolved: ResolvedModel, ckpt: _Checkpoint,
         raise ESDFailure("load", "no_weights", f"{resolved.model_id}: no analysable weight "
                          "(2-D/3-D/4-D `*.weight`) in the checkpoint")
     return modules, keys
+
+
+def _check_index_complete(resolved: ResolvedModel, ckpt: _Checkpoint) -> None:
+    """A sharded checkpoint's shards must hold every tensor its index names: a stale or
+    wrong shard would otherwise drop layers with only a warning."""
+    files = resolved.weight_files
+    if not files:
+        return
+    index = files[0].parent / (SAFETENSORS_INDEX if files[0].suffix == ".safetensors"
+                               else BIN_INDEX)
+    if not index.is_file():
+        return
+    absent = sorted(k for k in (_read_json(index).get("weight_map") or {})
+                    if _normalise_key(k) not in ckpt.shapes)
+    if absent:
+        raise ESDFailure("load", "corrupt_file", f"{index}: {len(absent)} tensor(s) it names are "
+                         f"in none of its shards: {', '.join(absent[:3])}")
+
+
+def _same_values(ckpt: _Checkpoint, key: str, other: str) -> bool:
+    """Whether two checkpoint tensors hold the same values (two copies of a tied weight)."""
+    if ckpt.shapes[key] != ckpt.shapes[other]:
+        return False
+    return torch.equal(ckpt.tensor(key), ckpt.tensor(other))
 
 
 def _tied_source_key(model: nn.Module, name: str, match: _KeyMatcher) -> str | None:
@@ -818,11 +863,24 @@ def _pattern_key(pattern_keys, key: str) -> str:
 
 
 def _lora_scaling(cfg: dict, module: str) -> tuple[int, float]:
-    """(r, scaling) of one module, as peft's LoraModel._create_and_replace picks them."""
+    """(r, scaling) of one module, as peft's LoraModel._create_and_replace picks them (a
+    missing `r` / `lora_alpha` is peft's default 8). A value peft could not use (null, text,
+    r ≤ 0, a pattern that is not a mapping) is a broken adapter_config.json."""
+    def broken(what: str) -> ESDFailure:
+        return ESDFailure("merge", "corrupt_file", f"{ADAPTER_CONFIG_FILE}: {what} (module "
+                          f"{module})")
+
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    for field_name, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        if not isinstance(pattern, dict):
+            raise broken(f"{field_name} must be a mapping, got {pattern!r}")
     r = rank_pattern.get(_pattern_key(rank_pattern.keys(), module), cfg.get("r", 8))
     alpha = alpha_pattern.get(_pattern_key(alpha_pattern.keys(), module), cfg.get("lora_alpha", 8))
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise broken(f"r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise broken(f"lora_alpha must be a number, got {alpha!r}")
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return int(r), float(scaling)
 
@@ -902,7 +960,8 @@ def _plan_adapter(resolved: ResolvedModel, adapter: _Checkpoint, modules, keys, 
         want = tuple(reversed(base_shape)) if transpose else tuple(base_shape)
         if a_shape[0] != b_shape[1] or a_shape[0] != r:
             problems.append(f"{module}: rank mismatch A {list(a_shape)}, B {list(b_shape)}, "
-                            f"config r={r}")
+                            f"config r={r}" + ("" if "r" in cfg else
+                                               " (peft's default: adapter_config.json has no r)"))
         elif delta_shape != want:
             problems.append(f"{module}: B@A is {list(delta_shape)} but the base weight "
                             f"{keys[name]} is {list(base_shape)}")

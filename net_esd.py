@@ -190,6 +190,8 @@ def layer_eigenvalues(weight: torch.Tensor, layer_type: str, conv_norm: float = 
     Raises NonFiniteWeightsError (a ValueError) when the weight holds NaN or Inf."""
     device = torch.device(device)
     mats, scale = _as_matrices(weight.detach(), layer_type, conv_norm)
+    if mats.numel() == 0:  # a dimension of size 0: no eigenvalue at all
+        return np.empty(0)
     evals = _accurate_eigenvalues(mats, device, evals_thresh / scale) * scale  # (b, m)
     return np.sort(evals.flatten().cpu().numpy())
 
@@ -218,7 +220,10 @@ def _candidate_alphas(log_x: torch.Tensor) -> torch.Tensor:
     k = torch.arange(n, 0, -1, dtype=log_x.dtype, device=log_x.device)  # (n,) n−i
     spread = (tail_sums - k * log_x)[:-1]
     alphas = 1 + k[:-1] / spread
-    return torch.where(spread > 0, alphas, torch.full_like(alphas, math.nan))
+    # A flat tail (x_i = … = x_{n−1}, sorted) has a sum of exactly 0, but the cumulative sums
+    # leave a rounding residue (~1e-15) there that would give α ~ 1e15: test ties exactly.
+    flat = log_x[:-1] >= log_x[-1]
+    return torch.where((spread > 0) & ~flat, alphas, torch.full_like(alphas, math.nan))
 
 
 def _ks_distances_block(log_x: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
