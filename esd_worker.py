@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -49,14 +50,14 @@ class ESDSettings:
     def validate(self) -> None:
         if self.fix_fingers not in FIX_FINGERS_CHOICES:
             raise ValueError(f"--fix_fingers {self.fix_fingers!r} is not one of {list(FIX_FINGERS_CHOICES)}")
-        if not self.evals_thresh >= 0:
-            raise ValueError(f"--evals_thresh must be >= 0, got {self.evals_thresh}")
+        if not 0 <= self.evals_thresh < math.inf:
+            raise ValueError(f"--evals_thresh must be a finite number >= 0, got {self.evals_thresh}")
         if self.bins < 2:
             raise ValueError(f"--bins must be >= 2, got {self.bins}")
         if self.xmin_pos < 1:
             raise ValueError(f"--xmin_pos must be >= 1, got {self.xmin_pos}")
-        if not self.conv_norm > 0:
-            raise ValueError(f"--conv_norm must be > 0, got {self.conv_norm}")
+        if not 0 < self.conv_norm < math.inf:
+            raise ValueError(f"--conv_norm must be a finite number > 0, got {self.conv_norm}")
 
     def to_argv(self) -> list[str]:
         return ["--fix_fingers", self.fix_fingers, "--evals_thresh", repr(self.evals_thresh),
@@ -149,18 +150,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MODEL_FLAGS = ("model_id", "source_model", "base_model_relation", "revision", "output_dir")
+
+
+def read_manifest_argv(manifest: str, task_index: int) -> list[str]:
+    """Task `task_index`'s worker arguments from a Slurm manifest; ValueError says what is wrong."""
+    try:
+        data = json.loads(Path(manifest).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--manifest {manifest} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--manifest {manifest} is not a readable JSON manifest: {exc}") from None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, list):
+        raise ValueError(f"--manifest {manifest} has no 'tasks' list (not a manifest written by the Slurm backend?)")
+    if not 0 <= task_index < len(tasks):
+        raise ValueError(f"--task_index {task_index} is outside the manifest's {len(tasks)} tasks")
+    task = tasks[task_index]
+    argv = task.get("argv") if isinstance(task, dict) else None
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        raise ValueError(f"--manifest {manifest}, task {task_index}: no 'argv' list of strings")
+    return argv
+
+
 def parse_config(argv: list[str]) -> WorkerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.manifest:
         if args.task_index is None:
             parser.error("--manifest needs --task_index")
-        tasks = json.loads(Path(args.manifest).read_text(encoding="utf-8"))["tasks"]
-        if not 0 <= args.task_index < len(tasks):
-            parser.error(f"--task_index {args.task_index} is outside the manifest's {len(tasks)} tasks")
-        args = parser.parse_args(tasks[args.task_index]["argv"])
+        given = [f"--{name}" for name in MODEL_FLAGS if getattr(args, name) is not None]
+        if given:
+            parser.error(f"--manifest names the model and output directory; do not also give {', '.join(given)}")
+        try:
+            args = parser.parse_args(read_manifest_argv(args.manifest, args.task_index))
+        except ValueError as exc:
+            parser.error(str(exc))
+    elif args.task_index is not None:
+        parser.error("--task_index goes with --manifest")
     if not args.model_id or not args.output_dir:
         parser.error("--model_id and --output_dir are required")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        parser.error(f"--output_dir {args.output_dir} is an existing file, not a directory")
     model_id, revision = parse_model_id(args.model_id)
     if args.revision and revision and args.revision != revision:
         parser.error(f"--model_id names revision {revision!r} but --revision says {args.revision!r}")
@@ -288,7 +319,11 @@ def _print_layer_done(layers_done: int, longname: str) -> None:
 def run_worker(config: WorkerConfig) -> int:
     entry = config.entry
     out = result_csv_path(config.output_dir, entry)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # nowhere to record a failure: say it on stderr
+        print(f"error: --output_dir {config.output_dir} cannot be created: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
     with model_lock(config):
         if out.exists() and not config.overwrite:
             print(f"{entry.key}: already done ({out})", flush=True)

@@ -9,6 +9,7 @@ A model that later succeeds is removed from both.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ RETRYABLE_REASONS = frozenset({
 
 FAILED_MODELS_TXT = "failed_models.txt"
 FAILURES_JSONL = "failures.jsonl"
+
+log = logging.getLogger("esd_experiment.failures")  # under the run's log; the worker's root log
 
 
 class ESDFailure(Exception):
@@ -74,14 +77,31 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _parse_record(line: str) -> FailureRecord | None:
+    """One line of failures.jsonl, or None if it is not a record (e.g. cut short by a crash)."""
+    try:
+        data = json.loads(line)
+        return FailureRecord(**data) if isinstance(data, dict) else None
+    except (ValueError, TypeError):  # not JSON, or not the record's fields
+        return None
+
+
 def _read_records(output_dir: Path) -> dict[str, FailureRecord]:
+    """Every readable record; an unreadable line is reported and left out (the next write
+    drops it), so one damaged line cannot stop every worker from recording its failure."""
     path = output_dir / FAILURES_JSONL
     records: dict[str, FailureRecord] = {}
     if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                data = json.loads(line)
-                records[data["model_id"]] = FailureRecord(**data)
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            record = _parse_record(line)
+            if record is None:
+                log.warning("%s, line %d is not a failure record (cut short?); ignored: %.80s",
+                            path, number, line)
+                continue
+            records[record.model_id] = record
     return records
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -86,51 +87,85 @@ def _clean(value: object) -> str | None:
 def read_model_list(path: str | os.PathLike, warn=print) -> list[ModelEntry]:
     """Read and validate a model list; duplicates are kept once (with a warning naming rows).
 
-    Raises ModelListError for a missing file, a file with no id column, or a row whose
-    `@rev` disagrees with its `revision` column. Rows with an empty id are skipped with a
+    Raises ModelListError for a missing file, a directory, a spreadsheet, a file that is not
+    UTF-8 or not CSV, a file with no id column, or a row whose `@rev` disagrees with its
+    `revision` column. Ids that share a result file (`dir` and `dir/`) are duplicates. Rows with an empty id are skipped with a
     warning naming the row, so one bad row does not stop an experiment over hundreds.
     """
     path = Path(path)
+    text = _model_list_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        return _entries(reader, path, warn)
+    except csv.Error as exc:
+        row = reader.line_num + 1  # the row being read when it failed
+        raise ModelListError(f"model list {path}, row {row}: not readable as CSV: {exc}") from None
+
+
+_SPREADSHEET_MAGIC = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0")  # .xlsx (zip), .xls (OLE2)
+
+
+def _model_list_text(path: Path) -> str:
+    """The file's text (UTF-8, a BOM allowed), or a ModelListError saying what the file is instead."""
+    if path.is_dir():
+        raise ModelListError(f"model list {path} is a directory, not a CSV file")
     if not path.is_file():
         raise ModelListError(f"model list {path} does not exist")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        id_column = next((c for c in ID_COLUMNS if c in columns), None)
-        if id_column is None:
+    data = path.read_bytes()
+    if data.startswith(_SPREADSHEET_MAGIC):
+        raise ModelListError(f"model list {path} is a spreadsheet (Excel), not a CSV: "
+                             f"save it as 'CSV UTF-8' and pass that file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ModelListError(f"model list {path}, row {line}: not UTF-8 text (byte {data[exc.start]:#04x}); "
+                             f"save the file as UTF-8") from None
+    if "\x00" in text:  # no process argument can carry it; UTF-16 text looks like this
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise ModelListError(f"model list {path}, row {line}: contains a NUL byte (a UTF-16 or binary file?); "
+                             f"save the file as UTF-8 text")
+    return text
+
+
+def _entries(reader: csv.DictReader, path: Path, warn) -> list[ModelEntry]:
+    """The rows of an opened model list, checked and de-duplicated (see `read_model_list`)."""
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    id_column = next((c for c in ID_COLUMNS if c in columns), None)
+    if id_column is None:
+        raise ModelListError(
+            f"model list {path} has no id column: found {columns or 'no header'}, "
+            f"expected one of {list(ID_COLUMNS)} (optional: {list(OPTIONAL_COLUMNS)})"
+        )
+    entries: list[ModelEntry] = []
+    first_row: dict[str, int] = {}
+    for line_number, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): v for k, v in raw.items()}
+        text = _clean(row.get(id_column))
+        if text is None:
+            warn(f"model list {path}, row {line_number}: empty {id_column}; row skipped")
+            continue
+        model_id, revision = parse_model_id(text)
+        column_revision = _clean(row.get("revision"))
+        if revision and column_revision and revision != column_revision:
             raise ModelListError(
-                f"model list {path} has no id column: found {columns or 'no header'}, "
-                f"expected one of {list(ID_COLUMNS)} (optional: {list(OPTIONAL_COLUMNS)})"
+                f"model list {path}, row {line_number}: id {text!r} names revision "
+                f"{revision!r} but the revision column says {column_revision!r}"
             )
-        entries: list[ModelEntry] = []
-        first_row: dict[tuple, int] = {}
-        for line_number, raw in enumerate(reader, start=2):
-            row = {(k or "").strip(): v for k, v in raw.items()}
-            text = _clean(row.get(id_column))
-            if text is None:
-                warn(f"model list {path}, row {line_number}: empty {id_column}; row skipped")
-                continue
-            model_id, revision = parse_model_id(text)
-            column_revision = _clean(row.get("revision"))
-            if revision and column_revision and revision != column_revision:
-                raise ModelListError(
-                    f"model list {path}, row {line_number}: id {text!r} names revision "
-                    f"{revision!r} but the revision column says {column_revision!r}"
-                )
-            entry = ModelEntry(
-                model_id=model_id,
-                revision=revision or column_revision,
-                source_model=_clean(row.get("source_model")),
-                base_model_relation=_clean(row.get("base_model_relation")),
-                row=line_number,
-            )
-            identity = (entry.model_id, entry.revision)
-            if identity in first_row:
-                warn(f"model list {path}, row {line_number}: duplicate of row "
-                     f"{first_row[identity]} ({entry.key}); analysed once")
-                continue
-            first_row[identity] = line_number
-            entries.append(entry)
+        entry = ModelEntry(
+            model_id=model_id,
+            revision=revision or column_revision,
+            source_model=_clean(row.get("source_model")),
+            base_model_relation=_clean(row.get("base_model_relation")),
+            row=line_number,
+        )
+        identity = safe_id(entry.model_id, entry.revision)  # same result file: same model
+        if identity in first_row:
+            warn(f"model list {path}, row {line_number}: duplicate of row "
+                 f"{first_row[identity]} ({entry.key}); analysed once")
+            continue
+        first_row[identity] = line_number
+        entries.append(entry)
     return entries
 
 

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -37,6 +38,7 @@ WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
 DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 ESD_SETTINGS_FILE = "esd_settings.json"
+EXIT_INTERRUPTED = 130
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
                     "pandas", "nvidia-ml-py")
 
@@ -79,18 +81,27 @@ class ExperimentConfig:
     def validate(self) -> None:
         self.esd.validate()
         positive = {"cpu_workers": self.cpu_workers, "num_gpus_per_job": self.num_gpus_per_job,
-                    "max_check": self.max_check}
+                    "max_check": self.max_check, "slurm_array_parallelism": self.slurm_array_parallelism}
         for name, value in positive.items():
-            if value < 1:
+            if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
-        if self.poll_interval <= 0 or self.gpu_memory_threshold < 0 or self.max_retries < 0:
-            raise ConfigError("--poll_interval must be > 0, --gpu_memory_threshold and --max_retries >= 0")
+        if not 0 < self.poll_interval < math.inf:
+            raise ConfigError(f"--poll_interval must be a number of seconds > 0, got {self.poll_interval}")
+        non_negative = {"gpu_memory_threshold": self.gpu_memory_threshold, "max_retries": self.max_retries,
+                        "retry_backoff": self.retry_backoff}
+        for name, value in non_negative.items():
+            if not 0 <= value < math.inf:  # also refuses nan
+                raise ConfigError(f"--{name} must be >= 0, got {value}")
         if self.backend not in ("local", "slurm"):
             raise ConfigError(f"--backend must be 'local' or 'slurm', got {self.backend!r}")
         if self.wait and self.backend != "slurm":
             raise ConfigError("--wait goes with --backend slurm (the local backend always waits)")
+        if self.model_list.is_dir():
+            raise ConfigError(f"--model_list {self.model_list} is a directory, not a CSV file")
         if not self.model_list.is_file():
             raise ConfigError(f"--model_list {self.model_list} does not exist")
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise ConfigError(f"--output_dir {self.output_dir} is an existing file, not a directory")
 
     @property
     def is_demo(self) -> bool:
@@ -104,9 +115,13 @@ def _optional_number(kind):
     def parse(text):
         if text is None or str(text).strip().lower() in ("", "none", "null", "0", "off"):
             return None
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {text!r}")
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not value >= 0:  # also refuses nan
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} >= 0 or 'none', got {text!r}")
         return value
     return parse
 
@@ -146,25 +161,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
     import yaml
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"--config {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path} must be a mapping of flag names to values")
-    known = {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    actions = {}
+    for action in parser._actions:  # the first action of a dest: `--x`, not `--no_x`
+        if action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, action)
     defaults = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"--config {path}: unknown setting {key!r}; valid: {sorted(known)}")
-        defaults[name] = value
+        if name not in actions:
+            raise ConfigError(f"--config {path}: unknown setting {key!r}; valid: {sorted(actions)}")
+        defaults[name] = _config_value(actions[name], value, f"--config {path}: {key}")
     for name in ("model_list", "output_dir"):  # paths in the file are relative to the file
         if name in defaults and not Path(defaults[name]).is_absolute():
             defaults[name] = path.parent / defaults[name]
     return defaults
+
+
+def _config_value(action: argparse.Action, value, where: str):
+    """A config file's value checked and converted as the flag's own parser would."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if value is None:
+        if action.default is not None and action.type is not None:
+            raise ConfigError(f"{where}: needs a value")
+        return None
+    if action.nargs == "+" and isinstance(value, list):
+        items = value
+    else:
+        items = [value]
+    if not all(isinstance(item, (str, int, float)) for item in items):
+        raise ConfigError(f"{where}: expected a single value, got {value!r}")
+    if action.type is None:
+        return value
+    try:
+        converted = [action.type(str(item)) for item in items]
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not a valid value ({exc})") from None
+    return converted if items is value else converted[0]
 
 
 def _parse_gpus(values) -> tuple[int, ...] | None:
@@ -176,9 +223,12 @@ def _parse_gpus(values) -> tuple[int, ...] | None:
     if words in (["none"], ["cpu"], []):
         return ()
     try:
-        return tuple(int(w) for w in words)
+        indices = tuple(int(w) for w in words)
     except ValueError:
-        raise ConfigError(f"--gpus takes GPU indices or 'none', got {list(values)}") from None
+        indices = (-1,)
+    if min(indices) < 0:
+        raise ConfigError(f"--gpus takes GPU indices (0, 1, …) or 'none', got {list(values)}")
+    return indices
 
 
 def _attach_slurm_extra(argv: list[str]) -> list[str]:
@@ -258,7 +308,7 @@ def check_esd_settings(config: ExperimentConfig) -> None:
     path = config.output_dir / ESD_SETTINGS_FILE
     wanted = asdict(config.esd)
     if path.exists() and not config.overwrite:
-        stored = json.loads(path.read_text(encoding="utf-8"))
+        stored = _read_esd_settings(path)
         diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
         if diff:
             said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
@@ -267,6 +317,19 @@ def check_esd_settings(config: ExperimentConfig) -> None:
                 f"Use another --output_dir, or --overwrite to recompute with the new settings.")
     if config.overwrite or not path.exists():
         _write_json_atomic(path, wanted)
+
+
+def _read_esd_settings(path: Path) -> dict:
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        stored = exc
+    if not isinstance(stored, dict):
+        raise ConfigError(
+            f"{path} is damaged (not a JSON object of ESD settings: {stored}). It records the settings "
+            f"this directory's results were computed with: restore it, or remove it if you know they "
+            f"match this run (it is then rewritten), or use --overwrite to recompute everything.")
+    return stored
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -504,14 +567,26 @@ def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan
     row = {"run_id": run_id, "status": status, "start_time": record["start_time"],
            "end_time": record["end_time"], "duration_s": record["duration_s"], **counts,
            "model_list": str(config.model_list), "backend": config.backend, **asdict(config.esd)}
-    runs_csv = config.output_dir / "runs.csv"
     with FileLock(str(config.output_dir / ".runs.lock")):
-        new_file = not runs_csv.exists()
-        with runs_csv.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        _append_run_row(config.output_dir / "runs.csv", row)
+
+
+def _append_run_row(runs_csv: Path, row: dict) -> None:
+    """Add a row to runs.csv, rewritten whole and atomically: when the columns changed between
+    versions, earlier rows keep their values under the union of the columns."""
+    rows, columns = [], []
+    if runs_csv.exists():
+        with runs_csv.open(newline="", encoding="utf-8", errors="replace") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    columns += [c for c in row if c not in columns]
+    tmp = runs_csv.with_name(f".{runs_csv.name}.tmp{os.getpid()}")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows + [row])
+    os.replace(tmp, runs_csv)
 
 
 def write_summary(config: ExperimentConfig) -> Path | None:
@@ -525,6 +600,8 @@ def write_summary(config: ExperimentConfig) -> Path | None:
 
 def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig) -> None:
     log.info("")
+    if outcome.interrupted:
+        log.info("interrupted: run the same command again to resume")
     log.info("finished in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
              "%d beyond --limit", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
              len(plan.skipped_failed), len(plan.beyond_limit))
@@ -555,13 +632,33 @@ def prepare_demo() -> None:
     log.info("demo: placed the packaged %s in the hub cache (%s)", DEMO_HUB_ID, snapshot)
 
 
+def read_entries(config: ExperimentConfig) -> tuple[list[ModelEntry], list[str]]:
+    """The model list's entries and its warnings, read before anything is written."""
+    warnings: list[str] = []
+    entries = read_model_list(config.model_list, warn=warnings.append)
+    if not entries:
+        raise ModelListError(f"model list {config.model_list} has no models (no row with a model id)")
+    return entries, warnings
+
+
+def make_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output_dir {path} cannot be created: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {path} is not writable")
+
+
 def run(config: ExperimentConfig) -> int:
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    entries, list_warnings = read_entries(config)
+    make_output_dir(config.output_dir)
     setup_logging(config.output_dir)
+    for warning in list_warnings:
+        log.warning(warning)
     check_esd_settings(config)
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    entries = read_model_list(config.model_list, warn=log.warning)
     plan = plan_models(entries, config)
     log.info("run %s: %d models in %s; %d already done, %d skipped (failed before), %d to run%s",
              run_id, len(entries), config.model_list, len(plan.done), len(plan.skipped_failed),
@@ -580,6 +677,8 @@ def run(config: ExperimentConfig) -> int:
         record_run(config, run_id, started, plan, outcome, status)
     summary = write_summary(config) if status == "completed" else None
     report(plan, outcome, time.time() - started, summary, config)
+    if status == "interrupted":
+        return EXIT_INTERRUPTED
     return 0 if status in ("completed", "submitted") and not outcome.failed else 1
 
 
@@ -590,6 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelListError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside the dispatcher (which handles its own)
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
