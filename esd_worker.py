@@ -118,14 +118,16 @@ class WorkerConfig:
 
 def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
                 overwrite=False, save_eigs=False, trust_remote_code=False) -> list[str]:
-    """The worker's arguments for one model (after the script path); no shell involved."""
-    argv = ["--model_id", entry.model_id, "--output_dir", str(output_dir)]
+    """The worker's arguments for one model (after the script path); no shell involved.
+    Values from the model list are attached (`--model_id=ID`), so an id such as `-x` or
+    `--help` stays a value instead of being read as a flag."""
+    argv = [f"--model_id={entry.model_id}", "--output_dir", str(output_dir)]
     if entry.revision:
-        argv += ["--revision", entry.revision]
+        argv += [f"--revision={entry.revision}"]
     if entry.source_model:
-        argv += ["--source_model", entry.source_model]
+        argv += [f"--source_model={entry.source_model}"]
     if entry.base_model_relation:
-        argv += ["--base_model_relation", entry.base_model_relation]
+        argv += [f"--base_model_relation={entry.base_model_relation}"]
     argv += esd.to_argv() + ["--device", device]
     argv += ["--overwrite"] * overwrite + ["--save_eigs"] * save_eigs
     argv += ["--trust_remote_code"] * trust_remote_code

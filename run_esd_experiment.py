@@ -98,8 +98,10 @@ class ExperimentConfig:
             raise ConfigError("--wait goes with --backend slurm (the local backend always waits)")
         if self.model_list.is_dir():
             raise ConfigError(f"--model_list {self.model_list} is a directory, not a CSV file")
-        if not self.model_list.is_file():
+        if not self.model_list.exists():
             raise ConfigError(f"--model_list {self.model_list} does not exist")
+        if not self.model_list.is_file():
+            raise ConfigError(f"--model_list {self.model_list} is not a regular file")
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise ConfigError(f"--output_dir {self.output_dir} is an existing file, not a directory")
 
@@ -126,13 +128,20 @@ def _optional_number(kind):
     return parse
 
 
+def _path(text) -> Path:
+    """A path flag's value; an empty one (an unset "$VAR") would silently mean the current directory."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Compute per-layer ESD metrics for every model of a model list (resumable).",
         epilog="With no arguments: the embedded demo, examples/models.csv into results/.")
     add_flag(p, "config", type=Path, help="YAML file with any of these flags (command-line flags override it)")
-    add_flag(p, "model_list", type=Path, default=DEMO_MODEL_LIST, help="model list CSV (%(default)s)")
-    add_flag(p, "output_dir", type=Path, default=Path("results"), help="where everything goes (%(default)s)")
+    add_flag(p, "model_list", type=_path, default=DEMO_MODEL_LIST, help="model list CSV (%(default)s)")
+    add_flag(p, "output_dir", type=_path, default=Path("results"), help="where everything goes (%(default)s)")
     add_flag(p, "gpus", nargs="+", help="GPU indices that may be used, or 'none' for CPU (all NVML sees)")
     add_flag(p, "cpu_workers", type=int, default=1, help="concurrent workers on CPU (%(default)s)")
     add_flag(p, "num_gpus_per_job", type=int, default=1, help="GPUs per model (%(default)s)")

@@ -115,6 +115,7 @@ def test_ids_sharing_a_result_file_are_one_model_analysed_once(tmp_path):
     (["--conv_norm", "inf"], "--conv_norm must be a finite number"),
     (["--evals_thresh", "inf"], "--evals_thresh must be a finite number"),
     (["--backend", "slurm", "--slurm_array_parallelism", "0"], "--slurm_array_parallelism must be at least 1"),
+    (["--output_dir", ""], "--output_dir/--output-dir: expected a path, got an empty value"),
 ])
 def test_bad_flag_value_is_refused_naming_the_flag(models_csv, tmp_path, capsys, flags, says):
     argv = ["--model_list", str(models_csv), "--output_dir", str(tmp_path / "out")] + FAST + flags
@@ -239,3 +240,11 @@ def test_worker_output_dir_under_a_regular_file_exits_with_a_message(tmp_path, e
     result = run(WORKER + ["--model_id", "org/a", "--output_dir", str(tmp_path / "file" / "out")], env, tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "cannot be created: Not a directory" in result.stderr
+
+
+def test_model_list_values_starting_with_a_dash_reach_the_worker_as_values(tmp_path):
+    import esd_worker
+    entry = model_list.ModelEntry("--help", "-rev", "-x", "--overwrite")
+    argv = esd_worker.worker_argv(entry, tmp_path, esd_worker.ESDSettings())
+    config = esd_worker.parse_config(argv)
+    assert config.entry == entry and config.output_dir == tmp_path and not config.overwrite
