@@ -346,9 +346,17 @@ def run_worker(config: WorkerConfig) -> int:
     return EXIT_OK
 
 
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run_worker(parse_config(sys.argv[1:] if argv is None else argv))
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_worker(config)
+    except KeyboardInterrupt:  # nothing half-written: results are written to a temporary name first
+        print(f"{config.entry.key}: interrupted; nothing was written for it", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

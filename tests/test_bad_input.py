@@ -248,3 +248,18 @@ def test_model_list_values_starting_with_a_dash_reach_the_worker_as_values(tmp_p
     argv = esd_worker.worker_argv(entry, tmp_path, esd_worker.ESDSettings())
     config = esd_worker.parse_config(argv)
     assert config.entry == entry and config.output_dir == tmp_path and not config.overwrite
+
+
+def test_ctrl_c_on_a_waiting_worker_exits_130_with_a_message_and_writes_nothing(tmp_path, env):
+    out = tmp_path / "out"
+    (out / ".locks").mkdir(parents=True)
+    with FileLock(str(out / ".locks" / "org--a.lock")):  # as if another worker held the model
+        proc = subprocess.Popen(WORKER + ["--model_id", "org/a", "--output_dir", str(out)], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert "waiting for it" in line, line
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "org/a: interrupted" in stderr
+    assert not list(out.glob("*.csv")) and not (out / failures.FAILURES_JSONL).exists()
