@@ -682,6 +682,9 @@ def run(config: ExperimentConfig) -> int:
         else:
             outcome, _ = run_local(plan, config)
             status = "interrupted" if outcome.interrupted else "completed"
+    except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
+        status = "error"
+        raise
     finally:
         record_run(config, run_id, started, plan, outcome, status)
     summary = write_summary(config) if status == "completed" else None

@@ -263,3 +263,13 @@ def test_ctrl_c_on_a_waiting_worker_exits_130_with_a_message_and_writes_nothing(
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert "org/a: interrupted" in stderr
     assert not list(out.glob("*.csv")) and not (out / failures.FAILURES_JSONL).exists()
+
+
+def test_slurm_submission_that_cannot_happen_is_recorded_as_error_not_interrupted(models_csv, tmp_path, env):
+    out = tmp_path / "out"
+    no_slurm = dict(env, PATH=str(Path(sys.executable).parent))  # no sbatch on PATH
+    result = run(RUN + ["--model_list", str(models_csv), "--output_dir", str(out), "--backend", "slurm"] + FAST,
+                 no_slurm, tmp_path)
+    assert_refused(result, "sbatch")
+    with (out / "runs.csv").open(newline="") as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["error"]
