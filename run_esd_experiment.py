@@ -331,7 +331,7 @@ def check_esd_settings(config: ExperimentConfig) -> None:
 def _read_esd_settings(path: Path) -> dict:
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. a directory, cut short
         stored = exc
     if not isinstance(stored, dict):
         raise ConfigError(

@@ -164,10 +164,14 @@ def test_config_file_not_utf8_is_refused(models_csv, tmp_path, capsys):
 
 # ---------------------------------------------------------------- records in the output directory
 
-def test_damaged_esd_settings_json_is_refused_naming_the_file_to_fix(models_csv, tmp_path, env):
+@pytest.mark.parametrize("damage", ["cut_short", "directory"])
+def test_damaged_esd_settings_json_is_refused_naming_the_file_to_fix(models_csv, tmp_path, env, damage):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "esd_settings.json").write_text('{"fix_fingers": "xmin_mid", "evals')
+    if damage == "directory":
+        (out / "esd_settings.json").mkdir()
+    else:
+        (out / "esd_settings.json").write_text('{"fix_fingers": "xmin_mid", "evals')
     result = run(RUN + ["--model_list", str(models_csv), "--output_dir", str(out)] + FAST, env, tmp_path)
     assert_refused(result, f"{out / 'esd_settings.json'} is damaged", "--overwrite")
 
