@@ -168,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_yaml_config(text: str):
+    """YAML without base-60 numbers: `slurm_time: 02:00:00` stays the text Slurm expects
+    (YAML 1.1 would read it as the integer 7200, which sbatch takes as minutes)."""
+    import yaml
+
+    class ConfigLoader(yaml.SafeLoader):
+        pass
+
+    def number_or_text(loader, node, construct):
+        text = loader.construct_scalar(node)
+        return text if ":" in text else construct(loader, node)
+
+    for tag, construct in (("int", yaml.SafeLoader.construct_yaml_int),
+                           ("float", yaml.SafeLoader.construct_yaml_float)):
+        ConfigLoader.add_constructor(f"tag:yaml.org,2002:{tag}",
+                                     lambda loader, node, c=construct: number_or_text(loader, node, c))
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def _config_file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
     import yaml
     if path.is_dir():
@@ -175,7 +194,7 @@ def _config_file_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _load_yaml_config(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"--config {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:

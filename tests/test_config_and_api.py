@@ -165,3 +165,14 @@ def test_api_run_experiment_takes_flags_as_keywords_including_switching_one_off(
     assert len(summary) == 1 and len(per_layer) > 0
     with pytest.raises(ValueError, match="invalid options"):
         run_experiment(models, out, no_such_flag=3)
+
+
+def test_slurm_time_in_a_yaml_config_stays_the_text_slurm_expects(tmp_path):
+    import run_esd_experiment
+    (tmp_path / "models.csv").write_text("model_id\norg/a\n")
+    config = tmp_path / "experiment.yaml"
+    config.write_text("model_list: models.csv\nbackend: slurm\nslurm_time: 02:00:00\nbins: 50\n"
+                      "evals_thresh: 1.0e-5\n")
+    parsed = run_esd_experiment.parse_config(["--config", str(config)])
+    assert parsed.slurm_time == "02:00:00"
+    assert parsed.esd.bins == 50 and parsed.esd.evals_thresh == 1e-5
