@@ -48,6 +48,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from atomic_files import atomic_path, write_text_atomic
+from cli_flags import add_flag
 from failures import FAILED_MODELS_TXT, read_failures
 
 SUMMARY_COLUMNS = (
@@ -225,9 +227,8 @@ def _require_results(per_layer: pd.DataFrame, results_dir) -> pd.DataFrame:
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return path
 
 
@@ -533,10 +534,11 @@ def write_plots(results_dir, per_layer=None, summary=None, metric="alpha_mean", 
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    _pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # savefig picks the format by extension
+            fig.savefig(tmp, dpi=100)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -781,11 +783,7 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
             sections.append(_section("Layer fit status", _table_html(statuses)))
     page = _REPORT_TEMPLATE.format(title=html.escape(f"ESD report: {results_dir}"),
                                    body="\n".join(sections))
-    path = results_dir / "report.html"
-    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(results_dir / "report.html", page)
 
 
 def _overview_html(results_dir, per_layer, failures) -> str:
@@ -840,42 +838,36 @@ figcaption {{ font-size: 0.75em; color: #666; }}
 
 # ================================================================ command line
 
-def _add(parser, name, **kwargs):
-    """An option under its underscore and its hyphenated spelling."""
-    spellings = [name] + ([name.replace("_", "-")] if "_" in name else [])
-    parser.add_argument(*spellings, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Summarise, query and plot the per-model ESD results of a results directory.",
         epilog="Filters: COLUMN OP VALUE with OP in = != < <= > >= ~ (regex), e.g. "
                "--filter \"alpha_mean<3\" \"is_adapter=True\" \"model_id~llama\".")
-    _add(parser, "--results_dir", required=True, metavar="DIR", help="the experiment's output_dir")
-    _add(parser, "--output", metavar="CSV", help="summary path (default DIR/summary.csv)")
-    _add(parser, "--verbose", action="store_true", help="print the most extreme models")
+    add_flag(parser, "--results_dir", required=True, metavar="DIR", help="the experiment's output_dir")
+    add_flag(parser, "--output", metavar="CSV", help="summary path (default DIR/summary.csv)")
+    add_flag(parser, "--verbose", action="store_true", help="print the most extreme models")
     layers = parser.add_argument_group("layer selection (applies to everything)")
-    _add(layers, "--layer_types", nargs="+", metavar="TYPE", help=f"only {', '.join(LAYER_TYPES)}")
-    _add(layers, "--exclude", nargs="+", metavar="REGEX", default=[],
+    add_flag(layers, "--layer_types", nargs="+", metavar="TYPE", help=f"only {', '.join(LAYER_TYPES)}")
+    add_flag(layers, "--exclude", nargs="+", metavar="REGEX", default=[],
          help="drop layers whose longname matches (re.search), e.g. embed lm_head")
     query = parser.add_argument_group("query the summary")
-    _add(query, "--filter", nargs="+", metavar="EXPR", default=[], help="keep rows meeting all")
-    _add(query, "--sort_by", metavar="COL")
-    _add(query, "--descending", action="store_true")
-    _add(query, "--show", nargs="+", metavar="COL", help="only these columns")
-    _add(query, "--hide", nargs="+", metavar="COL", help="not these columns")
-    _add(query, "--limit", type=int, metavar="N", help="at most N rows")
-    _add(query, "--list_columns", action="store_true", help="list the summary's columns")
+    add_flag(query, "--filter", nargs="+", metavar="EXPR", default=[], help="keep rows meeting all")
+    add_flag(query, "--sort_by", metavar="COL")
+    add_flag(query, "--descending", action="store_true")
+    add_flag(query, "--show", nargs="+", metavar="COL", help="only these columns")
+    add_flag(query, "--hide", nargs="+", metavar="COL", help="not these columns")
+    add_flag(query, "--limit", type=int, metavar="N", help="at most N rows")
+    add_flag(query, "--list_columns", action="store_true", help="list the summary's columns")
     plots = parser.add_argument_group("plots and report")
-    _add(plots, "--plots", action="store_true", help="write plots under DIR/plots/")
-    _add(plots, "--metric", default="alpha_mean", help="summary metric of the comparison chart")
-    _add(plots, "--esd_layer", metavar="LONGNAME", help="ESD plot of this layer (needs eigs/)")
-    _add(plots, "--report", action="store_true", help="write DIR/report.html (with all plots)")
+    add_flag(plots, "--plots", action="store_true", help="write plots under DIR/plots/")
+    add_flag(plots, "--metric", default="alpha_mean", help="summary metric of the comparison chart")
+    add_flag(plots, "--esd_layer", metavar="LONGNAME", help="ESD plot of this layer (needs eigs/)")
+    add_flag(plots, "--report", action="store_true", help="write DIR/report.html (with all plots)")
     steps = parser.add_argument_group("over training steps")
-    _add(steps, "--over_steps", action="store_true",
+    add_flag(steps, "--over_steps", action="store_true",
          help="metrics against checkpoint step: DIR/over_steps.csv and plots")
-    _add(steps, "--model_list", metavar="CSV", help="model list with a step column")
-    _add(steps, "--metrics", nargs="+", default=list(DEFAULT_STEP_METRICS), metavar="COL",
+    add_flag(steps, "--model_list", metavar="CSV", help="model list with a step column")
+    add_flag(steps, "--metrics", nargs="+", default=list(DEFAULT_STEP_METRICS), metavar="COL",
          help="per-layer columns to follow (default: alpha stable_rank spectral_norm)")
     return parser
 

@@ -25,6 +25,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from cli_flags import add_flag
 from model_list import ModelEntry, parse_model_id, write_model_list
 
 # Id columns recognised by from-csv, in order of preference (case-insensitive).
@@ -266,12 +267,6 @@ def _cmd_from_checkpoints(args):
     return entries, {"step": steps}
 
 
-def _add(parser, name, **kwargs):
-    """An option under its underscore and its hyphenated spelling."""
-    spellings = [name] + ([name.replace("_", "-")] if "_" in name else [])
-    parser.add_argument(*spellings, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Create the model list CSV for run_esd_experiment.py.")
@@ -280,14 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help_text, aliases=()):
         p = sub.add_parser(name, help=help_text, description=help_text, aliases=list(aliases))
         p.set_defaults(func=func)
-        _add(p, "--output", metavar="CSV", help="where to write the list (default: stdout)")
+        add_flag(p, "--output", metavar="CSV", help="where to write the list (default: stdout)")
         return p
 
     p = command("create", _cmd_create, "a list from ids given on the command line")
-    _add(p, "--models", nargs="+", required=True, metavar="ID",
+    add_flag(p, "--models", nargs="+", required=True, metavar="ID",
          help="hub ids (org/name or org/name@rev) or local directories")
-    _add(p, "--source_model", help="base model of the adapters in --models")
-    _add(p, "--base_model_relation", help="relation of all --models (base, adapter, …)")
+    add_flag(p, "--source_model", help="base model of the adapters in --models")
+    add_flag(p, "--base_model_relation", help="relation of all --models (base, adapter, …)")
 
     p = command("from-text", _cmd_from_text, "a list from a text file, one id per line "
                 "(# comments)", aliases=["from_text"])
@@ -297,11 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
                 f"({', '.join(CSV_ID_COLUMNS)}), keeping {', '.join(KEPT_COLUMNS)}",
                 aliases=["from_csv"])
     p.add_argument("file", metavar="FILE")
-    _add(p, "--id_column", help="the id column, when auto-detection picks the wrong one")
+    add_flag(p, "--id_column", help="the id column, when auto-detection picks the wrong one")
 
     p = command("merge", _cmd_merge, "merge model lists (CSV, or .txt one id per line)")
     p.add_argument("files", nargs="+", metavar="LIST")
-    _add(p, "--id_column", help="the id column of the inputs (default: auto-detect)")
+    add_flag(p, "--id_column", help="the id column of the inputs (default: auto-detect)")
 
     command("template", _cmd_template, "an example list to edit")
 
@@ -310,11 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "directories, ordered by step, with a step column",
                 aliases=["from_checkpoints"])
     p.add_argument("dirs", nargs="+", metavar="RUN_DIR")
-    _add(p, "--absolute", action="store_true",
+    add_flag(p, "--absolute", action="store_true",
          help="write absolute paths (default: the paths as given)")
 
     for name in ("create", "from-text", "from-csv", "merge", "from-checkpoints"):
-        _add(sub.choices[name], "--deduplicate", action="store_true",
+        add_flag(sub.choices[name], "--deduplicate", action="store_true",
              help="drop repeated ids (first row wins)")
     return parser
 

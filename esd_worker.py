@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 import traceback
@@ -27,6 +26,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from atomic_files import atomic_path
+from cli_flags import add_bool_flag, add_flag
 from failures import ESDFailure, clear_failure, record_failure
 from model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
 
@@ -64,21 +65,6 @@ class ESDSettings:
                 "--bins", str(self.bins), "--xmin_pos", str(self.xmin_pos),
                 "--conv_norm", repr(self.conv_norm),
                 "--filter_zeros" if self.filter_zeros else "--no_filter_zeros"]
-
-
-def _spellings(name: str) -> list[str]:
-    return [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-
-
-def add_flag(parser, name: str, **kwargs) -> None:
-    """Add `--a_b` with its hyphenated twin `--a-b` (the interface promises both)."""
-    parser.add_argument(*_spellings(name), dest=kwargs.pop("dest", name), **kwargs)
-
-
-def add_bool_flag(parser, name: str, default: bool, help: str) -> None:
-    """`--name` / `--no_name` (and hyphenated twins), so a config file's choice can be switched off."""
-    parser.add_argument(*_spellings(name), dest=name, action="store_true", default=default, help=help)
-    parser.add_argument(*_spellings(f"no_{name}"), dest=name, action="store_false", help=argparse.SUPPRESS)
 
 
 def add_esd_arguments(parser: argparse.ArgumentParser, defaults: ESDSettings = ESDSettings()) -> None:
@@ -262,17 +248,6 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
     return frame
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same directory and rename: a file that exists is complete."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def eigs_path(output_dir, entry: ModelEntry) -> Path:
     return Path(output_dir) / "eigs" / f"{safe_id(entry.model_id, entry.revision)}.npz"
 
@@ -289,8 +264,10 @@ def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
         if eigs is not None:  # eigenvalues first: an existing CSV implies its eigs exist
             target = eigs_path(config.output_dir, config.entry)
             target.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(target, lambda p: _save_npz(p, eigs))
-        _write_atomic(out, lambda p: frame.to_csv(p, index=False))
+            with atomic_path(target) as tmp:
+                _save_npz(tmp, eigs)
+        with atomic_path(out) as tmp:
+            frame.to_csv(tmp, index=False)
     except OSError as exc:
         raise ESDFailure("save", "write_failed", f"could not write {out}: {exc}") from exc
     return out

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from filelock import FileLock
+
+from atomic_files import write_text_atomic
 
 STAGES = ("resolve", "load", "merge", "analyze", "save", "worker")
 
@@ -71,12 +72,6 @@ def _lock(output_dir: Path) -> FileLock:
     return FileLock(str(output_dir / ".failures.lock"))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _parse_record(line: str) -> FailureRecord | None:
     """One line of failures.jsonl, or None if it is not a record (e.g. cut short by a crash)."""
     try:
@@ -107,9 +102,9 @@ def _read_records(output_dir: Path) -> dict[str, FailureRecord]:
 
 def _write_records(output_dir: Path, records: dict[str, FailureRecord]) -> None:
     ordered = sorted(records.values(), key=lambda r: r.model_id)
-    _write_atomic(output_dir / FAILURES_JSONL,
+    write_text_atomic(output_dir / FAILURES_JSONL,
                   "".join(json.dumps(asdict(r)) + "\n" for r in ordered))
-    _write_atomic(output_dir / FAILED_MODELS_TXT,
+    write_text_atomic(output_dir / FAILED_MODELS_TXT,
                   "".join(f"{r.model_id}\t{r.stage}: {r.reason}: {_one_line(r.message)}\n"
                           for r in ordered))
 

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from atomic_files import atomic_path
+
 ID_COLUMNS = ("model_id", "full_name")
 OPTIONAL_COLUMNS = ("source_model", "base_model_relation", "revision")
 MODEL_LIST_COLUMNS = ("model_id", "source_model", "base_model_relation", "revision")
@@ -179,13 +181,11 @@ def write_model_list(entries, path: str | os.PathLike, extra_columns=None) -> Pa
     extra_columns = dict(extra_columns or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow([*MODEL_LIST_COLUMNS, *extra_columns])
         for i, e in enumerate(entries):
             extras = ["" if values[i] is None else values[i] for values in extra_columns.values()]
             writer.writerow([e.model_id, e.source_model or "", e.base_model_relation or "",
                              e.revision or "", *extras])
-    os.replace(tmp, path)
     return path

@@ -50,6 +50,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from atomic_files import atomic_path, write_text_atomic
 from failures import ESDFailure
 from model_list import ADAPTER_RELATIONS, parse_model_id
 
@@ -156,9 +157,8 @@ def install_into_hub_cache(repo_id: str, source_dir: Path, cache_dir: str | None
         blob = storage / "blobs" / blob_hash
         if not blob.exists():
             blob.parent.mkdir(parents=True, exist_ok=True)
-            tmp = blob.with_name(f".{blob.name}.tmp{os.getpid()}")
-            shutil.copyfile(source_dir / rel, tmp)
-            os.replace(tmp, blob)
+            with atomic_path(blob) as tmp:
+                shutil.copyfile(source_dir / rel, tmp)
         link = snapshot / rel
         if link.exists():
             continue
@@ -171,9 +171,7 @@ def install_into_hub_cache(repo_id: str, source_dir: Path, cache_dir: str | None
     if not _COMMIT.match(revision):
         ref = storage / "refs" / revision
         ref.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ref.with_name(f".{ref.name}.tmp{os.getpid()}")
-        tmp.write_text(commit)
-        os.replace(tmp, ref)
+        write_text_atomic(ref, commit)
     return snapshot
 
 

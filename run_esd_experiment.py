@@ -28,8 +28,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from esd_worker import (EXIT_OK, ESDSettings, add_bool_flag, add_esd_arguments, add_flag,
-                        esd_settings_from_args, worker_argv)
+from atomic_files import atomic_path, write_text_atomic
+from cli_flags import add_bool_flag, add_flag
+from esd_worker import EXIT_OK, ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from failures import ESDFailure, read_failures, record_failure
 from model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
 
@@ -361,9 +362,7 @@ def _read_esd_settings(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- logging and progress
@@ -463,7 +462,7 @@ def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, resu
     record_failure(config.output_dir, entry.key, failure)
 
 
-def run_local(plan: Plan, config: ExperimentConfig) -> tuple[Outcome, dict]:
+def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
     import gputracker
 
     outcome = Outcome()
@@ -522,13 +521,10 @@ def run_local(plan: Plan, config: ExperimentConfig) -> tuple[Outcome, dict]:
         progress.close()
         if jobs:
             dispatcher.write_metrics(config.output_dir / "gpu_metrics.json")
-    metrics = dispatcher.metrics() if jobs else {}
-    return outcome, metrics
+    return outcome
 
 
 def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
-    import shlex
-
     import slurm_backend
 
     tasks = [slurm_backend.SlurmTask(
@@ -536,14 +532,14 @@ def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
         worker_argv=tuple(worker_argv(e, config.output_dir.resolve(), config.esd, overwrite=config.overwrite,
                                       save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)),
         result_path=result_csv_path(config.output_dir, e).resolve()) for e in plan.pending]
-    settings = slurm_backend.SlurmSettings(
-        partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
-        array_parallelism=config.slurm_array_parallelism,
-        extra=tuple(shlex.split(config.slurm_extra or "")))
     try:
-        result = slurm_backend.run_array(tasks, config.output_dir.resolve(), settings, wait=config.wait,
-                                         worker_script=WORKER_SCRIPT, log=log.info)
-    except slurm_backend.SlurmError as exc:
+        settings = slurm_backend.SlurmSettings(
+            partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
+            array_parallelism=config.slurm_array_parallelism,
+            extra=slurm_backend.split_extra(config.slurm_extra))
+        slurm_backend.run_array(tasks, config.output_dir.resolve(), settings, wait=config.wait,
+                                worker_script=WORKER_SCRIPT, log=log.info)
+    except (slurm_backend.SlurmError, ValueError) as exc:  # ValueError: --slurm_extra with an open quote
         raise ConfigError(f"Slurm: {exc}") from exc
     outcome = Outcome()
     if config.wait:
@@ -609,12 +605,10 @@ def _append_run_row(runs_csv: Path, row: dict) -> None:
             columns = list(reader.fieldnames or [])
             rows = list(reader)
     columns += [c for c in row if c not in columns]
-    tmp = runs_csv.with_name(f".{runs_csv.name}.tmp{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(runs_csv) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows + [row])
-    os.replace(tmp, runs_csv)
 
 
 def write_summary(config: ExperimentConfig) -> Path | None:
@@ -699,7 +693,7 @@ def run(config: ExperimentConfig) -> int:
             outcome = run_slurm(plan, config)
             status = "completed" if config.wait else "submitted"
         else:
-            outcome, _ = run_local(plan, config)
+            outcome = run_local(plan, config)
             status = "interrupted" if outcome.interrupted else "completed"
     except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
         status = "error"

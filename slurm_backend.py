@@ -36,6 +36,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
+from atomic_files import atomic_path
+
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_WORKER_SCRIPT = REPO_DIR / "esd_worker.py"
 
@@ -148,11 +150,10 @@ def split_extra(values: str | Sequence[str] | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- files
 
 def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    if mode is not None:
-        tmp.chmod(mode)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+        if mode is not None:
+            tmp.chmod(mode)
 
 
 def _new_submission_dir(output_dir: Path) -> Path:
