@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from atomic_files import atomic_path, write_text_atomic
-from cli_flags import add_flag
-from failures import FAILED_MODELS_TXT, read_failures
+from esd.atomic_files import atomic_path, write_text_atomic
+from esd.cli_flags import add_flag
+from esd.failures import FAILED_MODELS_TXT, read_failures
 
 SUMMARY_COLUMNS = (
     "model_id", "is_adapter", "source_model", "num_layers", "num_fit_failed",
@@ -571,7 +571,7 @@ def _names_checkpoint(model_id) -> bool:
 def steps_from_model_list(path) -> dict[str, float]:
     """{result file stem: step} from a model list's `step` column (empty steps omitted)."""
     import csv
-    from model_list import ID_COLUMNS, parse_model_id, safe_id
+    from esd.model_list import ID_COLUMNS, parse_model_id, safe_id
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"model list {path} does not exist")

@@ -25,8 +25,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from cli_flags import add_flag
-from model_list import ModelEntry, parse_model_id, write_model_list
+from esd.cli_flags import add_flag
+from esd.model_list import ModelEntry, parse_model_id, write_model_list
 
 # Id columns recognised by from-csv, in order of preference (case-insensitive).
 CSV_ID_COLUMNS = ("model_id", "full_name", "model_name", "model", "name")

@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from esd_worker import ESDSettings, compute_model_metrics
-from model_list import ModelEntry, parse_model_id
+from esd.model_list import ModelEntry, parse_model_id
 
 ESD_OPTIONS = tuple(f.name for f in fields(ESDSettings))
 

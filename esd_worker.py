@@ -26,10 +26,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from atomic_files import atomic_path
-from cli_flags import add_bool_flag, add_flag
-from failures import ESDFailure, clear_failure, record_failure
-from model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
+from esd.atomic_files import atomic_path
+from esd.cli_flags import add_bool_flag, add_flag
+from esd.failures import ESDFailure, clear_failure, record_failure
+from esd.model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
 FIX_FINGERS_CHOICES = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")

@@ -50,9 +50,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from atomic_files import atomic_path, write_text_atomic
-from failures import ESDFailure
-from model_list import ADAPTER_RELATIONS, parse_model_id
+from esd.atomic_files import atomic_path, write_text_atomic
+from esd.failures import ESDFailure
+from esd.model_list import ADAPTER_RELATIONS, parse_model_id
 
 logger = logging.getLogger(__name__)
 Warn = Callable[[str], None]

@@ -28,11 +28,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from atomic_files import atomic_path, write_text_atomic
-from cli_flags import add_bool_flag, add_flag
+from esd.atomic_files import atomic_path, write_text_atomic
+from esd.cli_flags import add_bool_flag, add_flag
 from esd_worker import EXIT_OK, ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
-from failures import ESDFailure, read_failures, record_failure
-from model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
+from esd.failures import ESDFailure, read_failures, record_failure
+from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
 
 PROJECT_DIR = Path(__file__).resolve().parent
 WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
@@ -525,7 +525,7 @@ def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
 
 
 def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
-    import slurm_backend
+    from esd import slurm_backend
 
     tasks = [slurm_backend.SlurmTask(
         key=e.key,

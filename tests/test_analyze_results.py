@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import analyze_results as ar
-from model_list import read_model_list, safe_id
+from esd.model_list import read_model_list, safe_id
 from tiny_models import save_bert, save_gpt2, save_llama
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-import failures
-import model_list
+from esd import failures
+from esd import model_list
 import run_esd_experiment
-from failures import ESDFailure, read_failures, record_failure
+from esd.failures import ESDFailure, read_failures, record_failure
 from tiny_models import write_model_list
 
 ROOT = Path(__file__).resolve().parents[1]

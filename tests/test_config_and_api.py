@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import model_list
+from esd import model_list
 from tiny_models import save_gpt2, write_model_list
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from model_list import ModelEntry, read_model_list, write_model_list
+from esd.model_list import ModelEntry, read_model_list, write_model_list
 
 ROOT = Path(__file__).resolve().parents[1]
 CREATE = [sys.executable, str(ROOT / "create_model_list.py")]

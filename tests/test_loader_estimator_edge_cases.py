@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import net_esd
-from failures import ESDFailure
+from esd.failures import ESDFailure
 from loader_models import offline_hub, save_adapter, save_model, streamed  # noqa: F401
 from model_loader import iter_layers, resolve_model
 

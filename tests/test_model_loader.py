@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from failures import ESDFailure
+from esd.failures import ESDFailure
 from loader_models import (analysable_weights, assert_same_layers, build, load_model,
                            offline_hub, save_model, streamed)  # noqa: F401 (autouse fixture)
 from model_loader import iter_layers, resolve_model

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from failures import ESDFailure
+from esd.failures import ESDFailure
 from loader_models import (assert_same_layers, offline_hub, peft_merged, save_adapter,  # noqa: F401
                            save_model, streamed)
 from model_loader import iter_layers, resolve_model

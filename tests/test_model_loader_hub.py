@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from failures import ESDFailure
+from esd.failures import ESDFailure
 from loader_models import (analysable_weights, assert_same_layers, load_model, offline_hub,  # noqa: F401
                            peft_merged, save_adapter, save_model, streamed)
 from model_loader import _download_patterns, _hub_failure, install_into_hub_cache, resolve_model

@@ -19,8 +19,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import slurm_backend  # noqa: E402
-from slurm_backend import (SlurmError, SlurmSettings, SlurmTask, read_manifest_task,  # noqa: E402
+from esd import slurm_backend  # noqa: E402
+from esd.slurm_backend import (SlurmError, SlurmSettings, SlurmTask, read_manifest_task,  # noqa: E402
                            render_script, run_array, sbatch_command, split_extra)
 
 SLURM_LOCAL = REPO / "tests" / "slurm_local.sh"
@@ -358,7 +358,7 @@ def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, tas
     code = textwrap.dedent(f"""\
         import sys; sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from slurm_backend import SlurmSettings, SlurmTask, run_array
+        from esd.slurm_backend import SlurmSettings, SlurmTask, run_array
         tasks = [SlurmTask("slow", ("--sleep", "60"), Path({str(out / "slow.json")!r}))]
         outcome = run_array(tasks, Path({str(out)!r}), SlurmSettings(), wait=True,
                             worker_script=Path({str(task_script)!r}), poll_interval_s=0.2,
@@ -415,7 +415,7 @@ def _run_experiment(cwd: Path, model_list: Path, out: Path) -> subprocess.Comple
                     reason=str(_orchestrator_missing_reason()))
 def test_experiment_on_slurm_completes_every_model_and_resumes_only_what_is_missing(
         slurm_cluster, tmp_path):
-    from model_list import ModelEntry, result_csv_path
+    from esd.model_list import ModelEntry, result_csv_path
 
     from tiny_models import save_gpt2  # GPT2Config(n_layer=2, n_embd=64, n_head=2, ...)
 

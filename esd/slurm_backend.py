@@ -36,9 +36,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from atomic_files import atomic_path
+from esd.atomic_files import atomic_path
 
-REPO_DIR = Path(__file__).resolve().parent
+REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_WORKER_SCRIPT = REPO_DIR / "esd_worker.py"
 
 MANIFEST_NAME = "manifest.json"

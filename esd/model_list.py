@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from atomic_files import atomic_path
+from esd.atomic_files import atomic_path
 
 ID_COLUMNS = ("model_id", "full_name")
 OPTIONAL_COLUMNS = ("source_model", "base_model_relation", "revision")

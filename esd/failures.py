@@ -16,7 +16,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from atomic_files import write_text_atomic
+from esd.atomic_files import write_text_atomic
 
 STAGES = ("resolve", "load", "merge", "analyze", "save", "worker")
 
