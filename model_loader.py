@@ -42,7 +42,8 @@ from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_
                              looks_like_hub_id)
 from esd.loading.layers import plan_layers
 from esd.loading.lora import iter_adapter_layers, resolve_adapter
-from esd.loading.resolved import CONFIG_FILE, ResolvedModel, Warn, logger
+from esd.loading.log import Warn, iter_with_warnings_to, logger, warnings_to
+from esd.loading.resolved import CONFIG_FILE, ResolvedModel
 from esd.model_list import ADAPTER_RELATIONS, parse_model_id
 
 __all__ = ["ResolvedModel", "install_into_hub_cache", "iter_layers", "resolve_model"]
@@ -50,10 +51,36 @@ __all__ = ["ResolvedModel", "install_into_hub_cache", "iter_layers", "resolve_mo
 
 def resolve_model(model_id: str, revision: str | None = None, source_model: str | None = None,
                   base_model_relation: str | None = None, *, trust_remote_code: bool = False,
-                  cache_dir: str | None = None, warn: Warn = logger.warning) -> ResolvedModel:
+                  cache_dir: str | None = None, warn: Warn | None = None) -> ResolvedModel:
     """Resolve an id (local dir, `org/name`, `org/name@rev`) to files; for an adapter, also
     resolve its base (`source_model` argument → `base_model_name_or_path` in
-    adapter_config.json). Downloads only what is needed, or reads the cache when offline."""
+    adapter_config.json). Downloads only what is needed, or reads the cache when offline.
+    Warnings go to the `model_loader` logger, or to `warn` when given (also those of
+    `iter_layers` on the result)."""
+    with warnings_to(warn):
+        resolved = _locate(model_id, revision, trust_remote_code, cache_dir)
+        resolved.warn = warn
+        hint_adapter = (base_model_relation or "").strip().lower() in ADAPTER_RELATIONS
+        if is_adapter_dir(resolved.local_dir):
+            if base_model_relation and not hint_adapter:
+                logger.warning(f"{resolved.model_id}: base_model_relation="
+                               f"{base_model_relation!r} but the files are an adapter "
+                               "(adapter_config.json); merging it into its base")
+
+            def resolve_base(base_id: str, base_revision: str | None) -> ResolvedModel:
+                return resolve_model(base_id, base_revision, trust_remote_code=trust_remote_code,
+                                     cache_dir=cache_dir)
+            return resolve_adapter(resolved, source_model, resolve_base)
+        if hint_adapter:
+            logger.warning(f"{resolved.model_id}: base_model_relation={base_model_relation!r} "
+                           "but there is no adapter_config.json + adapter_model.*; analysing it "
+                           "as a full model")
+        return _with_weights(resolved, source_model)
+
+
+def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
+            cache_dir: str | None) -> ResolvedModel:
+    """The directory an id names: a local directory, or the hub snapshot of `org/name@rev`."""
     if not isinstance(model_id, str) or not model_id.strip():
         raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
     model_id, id_revision = parse_model_id(model_id)
@@ -64,7 +91,7 @@ def resolve_model(model_id: str, revision: str | None = None, source_model: str 
     local = Path(model_id).expanduser()
     if local.is_dir():
         if revision:
-            warn(f"{model_id}: local directory, revision {revision!r} ignored")
+            logger.warning(f"{model_id}: local directory, revision {revision!r} ignored")
         resolved = ResolvedModel(model_id, None, local, False, None)
     elif local.is_file() or model_id.startswith(("/", "./", "../", "~")) or \
             model_id.count("/") > 1:
@@ -75,24 +102,15 @@ def resolve_model(model_id: str, revision: str | None = None, source_model: str 
                          "nor a hub id `org/name`")
     else:
         snapshot = download_snapshot(model_id, revision or "main", hub_cache_dir(cache_dir),
-                                      trust_remote_code)
+                                     trust_remote_code)
         resolved = ResolvedModel(model_id, revision or "main", snapshot, False, None,
                                  commit=snapshot.name)
     resolved.trust_remote_code = trust_remote_code
-    resolved.warn = warn
+    return resolved
 
-    hint_adapter = (base_model_relation or "").strip().lower() in ADAPTER_RELATIONS
-    if is_adapter_dir(resolved.local_dir):
-        if base_model_relation and not hint_adapter:
-            warn(f"{model_id}: base_model_relation={base_model_relation!r} but the files are an "
-                 "adapter (adapter_config.json); merging it into its base")
-        def resolve_base(base_id: str, base_revision: str | None) -> ResolvedModel:
-            return resolve_model(base_id, base_revision, trust_remote_code=trust_remote_code,
-                                 cache_dir=cache_dir, warn=warn)
-        return resolve_adapter(resolved, source_model, resolve_base, warn)
-    if hint_adapter:
-        warn(f"{model_id}: base_model_relation={base_model_relation!r} but there is no "
-             "adapter_config.json + adapter_model.*; analysing it as a full model")
+
+def _with_weights(resolved: ResolvedModel, source_model: str | None) -> ResolvedModel:
+    """A full model: its weight files and config.json (refusing quantized checkpoints)."""
     resolved.source_model = source_model or None
     resolved.weights_dir, files = find_weights(resolved.local_dir)
     resolved.weight_files = tuple(files)
@@ -104,18 +122,19 @@ def resolve_model(model_id: str, revision: str | None = None, source_model: str 
     return resolved
 
 
-
 def iter_layers(resolved: ResolvedModel, *,
                 warn: Warn | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield `(longname, layer_type, tensor)` one layer at a time; `tensor` is a float32 CPU
-    tensor the caller owns. Adapters are merged into their base on the way."""
-    warn = warn or resolved.warn
-    if resolved.is_adapter:
-        yield from iter_adapter_layers(resolved, warn)
-        return
+    tensor the caller owns. Adapters are merged into their base on the way. Warnings go to
+    `warn`, else to the callback given to `resolve_model`, else to the `model_loader` logger."""
+    layers = iter_adapter_layers(resolved) if resolved.is_adapter else _full_model_layers(resolved)
+    return iter_with_warnings_to(layers, warn or resolved.warn)
+
+
+def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:
     ckpt = FileCheckpoint(resolved.weight_files)
     try:
-        modules, keys = plan_layers(resolved, ckpt, warn)
+        modules, keys = plan_layers(resolved, ckpt)
         done: set[str] = set()
         for name, kind, _ in modules:
             if keys[name] in done:

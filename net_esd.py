@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from esd.loading.layers import iter_model_layers  # walking nn.Modules is loading's job
+from esd.schema import LAYER_TYPES
 
 ESD_COLUMNS = [
     "longname", "layer_type", "M", "N", "Q", "params", "num_evals",
@@ -36,7 +37,6 @@ ESD_COLUMNS = [
     "num_fingers", "raw_alpha",
 ]
 
-LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
 FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
 _FIX_FINGERS_ALIASES = {"none": "DKS", "dks": "DKS"}
 

@@ -24,7 +24,8 @@ from torch import nn
 
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import TensorSource, check_index_complete
-from esd.loading.resolved import ResolvedModel, Warn
+from esd.loading.log import logger
+from esd.loading.resolved import ResolvedModel
 
 # Names that make a 2-D weight an embedding under the name/shape rule.
 EMBEDDING_NAME = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings|"
@@ -78,10 +79,10 @@ def iter_model_layers(net: nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]
         yield name, kind[0], weight.detach()
 
 
-def load_config(resolved: ResolvedModel, warn: Warn):
+def load_config(resolved: ResolvedModel):
     """The transformers config, or None (with a warning) when it cannot be built."""
     if resolved.config_path is None:
-        warn(f"{resolved.model_id}: no config.json; layers found by the name/shape rule")
+        logger.warning(f"{resolved.model_id}: no config.json; layers found by the name/shape rule")
         return None
     from transformers import AutoConfig
     try:
@@ -89,12 +90,13 @@ def load_config(resolved: ResolvedModel, warn: Warn):
                                           trust_remote_code=resolved.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - unknown model_type, remote code, bad values
         if "trust_remote_code" in str(exc) and not resolved.trust_remote_code:
-            warn(f"{resolved.model_id}: architecture needs trust_remote_code (not given); "
-                 "layers found by the name/shape rule")
+            logger.warning(f"{resolved.model_id}: architecture needs trust_remote_code (not "
+                           "given); layers found by the name/shape rule")
             resolved.needs_remote_code = True
         else:
-            warn(f"{resolved.model_id}: transformers cannot read its config "
-                 f"({type(exc).__name__}: {str(exc)[:200]}); layers found by the name/shape rule")
+            logger.warning(f"{resolved.model_id}: transformers cannot read its config "
+                           f"({type(exc).__name__}: {str(exc)[:200]}); layers found by the "
+                           "name/shape rule")
         return None
 
 
@@ -159,19 +161,20 @@ class KeyMatcher:
         return None
 
 
-def plan_layers(resolved: ResolvedModel, ckpt: TensorSource,
-                 warn: Warn) -> tuple[list[tuple[str, str, bool]], dict[str, str]]:
+def plan_layers(resolved: ResolvedModel,
+                ckpt: TensorSource) -> tuple[list[tuple[str, str, bool]], dict[str, str]]:
     """The analysable modules in model order, as (longname, layer_type, transposed), and the
     checkpoint key of each. Tied modules map to the same key."""
     check_index_complete(resolved.weight_files, ckpt)
-    config = load_config(resolved, warn)
+    config = load_config(resolved)
     model = None
     if config is not None:
         try:
             model = build_model(config, resolved.trust_remote_code, meta=True)
         except Exception as exc:  # noqa: BLE001
-            warn(f"{resolved.model_id}: transformers cannot build {getattr(config, 'architectures', None)} "
-                 f"({str(exc)[:200]}); layers found by the name/shape rule")
+            logger.warning(f"{resolved.model_id}: transformers cannot build "
+                           f"{getattr(config, 'architectures', None)} ({str(exc)[:200]}); "
+                           "layers found by the name/shape rule")
     weight_keys = {k: s for k, s in ckpt.shapes.items()}
     modules: list[tuple[str, str, bool]] = []
     keys: dict[str, str] = {}
@@ -193,8 +196,8 @@ def plan_layers(resolved: ResolvedModel, ckpt: TensorSource,
             if own_key is not None and key != own_key and not _same_values(ckpt, key, own_key):
                 # Tied in the config, but the checkpoint holds two different copies:
                 # transformers unties them on loading, so both are layers of the model.
-                warn(f"{resolved.model_id}: {name} is tied to {key} in the config but the "
-                     f"checkpoint holds a different {own_key}; both are analysed")
+                logger.warning(f"{resolved.model_id}: {name} is tied to {key} in the config but "
+                               f"the checkpoint holds a different {own_key}; both are analysed")
                 key = own_key
             if key is None:
                 key = _tied_source_key(model, name, match)
@@ -207,14 +210,16 @@ def plan_layers(resolved: ResolvedModel, ckpt: TensorSource,
             keys[name] = key
             claimed.add(key)
         if missing:
-            warn(f"{resolved.model_id}: {len(missing)} module(s) not in the checkpoint, skipped "
-                 f"(transformers would initialise them randomly): {', '.join(missing[:5])}")
+            logger.warning(f"{resolved.model_id}: {len(missing)} module(s) not in the "
+                           "checkpoint, skipped (transformers would initialise them randomly): "
+                           f"{', '.join(missing[:5])}")
         del model
     leftovers = [k for k, s in weight_keys.items() if k not in claimed and k.endswith(".weight")
                  and rule_layer_type(k, len(s))]
     if leftovers and modules:
-        warn(f"{resolved.model_id}: {len(leftovers)} checkpoint weight(s) outside the model "
-             f"skeleton, analysed by the name/shape rule: {', '.join(leftovers[:5])}")
+        logger.warning(f"{resolved.model_id}: {len(leftovers)} checkpoint weight(s) outside the "
+                       f"model skeleton, analysed by the name/shape rule: "
+                       f"{', '.join(leftovers[:5])}")
     for key in sorted(leftovers, key=natural_key):
         name = key[: -len(".weight")]
         modules.append((name, rule_layer_type(key, len(weight_keys[key])), False))

@@ -28,15 +28,15 @@ from esd.failures import ESDFailure
 from esd.loading.checkpoint import FileCheckpoint, TensorSource, read_json
 from esd.loading.layers import (KeyMatcher, build_model, load_config, module_layer_type,
                                 plan_layers, rule_layer_type)
-from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel, Warn
+from esd.loading.log import logger
+from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel
 from esd.model_list import parse_model_id
 
 
 # --------------------------------------------------------------------------- the base
 
 def resolve_adapter(resolved: ResolvedModel, source_model: str | None,
-                    resolve_base: Callable[[str, str | None], ResolvedModel],
-                    warn: Warn) -> ResolvedModel:
+                    resolve_base: Callable[[str, str | None], ResolvedModel]) -> ResolvedModel:
     """Mark `resolved` (a directory with adapter files) as an adapter and resolve its base
     with `resolve_base(base_id, revision)`."""
     adapter_config = read_json(resolved.local_dir / ADAPTER_CONFIG_FILE, stage="resolve")
@@ -49,8 +49,9 @@ def resolve_adapter(resolved: ResolvedModel, source_model: str | None,
     if source_model:
         base_id, base_revision = source_model, None
         if config_base and parse_model_id(source_model)[0] != config_base:
-            warn(f"{resolved.model_id}: source_model {source_model!r} differs from the adapter's "
-                 f"base_model_name_or_path {config_base!r}; using {source_model!r}")
+            logger.warning(f"{resolved.model_id}: source_model {source_model!r} differs from the "
+                           f"adapter's base_model_name_or_path {config_base!r}; using "
+                           f"{source_model!r}")
     elif config_base:
         base_id, base_revision = config_base, adapter_config.get("revision") or None
     else:
@@ -152,8 +153,8 @@ def _adapter_module(key: str) -> str:
     return key
 
 
-def _plan_adapter(resolved: ResolvedModel, adapter: TensorSource, modules, keys, base: TensorSource,
-                  warn: Warn):
+def _plan_adapter(resolved: ResolvedModel, adapter: TensorSource, modules, keys,
+                  base: TensorSource):
     """Check every adapter tensor against the base (names, shapes, ranks) before anything is
     merged. Returns the LoRA updates by base checkpoint key, the modules_to_save replacements
     by longname, and saved base weights (`…base_layer.weight`) by base checkpoint key (the
@@ -232,8 +233,8 @@ def _plan_adapter(resolved: ResolvedModel, adapter: TensorSource, modules, keys,
             # A head the base class lacks (e.g. a classifier): analysed as an extra layer.
             if rule_layer_type(key, len(adapter.shapes[key])) is None:
                 continue
-            warn(f"{resolved.model_id}: modules_to_save {module!r} is not a layer of the base; "
-                 "analysed as an additional layer")
+            logger.warning(f"{resolved.model_id}: modules_to_save {module!r} is not a layer of "
+                           "the base; analysed as an additional layer")
             replacements[module] = key
             continue
         if adapter.shapes[key] != base.shapes[keys[name]]:
@@ -261,22 +262,22 @@ def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
 
 # --------------------------------------------------------------------------- merging
 
-def iter_adapter_layers(resolved: ResolvedModel, warn: Warn):
+def iter_adapter_layers(resolved: ResolvedModel):
     adapter = FileCheckpoint(resolved.weight_files)
     base_ckpt = None
     try:
         reason = _streaming_unsupported(resolved.adapter_config or {}, adapter)
         if reason is not None:
             adapter.close()
-            warn(f"{resolved.model_id}: {reason}: merged by peft on a full float32 CPU copy of "
-                 f"the base (memory: the whole model)")
-            yield from _merge_with_peft(resolved, warn)
+            logger.warning(f"{resolved.model_id}: {reason}: merged by peft on a full float32 CPU "
+                           "copy of the base (memory: the whole model)")
+            yield from _merge_with_peft(resolved)
             return
         base = resolved.base
         base_ckpt = FileCheckpoint(base.weight_files)
-        modules, keys = plan_layers(base, base_ckpt, warn)
+        modules, keys = plan_layers(base, base_ckpt)
         updates, replacements, overrides = _plan_adapter(resolved, adapter, modules, keys,
-                                                         base_ckpt, warn)
+                                                         base_ckpt)
         done: set[str] = set()
         for name, kind, _ in modules:
             if name in replacements:     # modules_to_save: the adapter's full weight
@@ -304,31 +305,13 @@ def iter_adapter_layers(resolved: ResolvedModel, warn: Warn):
             base_ckpt.close()
 
 
-def _merge_with_peft(resolved: ResolvedModel, warn: Warn):
+def _merge_with_peft(resolved: ResolvedModel):
     """Adapters the streaming merge does not cover (DoRA, lora_bias, conv LoRA, IA3, LoHa,
     LoKr, AdaLoRA, …): peft merges them itself. The base is built on CPU in float32 and
-    filled from its checkpoint, `PeftModel.from_pretrained(...).merge_and_unload()`, then its
-    layers are yielded. Memory: the whole model in float32."""
-    base = resolved.base
-    config = load_config(base, warn)
-    if config is None:
-        raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: needs peft's own "
-                         f"merge, which needs a transformers config for base {base.model_id}")
-    try:
-        model = build_model(config, base.trust_remote_code, meta=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: cannot build base "
-                         f"{base.model_id} for peft's merge: {str(exc)[:300]}") from None
-    ckpt = FileCheckpoint(base.weight_files)
-    try:
-        match = KeyMatcher(ckpt.shapes, getattr(model, "base_model_prefix", "") or "")
-        with torch.no_grad():
-            for name, param in model.state_dict(keep_vars=True).items():
-                key = match(name)
-                if key is not None and tuple(ckpt.shapes[key]) == tuple(param.shape):
-                    param.copy_(ckpt.tensor(key))
-    finally:
-        ckpt.close()
+    filled from its checkpoint (every parameter's name and shape checked first),
+    `PeftModel.from_pretrained(...).merge_and_unload()`, then its layers are yielded.
+    Memory: the whole model in float32."""
+    model = _filled_base_model(resolved)
     try:
         from peft import PeftModel
         merged = PeftModel.from_pretrained(model, str(resolved.local_dir)).merge_and_unload()
@@ -337,7 +320,8 @@ def _merge_with_peft(resolved: ResolvedModel, warn: Warn):
     except Exception as exc:  # noqa: BLE001 - size mismatches, unsupported configs
         reason = "adapter_mismatch" if "size mismatch" in str(exc) else "adapter_unsupported"
         raise ESDFailure("merge", reason, f"{resolved.model_id}: peft cannot merge it into "
-                         f"{base.model_id}: {type(exc).__name__}: {str(exc)[:300]}") from None
+                         f"{resolved.base.model_id}: {type(exc).__name__}: "
+                         f"{str(exc)[:300]}") from None
     del model
     seen: set[int] = set()
     for name, module in list(merged.named_modules()):
@@ -347,3 +331,57 @@ def _merge_with_peft(resolved: ResolvedModel, warn: Warn):
             continue
         seen.add(id(weight))
         yield name, kind[0], weight.detach().to(torch.float32)
+
+
+def _filled_base_model(resolved: ResolvedModel) -> torch.nn.Module:
+    """The base of `resolved` as a float32 CPU model holding its checkpoint's values."""
+    base = resolved.base
+    config = load_config(base)
+    if config is None:
+        raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: needs peft's own "
+                         f"merge, which needs a transformers config for base {base.model_id}")
+    try:
+        model = build_model(config, base.trust_remote_code, meta=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: cannot build base "
+                         f"{base.model_id} for peft's merge: {str(exc)[:300]}") from None
+    with FileCheckpoint(base.weight_files) as ckpt:
+        sources = _base_sources(resolved, model, ckpt)
+        with torch.no_grad():
+            for target, key in sources:
+                target.copy_(ckpt.tensor(key))
+    return model
+
+
+def _base_sources(resolved: ResolvedModel, model: torch.nn.Module,
+                  ckpt: TensorSource) -> list[tuple[torch.Tensor, str]]:
+    """(model tensor, checkpoint key) for every parameter and persistent buffer, after checking
+    that every parameter is in the checkpoint with its shape (a tied parameter under any of
+    its names); a buffer the checkpoint lacks keeps its computed value. Anything else would
+    leave random initialisation in the merged model."""
+    match = KeyMatcher(ckpt.shapes, getattr(model, "base_model_prefix", "") or "")
+    params = {id(p) for p in model.parameters()}
+    names_of: dict[int, list[str]] = {}
+    tensor_of: dict[int, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():   # tied: several names
+        names_of.setdefault(id(tensor), []).append(name)
+        tensor_of[id(tensor)] = tensor
+    sources, problems = [], []
+    for ident, names in names_of.items():
+        tensor = tensor_of[ident]
+        found = [(n, match(n)) for n in names if match(n) is not None]
+        fitting = [key for _, key in found if tuple(ckpt.shapes[key]) == tuple(tensor.shape)]
+        if fitting:
+            sources.append((tensor, fitting[0]))
+        elif found:
+            problems.append(f"{found[0][0]}: checkpoint {found[0][1]} is "
+                            f"{list(ckpt.shapes[found[0][1]])}, the config builds "
+                            f"{list(tensor.shape)}")
+        elif ident in params:
+            problems.append(f"{names[0]}: not in the checkpoint")
+    if problems:
+        raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id}: base "
+                         f"{resolved.base.model_id} does not fit its own config, so peft would "
+                         "merge into random weights: " + "; ".join(problems[:5]) +
+                         (f"; … ({len(problems)} problems)" if len(problems) > 5 else ""))
+    return sources

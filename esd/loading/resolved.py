@@ -4,13 +4,10 @@ Owns the `ResolvedModel` record shared by every loading module. Must not do any 
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-logger = logging.getLogger("model_loader")
-Warn = Callable[[str], None]
+from esd.loading.log import Warn
 
 CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -34,5 +31,5 @@ class ResolvedModel:
     config_path: Path | None = None
     adapter_config: dict | None = None
     trust_remote_code: bool = False
-    warn: Warn = field(default=logger.warning, repr=False, compare=False)
+    warn: Warn | None = field(default=None, repr=False, compare=False)  # where its warnings go
     needs_remote_code: bool = field(default=False, repr=False)  # config needs custom code
