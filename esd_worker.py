@@ -27,7 +27,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from esd.atomic_files import atomic_path
-from esd.cli_flags import add_bool_flag, add_flag
+from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd.failures import ESDFailure, clear_failure, record_failure
 from esd.model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
 
@@ -121,7 +121,7 @@ def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
+    parser = FlagParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
     add_flag(parser, "model_id", help="hub id (org/name[@rev]) or local directory")
     add_flag(parser, "source_model", help="base model of an adapter")
     add_flag(parser, "base_model_relation", help="hint from the model list (base, finetune, adapter, …)")
