@@ -345,7 +345,8 @@ def check_esd_settings(config: ExperimentConfig) -> None:
     wanted = asdict(config.esd)
     if path.exists() and not config.overwrite:
         stored = _read_esd_settings(path)
-        diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+        defaults = asdict(ESDSettings())  # a setting newer than the file: its default then
+        diff = {k: (stored.get(k, defaults[k]), v) for k, v in wanted.items() if stored.get(k, defaults[k]) != v}
         if diff:
             said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
             raise ConfigError(
