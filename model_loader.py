@@ -52,7 +52,8 @@ from torch import nn
 
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.failures import ESDFailure
-from esd.model_list import ADAPTER_RELATIONS, parse_model_id
+from esd.model_list import (ModelEntry, RevisionConflict, parse_model_id,
+                            relation_says_adapter, split_revision)
 
 logger = logging.getLogger(__name__)
 Warn = Callable[[str], None]
@@ -382,19 +383,23 @@ def _check_not_quantized(config_path: Path | None) -> None:
 
 # --------------------------------------------------------------------------- resolve
 
-def resolve_model(model_id: str, revision: str | None = None, source_model: str | None = None,
+def resolve_model(model_id: "str | ModelEntry", revision: str | None = None, source_model: str | None = None,
                   base_model_relation: str | None = None, *, trust_remote_code: bool = False,
                   cache_dir: str | None = None, warn: Warn = logger.warning) -> ResolvedModel:
     """Resolve an id (local dir, `org/name`, `org/name@rev`) to files; for an adapter, also
     resolve its base (`source_model` argument → `base_model_name_or_path` in
-    adapter_config.json). Downloads only what is needed, or reads the cache when offline."""
+    adapter_config.json). Downloads only what is needed, or reads the cache when offline.
+    `model_id` may be a `ModelEntry` (the worker's form): its real local directory is used."""
+    if isinstance(model_id, ModelEntry):  # adapter: the entry form beside the keyword form
+        entry = model_id
+        model_id, revision = entry.local_dir or entry.model_id, entry.revision
+        source_model, base_model_relation = entry.source_model, entry.base_model_relation
     if not isinstance(model_id, str) or not model_id.strip():
         raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
-    model_id, id_revision = parse_model_id(model_id)
-    if id_revision and revision and id_revision != revision:
-        raise ESDFailure("resolve", "invalid_id", f"{model_id}: revision {id_revision!r} in the "
-                         f"id disagrees with revision argument {revision!r}")
-    revision = revision or id_revision
+    try:
+        model_id, revision = split_revision(model_id, revision)
+    except RevisionConflict as exc:
+        raise ESDFailure("resolve", "invalid_id", str(exc)) from None
     local = Path(model_id).expanduser()
     if local.is_dir():
         if revision:
@@ -415,7 +420,7 @@ def resolve_model(model_id: str, revision: str | None = None, source_model: str 
     resolved.trust_remote_code = trust_remote_code
     resolved.warn = warn
 
-    hint_adapter = (base_model_relation or "").strip().lower() in ADAPTER_RELATIONS
+    hint_adapter = relation_says_adapter(base_model_relation)
     if _is_adapter_dir(resolved.local_dir):
         if base_model_relation and not hint_adapter:
             warn(f"{model_id}: base_model_relation={base_model_relation!r} but the files are an "
