@@ -27,7 +27,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from esd.atomic_files import atomic_path
-from esd.cli_flags import add_bool_flag, add_flag
+from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd.failures import ESDFailure, clear_failure, record_failure
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args)
@@ -115,7 +115,7 @@ def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
+    parser = FlagParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
     add_entry_flags(parser)
     add_flag(parser, "output_dir", help="where the per-model CSV goes")
     add_esd_arguments(parser)

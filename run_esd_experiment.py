@@ -29,7 +29,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from esd.atomic_files import atomic_path, write_text_atomic
-from esd.cli_flags import add_bool_flag, add_flag
+from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import Backend, BackendError, Task
 from esd.failures import read_failures
@@ -140,7 +140,7 @@ def _path(text) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         description="Compute per-layer ESD metrics for every model of a model list (resumable).",
         epilog="With no arguments: the embedded demo, examples/models.csv into results/.")
     add_flag(p, "config", type=Path, help="YAML file with any of these flags (command-line flags override it)")
@@ -282,7 +282,7 @@ def _attach_slurm_extra(argv: list[str]) -> list[str]:
 def parse_config(argv: list[str]) -> ExperimentConfig:
     parser = build_parser()
     argv = _attach_slurm_extra(list(argv))
-    pre = argparse.ArgumentParser(add_help=False)  # --config first: its values become defaults
+    pre = FlagParser(add_help=False)  # --config first: its values become defaults
     add_flag(pre, "config", type=Path)
     config_path = pre.parse_known_args(argv)[0].config
     if config_path is not None:
