@@ -28,7 +28,8 @@ from filelock import FileLock, Timeout
 from esd.atomic_files import atomic_path
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd.failures import ESDFailure, clear_failure, record_failure
-from esd.model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
+from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
+                            entry_from_args)
 from net_esd import ESDSettings  # noqa: F401 - re-exported: the settings' home is net_esd
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
@@ -81,15 +82,8 @@ class WorkerConfig:
 def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
                 overwrite=False, save_eigs=False, trust_remote_code=False) -> list[str]:
     """The worker's arguments for one model (after the script path); no shell involved.
-    Values from the model list are attached (`--model_id=ID`), so an id such as `-x` or
-    `--help` stays a value instead of being read as a flag."""
-    argv = [f"--model_id={entry.model_id}", "--output_dir", str(output_dir)]
-    if entry.revision:
-        argv += [f"--revision={entry.revision}"]
-    if entry.source_model:
-        argv += [f"--source_model={entry.source_model}"]
-    if entry.base_model_relation:
-        argv += [f"--base_model_relation={entry.base_model_relation}"]
+    The model's part is `model_list.entry_argv` (read back by `entry_from_args`)."""
+    argv = entry_argv(entry) + ["--output_dir", str(output_dir)]
     argv += esd_argv(esd) + ["--device", device]
     argv += ["--overwrite"] * overwrite + ["--save_eigs"] * save_eigs
     argv += ["--trust_remote_code"] * trust_remote_code
@@ -98,10 +92,7 @@ def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
-    add_flag(parser, "model_id", help="hub id (org/name[@rev]) or local directory")
-    add_flag(parser, "source_model", help="base model of an adapter")
-    add_flag(parser, "base_model_relation", help="hint from the model list (base, finetune, adapter, …)")
-    add_flag(parser, "revision", help="hub revision (branch, tag or commit)")
+    add_entry_flags(parser)
     add_flag(parser, "output_dir", help="where the per-model CSV goes")
     add_esd_arguments(parser)
     add_flag(parser, "device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -114,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-MODEL_FLAGS = ("model_id", "source_model", "base_model_relation", "revision", "output_dir")
+MODEL_FLAGS = (*ENTRY_FLAGS, "output_dir")
 
 
 @dataclass(frozen=True)
@@ -180,10 +171,10 @@ def parse_config(argv: list[str]) -> WorkerConfig:
         parser.error("--model_id and --output_dir are required")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir} is an existing file, not a directory")
-    model_id, revision = parse_model_id(args.model_id)
-    if args.revision and revision and args.revision != revision:
-        parser.error(f"--model_id names revision {revision!r} but --revision says {args.revision!r}")
-    entry = ModelEntry(model_id, revision or args.revision, args.source_model, args.base_model_relation)
+    try:
+        entry = entry_from_args(args)
+    except RevisionConflict as exc:
+        parser.error(str(exc))
     try:
         esd = esd_settings_from_args(args)
     except ValueError as exc:
@@ -221,9 +212,7 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
     from model_loader import iter_layers, resolve_model
     from net_esd import analyze_layers
 
-    resolved = resolve_model(entry.model_id, entry.revision, entry.source_model,
-                             entry.base_model_relation, trust_remote_code=trust_remote_code,
-                             warn=log.warning)
+    resolved = resolve_model(entry, trust_remote_code=trust_remote_code, warn=log.warning)
     device_name, device_ids = pick_device(device)
     try:
         frame = analyze_layers(iter_layers(resolved), esd, device_ids=device_ids, device=device_name,
@@ -245,10 +234,6 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
     return frame
 
 
-def eigs_path(output_dir, entry: ModelEntry) -> Path:
-    return Path(output_dir) / "eigs" / f"{safe_id(entry.model_id, entry.revision)}.npz"
-
-
 def _save_npz(path: Path, arrays: dict) -> None:
     import numpy as np
     with open(path, "wb") as handle:  # a file handle: numpy would append ".npz" to a name
@@ -256,10 +241,11 @@ def _save_npz(path: Path, arrays: dict) -> None:
 
 
 def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
-    out = result_csv_path(config.output_dir, config.entry)
+    paths = config.entry.paths(config.output_dir)
+    out = paths.result_csv
     try:
         if eigs is not None:  # eigenvalues first: an existing CSV implies its eigs exist
-            target = eigs_path(config.output_dir, config.entry)
+            target = paths.eigs
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 _save_npz(tmp, eigs)
@@ -274,9 +260,9 @@ def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
 def model_lock(config: WorkerConfig):
     """Hold `.locks/<safe_id>.lock` while working, so a rerun never computes a model that a
     surviving worker of a killed run is still computing: it waits, then finds the CSV."""
-    lock_dir = config.output_dir / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_dir / f"{safe_id(config.entry.model_id, config.entry.revision)}.lock"))
+    path = config.entry.paths(config.output_dir).lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -294,7 +280,7 @@ def _print_layer_done(layers_done: int, longname: str) -> None:
 
 def run_worker(config: WorkerConfig) -> int:
     entry = config.entry
-    out = result_csv_path(config.output_dir, entry)
+    out = entry.paths(config.output_dir).result_csv
     try:
         config.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # nowhere to record a failure: say it on stderr
