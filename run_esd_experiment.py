@@ -28,17 +28,18 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from esd.atomic_files import atomic_path, write_text_atomic
+from esd import diskfull, run_lock, safe_output
+from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
 from esd.cli_flags import add_bool_flag, add_flag
 from esd_worker import EXIT_OK, ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
-from esd.failures import ESDFailure, read_failures, record_failure
+from esd.failures import ESDFailure, clear_failures, compact_failures, read_failures, record_failure
 from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
 
 PROJECT_DIR = Path(__file__).resolve().parent
 WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
 DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ESD_SETTINGS_FILE = "esd_settings.json"
+ESD_SETTINGS_FILE = run_lock.SETTINGS_FILE
 EXIT_INTERRUPTED = 130
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
                     "pandas", "nvidia-ml-py")
@@ -328,37 +329,18 @@ def plan_models(entries: list[ModelEntry], config: ExperimentConfig) -> Plan:
             skipped.append(entry)
         else:
             todo.append(entry)
+    clear_failures(config.output_dir, [e.key for e in done])  # a done model is never in the failure files
     cut = len(todo) if config.limit is None else config.limit
     return Plan(tuple(entries), tuple(done), tuple(skipped), tuple(todo[:cut]), tuple(todo[cut:]))
 
 
 def check_esd_settings(config: ExperimentConfig) -> None:
-    """Refuse to mix results computed with different ESD settings in one directory."""
-    path = config.output_dir / ESD_SETTINGS_FILE
-    wanted = asdict(config.esd)
-    if path.exists() and not config.overwrite:
-        stored = _read_esd_settings(path)
-        diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-        if diff:
-            said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
-            raise ConfigError(
-                f"{config.output_dir} holds results computed with other ESD settings ({said}). "
-                f"Use another --output_dir, or --overwrite to recompute with the new settings.")
-    if config.overwrite or not path.exists():
-        _write_json_atomic(path, wanted)
-
-
-def _read_esd_settings(path: Path) -> dict:
+    """Refuse to mix results computed with different ESD settings in one directory: claimed
+    atomically and held for the run's life (esd/run_lock.py)."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. a directory, cut short
-        stored = exc
-    if not isinstance(stored, dict):
-        raise ConfigError(
-            f"{path} is damaged (not a JSON object of ESD settings: {stored}). It records the settings "
-            f"this directory's results were computed with: restore it, or remove it if you know they "
-            f"match this run (it is then rewritten), or use --overwrite to recompute everything.")
-    return stored
+        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite)
+    except run_lock.SettingsConflict as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -402,6 +384,7 @@ def setup_logging(output_dir: Path) -> Path:
     quiet_console.setFormatter(console.formatter)
     dispatch_log.addHandler(file_handler)
     dispatch_log.addHandler(quiet_console)
+    safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks
     return log_path
 
 
@@ -448,10 +431,14 @@ def _failure_of(output_dir: Path, key: str):
     return read_failures(output_dir).get(key)
 
 
-def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, result) -> None:
-    """A worker that was killed or timed out could not record its failure: record it here."""
+def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, result):
+    """A worker that was killed or timed out could not record its failure: record it here
+    (kept in memory if the disk is full); returns the record."""
     if result.timed_out:
         failure = ESDFailure("worker", "timeout", f"exceeded --timeout {config.timeout:g}s", retryable=False)
+    elif (diskfull.is_disk_full(getattr(result, "launch_error", None))
+          or result.returncode == diskfull.EXIT_DISK_FULL):
+        failure = diskfull.disk_full_failure(result.log_path or config.output_dir, stage="worker")
     elif result.returncode is not None and result.returncode < 0:
         failure = ESDFailure("worker", "worker_killed",
                              f"worker killed by signal {-result.returncode} (out of host memory?)")
@@ -459,7 +446,17 @@ def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, resu
         failure = ESDFailure("worker", "worker_crashed",
                              f"worker exited with status {result.returncode} without a failure record; "
                              f"see {result.log_path}", retryable=False)
-    record_failure(config.output_dir, entry.key, failure)
+    return diskfull.record_or_remember(config.output_dir, entry.key, failure)
+
+
+def _result_written(path: Path, result) -> bool:
+    """The job's model is done: its worker said so, or its CSV was renamed into place during
+    the job (a worker killed after that, before exiting, has still finished the model)."""
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return False
+    return result.returncode == EXIT_OK or (result.start_time is not None and mtime >= result.start_time - 1)
 
 
 def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
@@ -487,15 +484,15 @@ def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
         if result.interrupted:
             outcome.interrupted = True
             return
-        if result.returncode == EXIT_OK and result_csv_path(config.output_dir, entry).exists():
+        if _result_written(result_csv_path(config.output_dir, entry), result):
+            clear_failures(config.output_dir, [entry.key])  # killed after its CSV was in place: done
             outcome.succeeded.append(entry.key)
             log.info("done    %s (%.0fs)", entry.key, result.end_time - result.start_time)
             progress.update(True)
             return
         record = _failure_of(config.output_dir, entry.key)
-        if record is None or record.time < result.start_time - 1:
-            _record_unreported_failure(config, entry, result)
-            record = _failure_of(config.output_dir, entry.key)
+        if record is None or record.time < (result.start_time or 0) - 1:
+            record = _record_unreported_failure(config, entry, result)
         attempt = attempts[result.job_id]
         if record.retryable and attempt <= config.max_retries:
             delay = config.retry_backoff * 2 ** (attempt - 1)
@@ -580,7 +577,7 @@ def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan
     run_dir = config.output_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = config_as_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True), encoding="utf-8")
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=True))
     record = {"run_id": run_id, "status": status, "command": sys.argv,
               "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "end_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
@@ -634,6 +631,9 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:
+        log.warning(disk_full)
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
@@ -679,6 +679,8 @@ def run(config: ExperimentConfig) -> int:
     for warning in list_warnings:
         log.warning(warning)
     check_esd_settings(config)
+    remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write
+    compact_failures(config.output_dir)
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     plan = plan_models(entries, config)
@@ -699,6 +701,7 @@ def run(config: ExperimentConfig) -> int:
         status = "error"
         raise
     finally:
+        compact_failures(config.output_dir)
         record_run(config, run_id, started, plan, outcome, status)
     summary = write_summary(config) if status == "completed" else None
     report(plan, outcome, time.time() - started, summary, config)
@@ -709,6 +712,8 @@ def run(config: ExperimentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    safe_output.tolerant_std_streams()  # stdout into `head`, or onto a full disk: no tracebacks
+    safe_output.stop_on_hangup()  # ssh dropped without nohup: stop and record like Ctrl-C
     try:
         return run(parse_config(argv))
     except (ConfigError, ModelListError) as exc:
@@ -717,6 +722,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the dispatcher (which handles its own)
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if not diskfull.is_disk_full(exc):
+            raise
+        print(f"error: {diskfull.run_message(None, exc.filename)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

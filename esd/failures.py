@@ -316,3 +316,14 @@ def compact_failures(output_dir) -> None:
     with _lock(output_dir):
         _write_compacted(output_dir, _read_records(output_dir))
 
+
+
+def failure_recorded_since(output_dir, model_id: str, since: float) -> FailureRecord | None:
+    """The model's current failure if it was recorded at or after `since` (epoch seconds):
+    another worker's attempt that ended while we waited for the model's lock."""
+    output_dir = Path(output_dir)
+    if not (output_dir / FAILURES_JSONL).exists():
+        return None
+    with _lock(output_dir):
+        record = _last_record_of(output_dir, model_id)
+    return record if record is not None and record.time >= since else None
