@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from esd.atomic_files import atomic_path, write_text_atomic
-from esd.cli_flags import add_flag
+from esd.cli_flags import FlagParser, add_flag
 from esd.failures import FAILED_MODELS_TXT, read_failures
 
 SUMMARY_COLUMNS = (
@@ -839,7 +839,7 @@ figcaption {{ font-size: 0.75em; color: #666; }}
 # ================================================================ command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description="Summarise, query and plot the per-model ESD results of a results directory.",
         epilog="Filters: COLUMN OP VALUE with OP in = != < <= > >= ~ (regex), e.g. "
                "--filter \"alpha_mean<3\" \"is_adapter=True\" \"model_id~llama\".")

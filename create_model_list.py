@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from esd.cli_flags import add_flag
+from esd.cli_flags import FlagParser, add_flag
 from esd.model_list import ModelEntry, parse_model_id, write_model_list
 
 # Id columns recognised by from-csv, in order of preference (case-insensitive).
@@ -268,7 +268,7 @@ def _cmd_from_checkpoints(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description="Create the model list CSV for run_esd_experiment.py.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -184,6 +184,7 @@ class Dispatcher:
         self._running: dict[int, _Running] = {}  # by pid
         self._results: list[JobResult] = []
         self._stop_requests = 0  # plain int: request_stop must be safe in a signal handler
+        self._cancel_requests: set[str] = set()  # job ids to terminate (``cancel``)
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_poll_mono = 0.0
@@ -236,6 +237,13 @@ class Dispatcher:
         """Stop dispatching and terminate running jobs' process groups (SIGTERM, then
         SIGKILL after ``kill_grace_s``; a second request kills at once). Signal-safe."""
         self._stop_requests += 1
+        self._wake()
+
+    def cancel(self, job_id: str) -> None:
+        """Terminate the running job ``job_id`` (SIGTERM to its group, SIGKILL after
+        ``kill_grace_s``); its result then reports the signal. Safe from any thread."""
+        with self._queue_lock:
+            self._cancel_requests.add(job_id)
         self._wake()
 
     def run(self, jobs: list[Job] | tuple[Job, ...] = ()) -> list[JobResult]:
@@ -469,7 +477,13 @@ class Dispatcher:
                 run.pidfd = None
 
     def _tend_running(self, now: float) -> None:
-        """Timeouts, SIGKILL after the grace period, and finishing ended jobs."""
+        """Timeouts, cancellations, SIGKILL after the grace period, finishing ended jobs."""
+        with self._queue_lock:
+            cancel, self._cancel_requests = self._cancel_requests, set()
+        for run in self._running.values():
+            if run.job.job_id in cancel and run.returncode is None:
+                self.logger.warning("gputracker: job %s cancelled; terminating it", run.job.job_id)
+                self._terminate(run, now)
         for pid, run in list(self._running.items()):
             if run.returncode is None:
                 if run.deadline_mono is not None and now >= run.deadline_mono and not run.timed_out:
