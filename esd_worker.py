@@ -20,16 +20,17 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
-from esd.failures import ESDFailure, clear_failure, record_failure
+from esd.failures import ESDFailure, clear_failure, failure_recorded_since, record_failure
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
-                            entry_from_args)
+                            entry_from_args, unsafe_characters)
 from net_esd import ESDSettings  # noqa: F401 - re-exported: the settings' home is net_esd
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
@@ -169,6 +170,10 @@ def parse_config(argv: list[str]) -> WorkerConfig:
         parser.error("--task_index goes with --manifest")
     if not args.model_id or not args.output_dir:
         parser.error("--model_id and --output_dir are required")
+    for flag in ("model_id", "source_model", "revision"):
+        unsafe = getattr(args, flag) and unsafe_characters(getattr(args, flag))
+        if unsafe:
+            parser.error(f"--{flag} has control characters ({unsafe}); refused")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir} is an existing file, not a directory")
     try:
@@ -251,25 +256,28 @@ def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
                 _save_npz(tmp, eigs)
         with atomic_path(out) as tmp:
             frame.to_csv(tmp, index=False)
-    except OSError as exc:
-        raise ESDFailure("save", "write_failed", f"could not write {out}: {exc}") from exc
+    except OSError as exc:  # a full disk is `disk_full` (retryable), with the free space
+        raise diskfull.write_failure(out, exc) from exc
     return out
 
 
 @contextlib.contextmanager
 def model_lock(config: WorkerConfig):
     """Hold `.locks/<safe_id>.lock` while working, so a rerun never computes a model that a
-    surviving worker of a killed run is still computing: it waits, then finds the CSV."""
+    surviving worker of a killed run is still computing: it waits, then finds the CSV (or
+    the failure recorded meanwhile). Yields when the wait began, None if it did not wait."""
     path = config.entry.paths(config.output_dir).lock
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
+    waited_since = None
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        waited_since = time.time()
         print(f"another worker is analysing {config.entry.key}; waiting for it", flush=True)
         lock.acquire()
     try:
-        yield
+        yield waited_since
     finally:
         lock.release()
 
@@ -286,10 +294,22 @@ def run_worker(config: WorkerConfig) -> int:
     except OSError as exc:  # nowhere to record a failure: say it on stderr
         print(f"error: --output_dir {config.output_dir} cannot be created: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
-    with model_lock(config):
+    try:  # held for the worker's life: no run with other settings can take the directory
+        run_lock.check_settings(config.output_dir, asdict(config.esd))
+    except run_lock.SettingsConflict as exc:
+        record = record_failure(config.output_dir, entry.key, ESDFailure("worker", "settings_mismatch", str(exc), False))
+        print(f"{entry.key}: FAILED {record.stage}/{record.reason}: {record.message}", flush=True)
+        return EXIT_FAILED
+    with model_lock(config) as waited_since:
         if out.exists() and not config.overwrite:
+            clear_failure(config.output_dir, entry.key)  # a done model is never in the failure files
             print(f"{entry.key}: already done ({out})", flush=True)
             return EXIT_OK
+        earlier = waited_since and failure_recorded_since(config.output_dir, entry.key, waited_since)
+        if earlier:  # the worker we waited for failed: its attempt stands for ours
+            print(f"{entry.key}: FAILED meanwhile in another worker: {earlier.stage}/{earlier.reason}: "
+                  f"{earlier.message}", flush=True)
+            return EXIT_RETRYABLE if earlier.retryable else EXIT_FAILED
         started = time.time()
         try:
             eigs = {} if config.save_eigs else None
@@ -310,6 +330,7 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    safe_output.tolerant_std_streams()  # its log on a full disk, or stdout into `head`: never a traceback
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = parse_config(sys.argv[1:] if argv is None else argv)
     if config.log_path is not None:
@@ -320,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # nothing half-written: results are written to a temporary name first
         print(f"{config.entry.key}: interrupted; nothing was written for it", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if not diskfull.is_disk_full(exc):
+            raise
+        return diskfull.worker_exit(config.output_dir, config.entry.key, exc, EXIT_RETRYABLE)
 
 
 if __name__ == "__main__":
