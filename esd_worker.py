@@ -33,7 +33,6 @@ from esd.model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
 FIX_FINGERS_CHOICES = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
-ID_COLUMNS = ["model_id", "is_adapter", "source_model"]
 
 log = logging.getLogger("esd_worker")
 
@@ -100,6 +99,7 @@ class WorkerConfig:
     overwrite: bool = False
     save_eigs: bool = False
     trust_remote_code: bool = False
+    log_path: Path | None = None   # Slurm manifest task: send our output there
 
 
 def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
@@ -141,8 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_FLAGS = ("model_id", "source_model", "base_model_relation", "revision", "output_dir")
 
 
-def read_manifest_argv(manifest: str, task_index: int) -> list[str]:
-    """Task `task_index`'s worker arguments from a Slurm manifest; ValueError says what is wrong."""
+@dataclass(frozen=True)
+class ManifestTask:
+    argv: list[str]              # the worker's arguments
+    log_path: Path | None        # where the worker's output goes (None: stdout, the Slurm log)
+
+
+def read_manifest_task(manifest: str, task_index: int) -> ManifestTask:
+    """Task `task_index` of a Slurm manifest (written by `esd/backends/slurm.py`); ValueError
+    says what is wrong."""
     try:
         data = json.loads(Path(manifest).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -158,12 +165,27 @@ def read_manifest_argv(manifest: str, task_index: int) -> list[str]:
     argv = task.get("argv") if isinstance(task, dict) else None
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
         raise ValueError(f"--manifest {manifest}, task {task_index}: no 'argv' list of strings")
-    return argv
+    log_path = task.get("log_path")
+    return ManifestTask(argv, Path(log_path) if isinstance(log_path, str) and log_path else None)
+
+
+def _send_output_to(log_path: Path) -> None:
+    """stdout and stderr (ours and any child's) appended to the task's log, as the local
+    backend does: `logs/workers/<safe_id>.log` under every backend, watched for progress."""
+    import os
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def parse_config(argv: list[str]) -> WorkerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log_path = None
     if args.manifest:
         if args.task_index is None:
             parser.error("--manifest needs --task_index")
@@ -171,9 +193,11 @@ def parse_config(argv: list[str]) -> WorkerConfig:
         if given:
             parser.error(f"--manifest names the model and output directory; do not also give {', '.join(given)}")
         try:
-            args = parser.parse_args(read_manifest_argv(args.manifest, args.task_index))
+            task = read_manifest_task(args.manifest, args.task_index)
         except ValueError as exc:
             parser.error(str(exc))
+        args = parser.parse_args(task.argv)
+        log_path = task.log_path
     elif args.task_index is not None:
         parser.error("--task_index goes with --manifest")
     if not args.model_id or not args.output_dir:
@@ -189,7 +213,7 @@ def parse_config(argv: list[str]) -> WorkerConfig:
     except ValueError as exc:
         parser.error(str(exc))
     return WorkerConfig(entry, Path(args.output_dir), esd, args.device, args.overwrite,
-                        args.save_eigs, args.trust_remote_code)
+                        args.save_eigs, args.trust_remote_code, log_path)
 
 
 def pick_device(requested: str):
@@ -329,6 +353,9 @@ EXIT_INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = parse_config(sys.argv[1:] if argv is None else argv)
+    if config.log_path is not None:
+        print(f"[esd] output of this task goes to {config.log_path}", flush=True)
+        _send_output_to(config.log_path)
     try:
         return run_worker(config)
     except KeyboardInterrupt:  # nothing half-written: results are written to a temporary name first

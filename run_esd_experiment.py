@@ -30,8 +30,10 @@ from filelock import FileLock
 
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
-from esd_worker import EXIT_OK, ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
-from esd.failures import ESDFailure, read_failures, record_failure
+from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
+from esd.backends import Backend, BackendError, Task
+from esd.failures import read_failures
+from esd.supervisor import Outcome, Policy, Supervisor
 from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
 
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -68,6 +70,7 @@ class ExperimentConfig:
     max_retries: int = 2
     retry_backoff: float = 10.0              # seconds before the first retry, doubling
     timeout: float | None = None             # seconds per model
+    stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
     save_eigs: bool = False
     trust_remote_code: bool = False
     backend: str = "local"
@@ -157,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "max_retries", type=int, default=2, help="retries of a retryable failure (%(default)s)")
     add_flag(p, "retry_backoff", type=float, default=10.0, help="seconds before the first retry, doubling (%(default)s)")
     add_flag(p, "timeout", type=_optional_number(float), default=None, help="wall-clock seconds per model (none)")
+    add_flag(p, "stall_timeout", type=_optional_number(float), default=1800.0,
+             help="a worker whose log shows no progress for this many seconds is stopped as "
+                  "'stalled' (%(default)s; 0 or none: never)")
     add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
     add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
     add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
@@ -292,6 +298,7 @@ def parse_config(argv: list[str]) -> ExperimentConfig:
     values["output_dir"] = Path(values["output_dir"])
     values["limit"] = _optional_number(int)(values["limit"])
     values["timeout"] = _optional_number(float)(values["timeout"])
+    values["stall_timeout"] = _optional_number(float)(values["stall_timeout"])
     config = ExperimentConfig(esd=esd, gpus=_parse_gpus(args.gpus), **values)
     config.validate()
     return config
@@ -435,122 +442,54 @@ class Progress:
             self.bar.close()
 
 
-# ---------------------------------------------------------------- backends
+# ---------------------------------------------------------------- tasks and backends
 
-@dataclass
-class Outcome:
-    succeeded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)   # key -> "stage/reason"
-    interrupted: bool = False
-
-
-def _failure_of(output_dir: Path, key: str):
-    return read_failures(output_dir).get(key)
-
-
-def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, result) -> None:
-    """A worker that was killed or timed out could not record its failure: record it here."""
-    if result.timed_out:
-        failure = ESDFailure("worker", "timeout", f"exceeded --timeout {config.timeout:g}s", retryable=False)
-    elif result.returncode is not None and result.returncode < 0:
-        failure = ESDFailure("worker", "worker_killed",
-                             f"worker killed by signal {-result.returncode} (out of host memory?)")
-    else:
-        failure = ESDFailure("worker", "worker_crashed",
-                             f"worker exited with status {result.returncode} without a failure record; "
-                             f"see {result.log_path}", retryable=False)
-    record_failure(config.output_dir, entry.key, failure)
+def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
+    """One task per model left to run: the worker's arguments, its result file and log."""
+    output_dir = config.output_dir.absolute()
+    env = (("HF_HUB_OFFLINE", "1"),) if config.is_demo else ()
+    return [Task(key=entry.key,
+                 argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
+                                        save_eigs=config.save_eigs,
+                                        trust_remote_code=config.trust_remote_code)),
+                 result_path=result_csv_path(output_dir, entry),
+                 log_path=output_dir / "logs" / "workers" / f"{safe_id(entry.model_id, entry.revision)}.log",
+                 env=env)
+            for entry in plan.pending]
 
 
-def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
-    import gputracker
+def make_backend(config: ExperimentConfig) -> Backend:
+    if config.backend == "slurm":
+        from esd.backends.slurm import SlurmBackend, SlurmSettings
+        try:
+            settings = SlurmSettings.from_options(
+                partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
+                array_parallelism=config.slurm_array_parallelism, extra=config.slurm_extra)
+        except ValueError as exc:  # --slurm_extra with an open quote
+            raise ConfigError(f"Slurm: --slurm_extra: {exc}") from None
+        return SlurmBackend(settings, config.output_dir, wait=config.wait, worker_script=WORKER_SCRIPT,
+                            log=log.info)
+    from esd.backends.local import LocalBackend, LocalSettings
+    return LocalBackend(LocalSettings(
+        gpus=config.gpus, cpu_workers=config.cpu_workers, num_gpus_per_job=config.num_gpus_per_job,
+        gpu_memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
+        poll_interval_s=config.poll_interval), logger=dispatch_log, worker_script=WORKER_SCRIPT)
 
-    outcome = Outcome()
-    by_id = {safe_id(e.model_id, e.revision): e for e in plan.pending}
-    attempts = {job_id: 1 for job_id in by_id}
-    progress = Progress(len(plan.pending))
-    env = {"HF_HUB_OFFLINE": "1"} if config.is_demo else {}
-    if config.gpus == ():  # CPU: share the cores between concurrent workers
-        threads = str(max(1, (os.cpu_count() or 1) // config.cpu_workers))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
-    def make_job(job_id: str, not_before: float = 0.0):
-        entry = by_id[job_id]
-        argv = [sys.executable, str(WORKER_SCRIPT)] + worker_argv(
-            entry, config.output_dir, config.esd, overwrite=config.overwrite,
-            save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)
-        return gputracker.Job(job_id=job_id, argv=argv, log_path=config.output_dir / "logs" / "workers" / f"{job_id}.log",
-                              timeout_s=config.timeout, env=dict(env), not_before=not_before)
-
-    def on_job_end(result) -> None:
-        entry = by_id[result.job_id]
-        if result.interrupted:
-            outcome.interrupted = True
-            return
-        if result.returncode == EXIT_OK and result_csv_path(config.output_dir, entry).exists():
-            outcome.succeeded.append(entry.key)
-            log.info("done    %s (%.0fs)", entry.key, result.end_time - result.start_time)
-            progress.update(True)
-            return
-        record = _failure_of(config.output_dir, entry.key)
-        if record is None or record.time < result.start_time - 1:
-            _record_unreported_failure(config, entry, result)
-            record = _failure_of(config.output_dir, entry.key)
-        attempt = attempts[result.job_id]
-        if record.retryable and attempt <= config.max_retries:
-            delay = config.retry_backoff * 2 ** (attempt - 1)
-            attempts[result.job_id] = attempt + 1
-            log.warning("retry   %s in %.0fs (attempt %d of %d): %s/%s: %s", entry.key, delay,
-                        attempt + 1, config.max_retries + 1, record.stage, record.reason, record.message)
-            dispatcher.submit(make_job(result.job_id, time.monotonic() + delay))
-            return
-        outcome.failed[entry.key] = f"{record.stage}/{record.reason}"
-        log.warning("FAILED  %s: %s/%s: %s", entry.key, record.stage, record.reason, record.message)
-        progress.update(False)
-
-    dispatcher = gputracker.Dispatcher(
-        gpus=None if config.gpus is None else list(config.gpus),
-        memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval_s=config.poll_interval, num_gpus_per_job=config.num_gpus_per_job,
-        cpu_slots=config.cpu_workers, logger=dispatch_log, on_job_end=on_job_end)
-    jobs = [make_job(job_id) for job_id in by_id]
+def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
+    """Hand the plan's tasks to the backend under the run's policy (retries, limits)."""
+    backend = make_backend(config)
+    policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
+                    timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
+    progress = Progress(len(plan.pending)) if backend.waits else None
     try:
-        with gputracker.install_signal_handlers(dispatcher):
-            dispatcher.run(jobs)
+        return Supervisor(backend, config.output_dir, policy, progress).run(plan_tasks(plan, config))
+    except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
+        raise ConfigError(f"{config.backend}: {exc}") from exc
     finally:
-        progress.close()
-        if jobs:
-            dispatcher.write_metrics(config.output_dir / "gpu_metrics.json")
-    return outcome
-
-
-def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
-    from esd import slurm_backend
-
-    tasks = [slurm_backend.SlurmTask(
-        key=e.key,
-        worker_argv=tuple(worker_argv(e, config.output_dir.resolve(), config.esd, overwrite=config.overwrite,
-                                      save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)),
-        result_path=result_csv_path(config.output_dir, e).resolve()) for e in plan.pending]
-    try:
-        settings = slurm_backend.SlurmSettings(
-            partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
-            array_parallelism=config.slurm_array_parallelism,
-            extra=slurm_backend.split_extra(config.slurm_extra))
-        slurm_backend.run_array(tasks, config.output_dir.resolve(), settings, wait=config.wait,
-                                worker_script=WORKER_SCRIPT, log=log.info)
-    except (slurm_backend.SlurmError, ValueError) as exc:  # ValueError: --slurm_extra with an open quote
-        raise ConfigError(f"Slurm: {exc}") from exc
-    outcome = Outcome()
-    if config.wait:
-        failures = read_failures(config.output_dir)
-        for entry in plan.pending:
-            if result_csv_path(config.output_dir, entry).exists():
-                outcome.succeeded.append(entry.key)
-            else:
-                record = failures.get(entry.key)
-                outcome.failed[entry.key] = f"{record.stage}/{record.reason}" if record else "worker/no_result"
-    return outcome
+        if progress is not None:
+            progress.close()
+        backend.write_metrics(config.output_dir / "gpu_metrics.json")
 
 
 # ---------------------------------------------------------------- records of the run
@@ -689,12 +628,9 @@ def run(config: ExperimentConfig) -> int:
         prepare_demo()
     outcome, status = None, "interrupted"
     try:
-        if config.backend == "slurm":
-            outcome = run_slurm(plan, config)
-            status = "completed" if config.wait else "submitted"
-        else:
-            outcome = run_local(plan, config)
-            status = "interrupted" if outcome.interrupted else "completed"
+        outcome = run_tasks(plan, config)
+        status = ("interrupted" if outcome.interrupted else
+                  "completed" if outcome.followed else "submitted")
     except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
         status = "error"
         raise

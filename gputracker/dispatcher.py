@@ -85,6 +85,7 @@ class JobResult:
     timed_out: bool
     interrupted: bool
     log_path: Path | None
+    launch_error: OSError | None = None  # why it never ran (e.g. ENOSPC opening its log)
 
     @property
     def succeeded(self) -> bool:
@@ -183,6 +184,7 @@ class Dispatcher:
         self._running: dict[int, _Running] = {}  # by pid
         self._results: list[JobResult] = []
         self._stop_requests = 0  # plain int: request_stop must be safe in a signal handler
+        self._cancel_requests: set[str] = set()  # job ids to terminate (``cancel``)
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_poll_mono = 0.0
@@ -235,6 +237,13 @@ class Dispatcher:
         """Stop dispatching and terminate running jobs' process groups (SIGTERM, then
         SIGKILL after ``kill_grace_s``; a second request kills at once). Signal-safe."""
         self._stop_requests += 1
+        self._wake()
+
+    def cancel(self, job_id: str) -> None:
+        """Terminate the running job ``job_id`` (SIGTERM to its group, SIGKILL after
+        ``kill_grace_s``); its result then reports the signal. Safe from any thread."""
+        with self._queue_lock:
+            self._cancel_requests.add(job_id)
         self._wake()
 
     def run(self, jobs: list[Job] | tuple[Job, ...] = ()) -> list[JobResult]:
@@ -411,10 +420,11 @@ class Dispatcher:
         try:
             if job.log_path is not None:
                 Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
-                log_file = open(job.log_path, "ab")
+                # unbuffered: nothing is left to flush at close, so closing cannot fail later
+                log_file = open(job.log_path, "ab", buffering=0)
                 stamp = datetime.now().isoformat(timespec="seconds")
-                log_file.write(f"[gputracker {stamp}] job {job.job_id} on {where}: {shlex.join(argv)}\n".encode())
-                log_file.flush()
+                _write_best_effort(log_file, f"[gputracker {stamp}] job {job.job_id} on {where}: "
+                                             f"{shlex.join(argv)}\n".encode())
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -424,19 +434,22 @@ class Dispatcher:
                 start_new_session=True,  # own process group: we can signal the job as a whole
                 pass_fds=tuple(c.fd for c in claims),  # the claims live as long as the job
             )
-        except OSError as exc:
+        except OSError as exc:  # this job never runs; the others (running or queued) go on
             self.logger.error("gputracker: job %s could not be launched: %s", job.job_id, exc)
             if log_file is not None:
-                log_file.write(f"[gputracker] launch failed: {exc}\n".encode())
+                _write_best_effort(log_file, f"[gputracker] launch failed: {exc}\n".encode())
             for claim in claims:
                 claim.release()
             end_time = time.time()
             self._finish_result(JobResult(job.job_id, list(job.argv), None, gpus, start_time, end_time,
-                                          wait_s, False, False, job.log_path))
+                                          wait_s, False, False, job.log_path, launch_error=exc))
             return
         finally:
             if log_file is not None:
-                log_file.close()
+                try:
+                    log_file.close()
+                except OSError:  # a log we cannot close must not stop the dispatch loop
+                    pass
         for gpu in gpus:
             self._gpu_state[gpu].held_by = job.job_id
         pidfd = _pidfd_open(proc.pid)
@@ -464,7 +477,13 @@ class Dispatcher:
                 run.pidfd = None
 
     def _tend_running(self, now: float) -> None:
-        """Timeouts, SIGKILL after the grace period, and finishing ended jobs."""
+        """Timeouts, cancellations, SIGKILL after the grace period, finishing ended jobs."""
+        with self._queue_lock:
+            cancel, self._cancel_requests = self._cancel_requests, set()
+        for run in self._running.values():
+            if run.job.job_id in cancel and run.returncode is None:
+                self.logger.warning("gputracker: job %s cancelled; terminating it", run.job.job_id)
+                self._terminate(run, now)
         for pid, run in list(self._running.items()):
             if run.returncode is None:
                 if run.deadline_mono is not None and now >= run.deadline_mono and not run.timed_out:
@@ -577,6 +596,15 @@ class Dispatcher:
         if not events:
             return 1.0
         return min(max(0.0, min(events) - now), 60.0)
+
+
+def _write_best_effort(handle, data: bytes) -> None:
+    """A line of our own in a job's log; a full disk must not stop the job from launching
+    (the job then meets the full disk itself, and says so in its own way)."""
+    try:
+        handle.write(data)
+    except OSError:
+        pass
 
 
 def _pidfd_open(pid: int) -> int | None:

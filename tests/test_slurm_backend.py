@@ -19,9 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from esd import slurm_backend  # noqa: E402
-from esd.slurm_backend import (SlurmError, SlurmSettings, SlurmTask, read_manifest_task,  # noqa: E402
-                           render_script, run_array, sbatch_command, split_extra)
+from esd.backends import slurm as slurm_backend  # noqa: E402
+from esd.backends.base import Task  # noqa: E402
+from esd.backends.slurm import (SlurmError, SlurmSettings, render_script, run_array,  # noqa: E402
+                                sbatch_command, split_extra)
 
 SLURM_LOCAL = REPO / "tests" / "slurm_local.sh"
 
@@ -59,9 +60,8 @@ def task_script(tmp_path) -> Path:
 
 def make_tasks(out: Path, n: int, extra: dict[int, tuple[str, ...]] | None = None):
     extra = extra or {}
-    return [SlurmTask(key=f"org/model-{i}", worker_argv=("--model_id", f"org/model-{i}",
-                                                         *extra.get(i, ())),
-                      result_path=out / f"org--model-{i}.json") for i in range(n)]
+    return [Task(key=f"org/model-{i}", argv=("--model_id", f"org/model-{i}", *extra.get(i, ())),
+                 result_path=out / f"org--model-{i}.json") for i in range(n)]
 
 
 def render(tmp_path, settings, n=5, python="/opt/py env/bin/python"):
@@ -163,27 +163,28 @@ def test_invalid_settings_are_reported_by_run_array_before_anything_is_written(t
 
 def test_manifest_rows_hold_key_argv_and_absolute_result_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tasks = [SlurmTask("org/a", ("--model_id", "org/a"), Path("out/org--a.csv")),
-             SlurmTask("b c", ("--model_id", "b c; rm -rf /"), tmp_path / "b.csv")]
+    from esd_worker import read_manifest_task
+    tasks = [Task("org/a", ("--model_id", "org/a"), Path("out/org--a.csv")),
+             Task("b c", ("--model_id", "b c; rm -rf /"), tmp_path / "b.csv", Path("logs/b.log"))]
     data = slurm_backend.manifest_data(tasks)
     assert data["n_tasks"] == 2
     assert data["tasks"] == [
         {"key": "org/a", "argv": ["--model_id", "org/a"],
-         "result_path": str(tmp_path / "out" / "org--a.csv")},
+         "result_path": str(tmp_path / "out" / "org--a.csv"), "log_path": None},
         {"key": "b c", "argv": ["--model_id", "b c; rm -rf /"],
-         "result_path": str(tmp_path / "b.csv")}]
+         "result_path": str(tmp_path / "b.csv"), "log_path": str(tmp_path / "logs" / "b.log")}]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(data))
-    assert read_manifest_task(manifest, "1")["argv"] == ["--model_id", "b c; rm -rf /"]
-    with pytest.raises(IndexError, match="2 task"):
-        read_manifest_task(manifest, 2)
+    assert read_manifest_task(str(manifest), 1).argv == ["--model_id", "b c; rm -rf /"]
+    with pytest.raises(ValueError, match="2 task"):
+        read_manifest_task(str(manifest), 2)
 
 
 def test_the_real_worker_reads_its_arguments_from_our_manifest(tmp_path):
     esd_worker = pytest.importorskip("esd_worker")
     out = tmp_path / "out"
-    tasks = [SlurmTask("org/a@v1", ("--model_id", "org/a@v1", "--output_dir", str(out),
-                                    "--source_model", "org/base"), out / "org--a@v1.csv")]
+    tasks = [Task("org/a@v1", ("--model_id", "org/a@v1", "--output_dir", str(out),
+                               "--source_model", "org/base"), out / "org--a@v1.csv")]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(slurm_backend.manifest_data(tasks)))
     config = esd_worker.parse_config(["--manifest", str(manifest), "--task_index", "0"])
@@ -358,8 +359,9 @@ def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, tas
     code = textwrap.dedent(f"""\
         import sys; sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from esd.slurm_backend import SlurmSettings, SlurmTask, run_array
-        tasks = [SlurmTask("slow", ("--sleep", "60"), Path({str(out / "slow.json")!r}))]
+        from esd.backends.slurm import SlurmSettings, run_array
+        from esd.backends.base import Task
+        tasks = [Task("slow", ("--sleep", "60"), Path({str(out / "slow.json")!r}))]
         outcome = run_array(tasks, Path({str(out)!r}), SlurmSettings(), wait=True,
                             worker_script=Path({str(task_script)!r}), poll_interval_s=0.2,
                             log=lambda line: print(line, flush=True))
