@@ -26,6 +26,9 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from esd.loading.layers import iter_model_layers  # walking nn.Modules is loading's job
+from esd.schema import LAYER_TYPES
+
 ESD_COLUMNS = [
     "longname", "layer_type", "M", "N", "Q", "params", "num_evals",
     "alpha", "alpha_weighted", "log_alpha_norm", "D", "xmin", "xmax", "num_pl_spikes", "sigma",
@@ -35,7 +38,6 @@ ESD_COLUMNS = [
     "num_fingers", "raw_alpha",
 ]
 
-LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
 FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
 _FIX_FINGERS_ALIASES = {"none": "DKS", "dks": "DKS"}
 
@@ -548,41 +550,6 @@ def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = ""
 
 # ----------------------------------------------------------------------------- a whole model
 
-def _conv1d_transformers_class():
-    """transformers' GPT-2 style Conv1D class, or None when transformers is not installed."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _module_layer_type(module: torch.nn.Module, hf_conv1d) -> Optional[str]:
-    """layer_type of an analysed module, None for modules we skip."""
-    if isinstance(module, torch.nn.Linear) or (hf_conv1d is not None and isinstance(module, hf_conv1d)):
-        return "linear"  # transformers' Conv1D is a dense (in, out) matrix
-    if isinstance(module, torch.nn.Conv1d):
-        return "conv1d"
-    if isinstance(module, torch.nn.Conv2d):
-        return "conv2d"
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    return None
-
-
-def iter_model_layers(net: torch.nn.Module) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(longname, layer_type, weight) for every analysed module of net, in module order.
-    A weight shared by several modules (tied embeddings / lm_head) is yielded once, under
-    the first name."""
-    hf_conv1d = _conv1d_transformers_class()
-    seen: set[int] = set()
-    for name, module in net.named_modules():
-        layer_type = _module_layer_type(module, hf_conv1d)
-        weight = getattr(module, "weight", None)
-        if layer_type is None or not isinstance(weight, torch.Tensor) or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        yield name, layer_type, weight.detach()
 
 
 def _failed_row(longname: str, layer_type: str, weight: torch.Tensor, error: Exception) -> dict:

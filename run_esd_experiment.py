@@ -28,17 +28,20 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from esd.atomic_files import atomic_path, write_text_atomic
-from esd.cli_flags import add_bool_flag, add_flag
-from esd_worker import EXIT_OK, ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
-from esd.failures import ESDFailure, read_failures, record_failure
-from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
+from esd import diskfull, run_lock, safe_output
+from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
+from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
+from esd.backends import Backend, BackendError, Task
+from esd.failures import clear_failures, compact_failures, read_failures
+from esd.supervisor import Outcome, Policy, Supervisor
+from esd.model_list import ModelEntry, ModelListError, read_model_list
 
 PROJECT_DIR = Path(__file__).resolve().parent
 WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
 DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ESD_SETTINGS_FILE = "esd_settings.json"
+ESD_SETTINGS_FILE = run_lock.SETTINGS_FILE
 EXIT_INTERRUPTED = 130
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
                     "pandas", "nvidia-ml-py")
@@ -68,6 +71,7 @@ class ExperimentConfig:
     max_retries: int = 2
     retry_backoff: float = 10.0              # seconds before the first retry, doubling
     timeout: float | None = None             # seconds per model
+    stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
     save_eigs: bool = False
     trust_remote_code: bool = False
     backend: str = "local"
@@ -137,7 +141,7 @@ def _path(text) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         description="Compute per-layer ESD metrics for every model of a model list (resumable).",
         epilog="With no arguments: the embedded demo, examples/models.csv into results/.")
     add_flag(p, "config", type=Path, help="YAML file with any of these flags (command-line flags override it)")
@@ -157,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "max_retries", type=int, default=2, help="retries of a retryable failure (%(default)s)")
     add_flag(p, "retry_backoff", type=float, default=10.0, help="seconds before the first retry, doubling (%(default)s)")
     add_flag(p, "timeout", type=_optional_number(float), default=None, help="wall-clock seconds per model (none)")
+    add_flag(p, "stall_timeout", type=_optional_number(float), default=1800.0,
+             help="a worker whose log shows no progress for this many seconds is stopped as "
+                  "'stalled' (%(default)s; 0 or none: never)")
     add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
     add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
     add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
@@ -276,7 +283,7 @@ def _attach_slurm_extra(argv: list[str]) -> list[str]:
 def parse_config(argv: list[str]) -> ExperimentConfig:
     parser = build_parser()
     argv = _attach_slurm_extra(list(argv))
-    pre = argparse.ArgumentParser(add_help=False)  # --config first: its values become defaults
+    pre = FlagParser(add_help=False)  # --config first: its values become defaults
     add_flag(pre, "config", type=Path)
     config_path = pre.parse_known_args(argv)[0].config
     if config_path is not None:
@@ -292,6 +299,7 @@ def parse_config(argv: list[str]) -> ExperimentConfig:
     values["output_dir"] = Path(values["output_dir"])
     values["limit"] = _optional_number(int)(values["limit"])
     values["timeout"] = _optional_number(float)(values["timeout"])
+    values["stall_timeout"] = _optional_number(float)(values["stall_timeout"])
     config = ExperimentConfig(esd=esd, gpus=_parse_gpus(args.gpus), **values)
     config.validate()
     return config
@@ -322,44 +330,24 @@ def plan_models(entries: list[ModelEntry], config: ExperimentConfig) -> Plan:
     failed = read_failures(config.output_dir) if config.skip_failed else {}
     done, skipped, todo = [], [], []
     for entry in entries:
-        if not config.overwrite and result_csv_path(config.output_dir, entry).exists():
+        if not config.overwrite and entry.paths(config.output_dir).result_csv.exists():
             done.append(entry)
         elif entry.key in failed:
             skipped.append(entry)
         else:
             todo.append(entry)
+    clear_failures(config.output_dir, [e.key for e in done])  # a done model is never in the failure files
     cut = len(todo) if config.limit is None else config.limit
     return Plan(tuple(entries), tuple(done), tuple(skipped), tuple(todo[:cut]), tuple(todo[cut:]))
 
 
 def check_esd_settings(config: ExperimentConfig) -> None:
-    """Refuse to mix results computed with different ESD settings in one directory."""
-    path = config.output_dir / ESD_SETTINGS_FILE
-    wanted = asdict(config.esd)
-    if path.exists() and not config.overwrite:
-        stored = _read_esd_settings(path)
-        defaults = asdict(ESDSettings())  # a setting newer than the file: its default then
-        diff = {k: (stored.get(k, defaults[k]), v) for k, v in wanted.items() if stored.get(k, defaults[k]) != v}
-        if diff:
-            said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
-            raise ConfigError(
-                f"{config.output_dir} holds results computed with other ESD settings ({said}). "
-                f"Use another --output_dir, or --overwrite to recompute with the new settings.")
-    if config.overwrite or not path.exists():
-        _write_json_atomic(path, wanted)
-
-
-def _read_esd_settings(path: Path) -> dict:
+    """Refuse to mix results computed with different ESD settings in one directory: claimed
+    atomically and held for the run's life (esd/run_lock.py)."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. a directory, cut short
-        stored = exc
-    if not isinstance(stored, dict):
-        raise ConfigError(
-            f"{path} is damaged (not a JSON object of ESD settings: {stored}). It records the settings "
-            f"this directory's results were computed with: restore it, or remove it if you know they "
-            f"match this run (it is then rewritten), or use --overwrite to recompute everything.")
-    return stored
+        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite)
+    except run_lock.SettingsConflict as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -403,6 +391,7 @@ def setup_logging(output_dir: Path) -> Path:
     quiet_console.setFormatter(console.formatter)
     dispatch_log.addHandler(file_handler)
     dispatch_log.addHandler(quiet_console)
+    safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks
     return log_path
 
 
@@ -436,122 +425,54 @@ class Progress:
             self.bar.close()
 
 
-# ---------------------------------------------------------------- backends
+# ---------------------------------------------------------------- tasks and backends
 
-@dataclass
-class Outcome:
-    succeeded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)   # key -> "stage/reason"
-    interrupted: bool = False
-
-
-def _failure_of(output_dir: Path, key: str):
-    return read_failures(output_dir).get(key)
-
-
-def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, result) -> None:
-    """A worker that was killed or timed out could not record its failure: record it here."""
-    if result.timed_out:
-        failure = ESDFailure("worker", "timeout", f"exceeded --timeout {config.timeout:g}s", retryable=False)
-    elif result.returncode is not None and result.returncode < 0:
-        failure = ESDFailure("worker", "worker_killed",
-                             f"worker killed by signal {-result.returncode} (out of host memory?)")
-    else:
-        failure = ESDFailure("worker", "worker_crashed",
-                             f"worker exited with status {result.returncode} without a failure record; "
-                             f"see {result.log_path}", retryable=False)
-    record_failure(config.output_dir, entry.key, failure)
+def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
+    """One task per model left to run: the worker's arguments, its result file and log."""
+    output_dir = config.output_dir.absolute()
+    env = (("HF_HUB_OFFLINE", "1"),) if config.is_demo else ()
+    return [Task(key=entry.key,
+                 argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
+                                        save_eigs=config.save_eigs,
+                                        trust_remote_code=config.trust_remote_code)),
+                 result_path=entry.paths(output_dir).result_csv,
+                 log_path=entry.paths(output_dir).worker_log,
+                 env=env)
+            for entry in plan.pending]
 
 
-def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
-    import gputracker
+def make_backend(config: ExperimentConfig) -> Backend:
+    if config.backend == "slurm":
+        from esd.backends.slurm import SlurmBackend, SlurmSettings
+        try:
+            settings = SlurmSettings.from_options(
+                partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
+                array_parallelism=config.slurm_array_parallelism, extra=config.slurm_extra)
+        except ValueError as exc:  # --slurm_extra with an open quote
+            raise ConfigError(f"Slurm: --slurm_extra: {exc}") from None
+        return SlurmBackend(settings, config.output_dir, wait=config.wait, worker_script=WORKER_SCRIPT,
+                            log=log.info)
+    from esd.backends.local import LocalBackend, LocalSettings
+    return LocalBackend(LocalSettings(
+        gpus=config.gpus, cpu_workers=config.cpu_workers, num_gpus_per_job=config.num_gpus_per_job,
+        gpu_memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
+        poll_interval_s=config.poll_interval), logger=dispatch_log, worker_script=WORKER_SCRIPT)
 
-    outcome = Outcome()
-    by_id = {safe_id(e.model_id, e.revision): e for e in plan.pending}
-    attempts = {job_id: 1 for job_id in by_id}
-    progress = Progress(len(plan.pending))
-    env = {"HF_HUB_OFFLINE": "1"} if config.is_demo else {}
-    if config.gpus == ():  # CPU: share the cores between concurrent workers
-        threads = str(max(1, (os.cpu_count() or 1) // config.cpu_workers))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
-    def make_job(job_id: str, not_before: float = 0.0):
-        entry = by_id[job_id]
-        argv = [sys.executable, str(WORKER_SCRIPT)] + worker_argv(
-            entry, config.output_dir, config.esd, overwrite=config.overwrite,
-            save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)
-        return gputracker.Job(job_id=job_id, argv=argv, log_path=config.output_dir / "logs" / "workers" / f"{job_id}.log",
-                              timeout_s=config.timeout, env=dict(env), not_before=not_before)
-
-    def on_job_end(result) -> None:
-        entry = by_id[result.job_id]
-        if result.interrupted:
-            outcome.interrupted = True
-            return
-        if result.returncode == EXIT_OK and result_csv_path(config.output_dir, entry).exists():
-            outcome.succeeded.append(entry.key)
-            log.info("done    %s (%.0fs)", entry.key, result.end_time - result.start_time)
-            progress.update(True)
-            return
-        record = _failure_of(config.output_dir, entry.key)
-        if record is None or record.time < result.start_time - 1:
-            _record_unreported_failure(config, entry, result)
-            record = _failure_of(config.output_dir, entry.key)
-        attempt = attempts[result.job_id]
-        if record.retryable and attempt <= config.max_retries:
-            delay = config.retry_backoff * 2 ** (attempt - 1)
-            attempts[result.job_id] = attempt + 1
-            log.warning("retry   %s in %.0fs (attempt %d of %d): %s/%s: %s", entry.key, delay,
-                        attempt + 1, config.max_retries + 1, record.stage, record.reason, record.message)
-            dispatcher.submit(make_job(result.job_id, time.monotonic() + delay))
-            return
-        outcome.failed[entry.key] = f"{record.stage}/{record.reason}"
-        log.warning("FAILED  %s: %s/%s: %s", entry.key, record.stage, record.reason, record.message)
-        progress.update(False)
-
-    dispatcher = gputracker.Dispatcher(
-        gpus=None if config.gpus is None else list(config.gpus),
-        memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval_s=config.poll_interval, num_gpus_per_job=config.num_gpus_per_job,
-        cpu_slots=config.cpu_workers, logger=dispatch_log, on_job_end=on_job_end)
-    jobs = [make_job(job_id) for job_id in by_id]
+def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
+    """Hand the plan's tasks to the backend under the run's policy (retries, limits)."""
+    backend = make_backend(config)
+    policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
+                    timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
+    progress = Progress(len(plan.pending)) if backend.waits else None
     try:
-        with gputracker.install_signal_handlers(dispatcher):
-            dispatcher.run(jobs)
+        return Supervisor(backend, config.output_dir, policy, progress).run(plan_tasks(plan, config))
+    except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
+        raise ConfigError(f"{config.backend}: {exc}") from exc
     finally:
-        progress.close()
-        if jobs:
-            dispatcher.write_metrics(config.output_dir / "gpu_metrics.json")
-    return outcome
-
-
-def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
-    from esd import slurm_backend
-
-    tasks = [slurm_backend.SlurmTask(
-        key=e.key,
-        worker_argv=tuple(worker_argv(e, config.output_dir.resolve(), config.esd, overwrite=config.overwrite,
-                                      save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)),
-        result_path=result_csv_path(config.output_dir, e).resolve()) for e in plan.pending]
-    try:
-        settings = slurm_backend.SlurmSettings(
-            partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
-            array_parallelism=config.slurm_array_parallelism,
-            extra=slurm_backend.split_extra(config.slurm_extra))
-        slurm_backend.run_array(tasks, config.output_dir.resolve(), settings, wait=config.wait,
-                                worker_script=WORKER_SCRIPT, log=log.info)
-    except (slurm_backend.SlurmError, ValueError) as exc:  # ValueError: --slurm_extra with an open quote
-        raise ConfigError(f"Slurm: {exc}") from exc
-    outcome = Outcome()
-    if config.wait:
-        failures = read_failures(config.output_dir)
-        for entry in plan.pending:
-            if result_csv_path(config.output_dir, entry).exists():
-                outcome.succeeded.append(entry.key)
-            else:
-                record = failures.get(entry.key)
-                outcome.failed[entry.key] = f"{record.stage}/{record.reason}" if record else "worker/no_result"
-    return outcome
+        if progress is not None:
+            progress.close()
+        backend.write_metrics(config.output_dir / "gpu_metrics.json")
 
 
 # ---------------------------------------------------------------- records of the run
@@ -581,7 +502,7 @@ def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan
     run_dir = config.output_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = config_as_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True), encoding="utf-8")
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=True))
     record = {"run_id": run_id, "status": status, "command": sys.argv,
               "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "end_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
@@ -635,6 +556,9 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:
+        log.warning(disk_full)
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
@@ -680,6 +604,8 @@ def run(config: ExperimentConfig) -> int:
     for warning in list_warnings:
         log.warning(warning)
     check_esd_settings(config)
+    remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write
+    compact_failures(config.output_dir)
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     plan = plan_models(entries, config)
@@ -690,16 +616,14 @@ def run(config: ExperimentConfig) -> int:
         prepare_demo()
     outcome, status = None, "interrupted"
     try:
-        if config.backend == "slurm":
-            outcome = run_slurm(plan, config)
-            status = "completed" if config.wait else "submitted"
-        else:
-            outcome = run_local(plan, config)
-            status = "interrupted" if outcome.interrupted else "completed"
+        outcome = run_tasks(plan, config)
+        status = ("interrupted" if outcome.interrupted else
+                  "completed" if outcome.followed else "submitted")
     except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
         status = "error"
         raise
     finally:
+        compact_failures(config.output_dir)
         record_run(config, run_id, started, plan, outcome, status)
     summary = write_summary(config) if status == "completed" else None
     report(plan, outcome, time.time() - started, summary, config)
@@ -710,6 +634,8 @@ def run(config: ExperimentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    safe_output.tolerant_std_streams()  # stdout into `head`, or onto a full disk: no tracebacks
+    safe_output.stop_on_hangup()  # ssh dropped without nohup: stop and record like Ctrl-C
     try:
         return run(parse_config(argv))
     except (ConfigError, ModelListError) as exc:
@@ -718,6 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the dispatcher (which handles its own)
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if not diskfull.is_disk_full(exc):
+            raise
+        print(f"error: {diskfull.run_message(None, exc.filename)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

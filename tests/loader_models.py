@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from esd.schema import LAYER_TYPES
 from tiny_models import (bert_config, build, gpt2_config, llama_config, load_model,  # noqa: F401
                          save_adapter, save_model)
 
@@ -53,7 +54,7 @@ def streamed(resolved, **kwargs) -> dict[str, torch.Tensor]:
     for name, layer_type, tensor in iter_layers(resolved, **kwargs):
         assert name not in out, f"{name} yielded twice"
         assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
-        assert layer_type in ("linear", "conv1d", "conv2d", "embedding")
+        assert layer_type in LAYER_TYPES
         out[name] = tensor
     return out
 

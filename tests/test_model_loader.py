@@ -299,3 +299,27 @@ def test_remote_code_architecture_the_rule_cannot_read_fails_as_trust_remote_cod
     with pytest.raises(ESDFailure) as info:
         list(iter_layers(resolve_model(str(path), warn=lambda m: None)))
     assert (info.value.stage, info.value.reason) == ("load", "trust_remote_code_required")
+
+
+def _no_config_checkpoint(path):
+    path.mkdir()
+    save_file({"head.fc.weight": torch.randn(10, 8)}, str(path / "model.safetensors"))
+    return path
+
+
+def test_loader_warnings_go_to_the_model_loader_logger_without_a_callback(tmp_path, caplog):
+    path = _no_config_checkpoint(tmp_path / "noconfig")
+    with caplog.at_level("WARNING", logger="model_loader"):
+        streamed(resolve_model(str(path)))
+    assert any(r.name == "model_loader" and "no config.json" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_warn_callback_takes_the_warnings_instead_of_the_logger(tmp_path, caplog):
+    path = _no_config_checkpoint(tmp_path / "noconfig")
+    warnings = []
+    with caplog.at_level("WARNING", logger="model_loader"):
+        streamed(resolve_model(str(path), warn=warnings.append))
+        streamed(resolve_model(str(path)), warn=warnings.append)
+    assert sum("no config.json" in w for w in warnings) == 2
+    assert not [r for r in caplog.records if r.name == "model_loader"]

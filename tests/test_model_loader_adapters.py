@@ -135,3 +135,36 @@ def test_adapter_rank_that_contradicts_its_config_fails_as_mismatch(tmp_path):
     with pytest.raises(ESDFailure) as info:
         list(iter_layers(resolve_model(str(adapter))))
     assert info.value.reason == "adapter_mismatch" and "rank" in info.value.message
+
+
+def _base_with_a_hole(base, how: str) -> None:
+    """Break a saved llama base so its checkpoint no longer fits its own config.json."""
+    from safetensors.torch import load_file, save_file
+    if how == "shape":     # config says a bigger vocabulary than the checkpoint holds
+        config = json.loads((base / "config.json").read_text())
+        config["vocab_size"] += 8
+        (base / "config.json").write_text(json.dumps(config))
+    else:                  # a tensor the architecture needs is not in the checkpoint
+        state = load_file(str(base / "model.safetensors"))
+        del state["model.layers.1.mlp.up_proj.weight"]
+        save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("how", ["shape", "name"])
+@pytest.mark.parametrize("adapter_type", ["ia3", "dora"])
+def test_peft_merge_refuses_a_base_whose_checkpoint_does_not_fit_instead_of_random_weights(
+        tmp_path, how, adapter_type):
+    from peft import IA3Config, LoraConfig
+    base = save_model("llama", tmp_path / "base")
+    peft_config = IA3Config(target_modules=["k_proj", "down_proj"],
+                            feedforward_modules=["down_proj"]) if adapter_type == "ia3" else \
+        LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False,
+                   target_modules=["q_proj", "v_proj"])
+    adapter = save_adapter("llama", base, tmp_path / adapter_type, peft_config=peft_config)
+    _base_with_a_hole(base, how)
+    with pytest.raises(ESDFailure) as info:
+        streamed(resolve_model(str(adapter), warn=lambda m: None))
+    failure = info.value
+    assert (failure.stage, failure.reason, failure.retryable) == ("merge", "adapter_mismatch", False)
+    named = "model.embed_tokens" if how == "shape" else "model.layers.1.mlp.up_proj"
+    assert named in failure.message

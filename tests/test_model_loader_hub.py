@@ -9,7 +9,8 @@ import torch
 from esd.failures import ESDFailure
 from loader_models import (analysable_weights, assert_same_layers, load_model, offline_hub,  # noqa: F401
                            peft_merged, save_adapter, save_model, streamed)
-from model_loader import _download_patterns, _hub_failure, install_into_hub_cache, resolve_model
+from esd.loading.hub import download_patterns as _download_patterns, hub_failure as _hub_failure
+from model_loader import install_into_hub_cache, resolve_model
 
 
 def test_install_into_hub_cache_uses_the_hubs_layout_and_is_idempotent(tmp_path, offline_hub):

@@ -1,0 +1,15 @@
+"""Where weights come from, by concern (the entry point is the top-level `model_loader.py`).
+
+- `resolved.py`   — `ResolvedModel` (an id resolved to files) and the file names we look for.
+- `hub.py`        — hub ids, the huggingface_hub cache, downloads, offline snapshots, and the
+                    mapping of hub / network errors to typed failures.
+- `checkpoint.py` — weight files on disk: which files hold the weights, and the tensor-source
+                    interface that reads them one tensor at a time as float32 CPU copies.
+- `layers.py`     — which tensors are layers: the meta-device skeleton from config.json, key
+                    matching, tied weights, the name/shape rule; walking an nn.Module.
+- `lora.py`       — adapters: resolving the base, LoRA scaling and patterns, the streaming
+                    merge, and peft's own merge for the adapter types streaming does not cover.
+
+Nothing here computes a metric (that is `net_esd.py`) or writes result files. Importing the
+package is cheap: no submodule is imported here.
+"""
