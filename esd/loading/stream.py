@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from esd.failures import ESDFailure
+from esd.loading.checkpoint import TensorSource
 
 CHUNK_BYTES = 64 * 1024 * 1024
 PREFETCH_CHUNKS = 2
@@ -231,7 +232,7 @@ class _Entry:
     end: int
 
 
-class StreamedSafetensors:
+class StreamedSafetensors(TensorSource):
     """The tensors of remote safetensors files, with the local checkpoint's interface.
 
     `normalise` maps a raw key to the name the loader uses (the local checkpoint strips
