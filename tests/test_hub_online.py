@@ -4,7 +4,6 @@ set before import, Xet and telemetry off, HF_HUB_OFFLINE unset, HF_HOME in a tem
 What was fetched, with which token and at which commit is read from the server's log."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -41,14 +40,9 @@ def run_experiment(hub, tmp_path, rows, *flags, token=TOKEN, hf_home=None, out=N
 
 
 def failures(out: Path) -> dict:
-    path = out / "failures.jsonl"
-    records = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                records[record["model_id"]] = record
-    return records
+    from dataclasses import asdict
+    from esd.failures import read_failures
+    return {key: asdict(record) for key, record in read_failures(out).items()}
 
 
 def metrics(csv: Path) -> pd.DataFrame:
@@ -143,16 +137,20 @@ def test_missing_repo_revision_and_gated_fail_typed_through_the_real_client(hub,
     assert result.returncode == 1
     records = failures(out)
     got = {key: (r["reason"], r["retryable"]) for key, r in records.items()}
-    assert got == {"nobody/missing": ("repo_not_found", False),
+    # (the Hub answers 401 for a missing repo: with a token it may be private, without access)
+    assert got == {"nobody/missing": ("unauthorized", False),
                    "org/tiny-gpt2@v9": ("revision_not_found", False),
                    "org/gated": ("gated", False)}
+    assert "not found" in records["nobody/missing"]["message"]
     assert "no access" in records["org/gated"]["message"]
     assert "hf_wrong" not in (out / "failed_models.txt").read_text()
     # without a token: gated too, and the message says to set HF_TOKEN
-    result, out2 = run_experiment(hub, tmp_path, [{"model_id": "org/gated"}], token=None,
+    result, out2 = run_experiment(hub, tmp_path, [{"model_id": "org/gated"},
+                                                  {"model_id": "nobody/missing"}], token=None,
                                   out=tmp_path / "out2")
     record = failures(out2)["org/gated"]
     assert record["reason"] == "gated" and "HF_TOKEN" in record["message"]
+    assert failures(out2)["nobody/missing"]["reason"] == "repo_not_found"
     # with the right token it runs
     result, out3 = run_experiment(hub, tmp_path, [{"model_id": "org/gated"}], token="hf_good",
                                   out=tmp_path / "out3")
@@ -233,19 +231,28 @@ def test_an_unreachable_hub_uses_the_cache_at_once_and_suggests_offline_mode(hub
     assert time.time() - started < 90
 
 
-def test_enospc_while_downloading_is_a_retryable_disk_full_and_earlier_results_stay(hub, tmp_path,
-                                                                                  repos):
-    result, out = run_experiment(hub, tmp_path, [{"model_id": "org/tiny"}])
-    assert result.returncode == 0
-    # the blob huggingface_hub will write for org/tiny-gpt2's weights goes to /dev/full
-    from hub_server import sha256
-    digest = sha256(hub.repos["org/tiny-gpt2"].commits[repos["org/tiny-gpt2"]]["model.safetensors"])
-    blobs = tmp_path / "hf_home" / "hub" / "models--org--tiny-gpt2" / "blobs"
-    blobs.mkdir(parents=True)
-    (blobs / f"{digest}.incomplete").symlink_to("/dev/full")
-    result, out = run_experiment(hub, tmp_path, [{"model_id": "org/tiny"},
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 128 KB filesystem (tmpfs) for the hub cache: configs fit, weights do not."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_enospc_while_downloading_is_a_retryable_disk_full_and_earlier_results_stay(
+        hub, tmp_path, built, repos, small_disk):
+    result, out = run_experiment(hub, tmp_path, [{"model_id": str(built["gpt2"])},
                                                  {"model_id": "org/tiny-gpt2"}],
-                                 "--max_retries", "0")
+                                 "--max_retries", "0", hf_home=small_disk)
+    assert result.returncode == 1
     record = failures(out)["org/tiny-gpt2"]
-    assert (record["reason"], record["retryable"]) == ("disk_full", True)
-    assert (out / "org--tiny.csv").exists()
+    assert (record["reason"], record["retryable"]) == ("disk_full", True), record
+    assert "no space left" in record["message"]
+    assert len(list(out.glob("*gpt2*.csv"))) == 1          # the local model's result is there

@@ -493,11 +493,28 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
         session.ledger.before_download(repo_id, listing.commit, new, session.user)
         session.ledger.hold(repo_id, listing.commit)
     snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch)
+    _remember_ref(cache, repo_id, revision, listing.commit)
     if session.ledger is not None:
         session.ledger.downloaded(repo_id, listing.commit)
     if streamed:
         session.remote[snapshot] = (repo_id, listing.commit, tuple(streamed))
     return snapshot
+
+
+def _remember_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None:
+    """`refs/<revision>` → commit, as huggingface_hub writes it when it resolves a branch
+    itself (we download by commit, so it does not): the cache then serves `revision` when
+    the hub cannot be reached."""
+    if revision == commit:
+        return
+    ref = repo_folder(cache, repo_id) / "refs" / revision
+    try:
+        if ref.is_file() and ref.read_text().strip() == commit:
+            return
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(ref, commit)
+    except OSError as exc:
+        log.warning("%s: could not record refs/%s in the cache: %s", repo_id, revision, exc)
 
 
 def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[str]) -> Path:
