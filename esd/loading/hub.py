@@ -23,7 +23,6 @@ The token (`HF_TOKEN`) is read by huggingface_hub and never appears in a message
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
 import json
 import os
@@ -393,12 +392,13 @@ class HubSession:
     remote: dict[Path, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
 
 
-_SESSION: contextvars.ContextVar[HubSession] = contextvars.ContextVar("esd_hub_session",
-                                                                      default=HubSession())
+# Process-wide, not a context variable: the estimator may read layers on another thread.
+_ACTIVE: list[HubSession] = []
+_DEFAULT = HubSession()
 
 
 def current_session() -> HubSession:
-    return _SESSION.get()
+    return _ACTIVE[-1] if _ACTIVE else _DEFAULT
 
 
 @contextlib.contextmanager
@@ -413,7 +413,7 @@ def hub_session(output_dir: Path, user: str, disk_budget_gb: float | None = None
         ledger = DownloadLedger(Path(output_dir), hub_cache_dir(cache_dir))
     session = HubSession(user, ledger, int(disk_budget_gb * GB) if disk_budget_gb else None,
                          stream)
-    token = _SESSION.set(session)
+    _ACTIVE.append(session)
     try:
         yield session
     except ESDFailure as failure:
@@ -431,7 +431,7 @@ def hub_session(output_dir: Path, user: str, disk_budget_gb: float | None = None
             ledger.release_all_holds()
             ledger.release(user)
     finally:
-        _SESSION.reset(token)
+        _ACTIVE.remove(session)
 
 
 # --------------------------------------------------------------------------- snapshots
