@@ -40,6 +40,7 @@ from esd.failures import ESDFailure
 from esd.loading.checkpoint import (FileCheckpoint, check_not_quantized, find_weights,
                                     is_adapter_dir)
 from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_cache,
+                             open_weights, plan_reads, remote_weights,
                              looks_like_hub_id)
 from esd.loading.layers import plan_layers
 from esd.loading.lora import iter_adapter_layers, resolve_adapter
@@ -145,7 +146,8 @@ def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
 def _with_weights(resolved: ResolvedModel, source_model: str | None) -> ResolvedModel:
     """A full model: its weight files and config.json (refusing quantized checkpoints)."""
     resolved.source_model = source_model or None
-    resolved.weights_dir, files = find_weights(resolved.local_dir)
+    resolved.weights_dir, files = remote_weights(resolved.local_dir) or \
+        find_weights(resolved.local_dir)    # remote: weights streamed (--stream)
     resolved.weight_files = tuple(files)
     for candidate in (resolved.weights_dir / CONFIG_FILE, resolved.local_dir / CONFIG_FILE):
         if candidate.is_file():
@@ -165,9 +167,10 @@ def iter_layers(resolved: ResolvedModel, *,
 
 
 def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:
-    ckpt = FileCheckpoint(resolved.weight_files)
+    ckpt = open_weights(resolved.weight_files)
     try:
         modules, keys = plan_layers(resolved, ckpt)
+        plan_reads(ckpt, (keys[name] for name, _, _ in modules))
         done: set[str] = set()
         for name, kind, _ in modules:
             if keys[name] in done:

@@ -33,6 +33,7 @@ from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_at
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import Backend, BackendError, Task
+from esd.disk_budget import gigabytes
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
 from esd.model_list import ModelEntry, ModelListError, read_model_list
@@ -74,6 +75,8 @@ class ExperimentConfig:
     stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
     save_eigs: bool = False
     trust_remote_code: bool = False
+    disk_budget: float | None = None         # GB (esd/budget_supervisor.py)
+    stream: bool = False                     # hub safetensors weights by HTTP ranges
     backend: str = "local"
     slurm_partition: str | None = None
     slurm_time: str | None = None
@@ -166,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "'stalled' (%(default)s; 0 or none: never)")
     add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
     add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
+    add_flag(p, "disk_budget", type=gigabytes, metavar="GB", default=None,
+             help="bounded disk: delete what the run downloads once analysed, start a model only "
+                  "when its download fits beside the running ones (off: the cache keeps everything)")
+    add_bool_flag(p, "stream", False, "read hub safetensors weights by HTTP ranges while analysing; "
+                  "nothing of them is written to disk")
     add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
     add_flag(p, "slurm_partition", help="sbatch --partition")
     add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
@@ -434,7 +442,8 @@ def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
     return [Task(key=entry.key,
                  argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
                                         save_eigs=config.save_eigs,
-                                        trust_remote_code=config.trust_remote_code)),
+                                        trust_remote_code=config.trust_remote_code,
+                                        disk_budget=config.disk_budget, stream=config.stream)),
                  result_path=entry.paths(output_dir).result_csv,
                  log_path=entry.paths(output_dir).worker_log,
                  env=env)
@@ -466,7 +475,15 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
                     timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
     progress = Progress(len(plan.pending)) if backend.waits else None
     try:
-        return Supervisor(backend, config.output_dir, policy, progress).run(plan_tasks(plan, config))
+        if config.disk_budget is not None and backend.waits:
+            from esd.budget_supervisor import BudgetedSupervisor
+            supervisor = BudgetedSupervisor(backend, config.output_dir, policy, progress,
+                                            budget_gb=config.disk_budget, entries=plan.pending,
+                                            stream=config.stream,
+                                            trust_remote_code=config.trust_remote_code)
+        else:
+            supervisor = Supervisor(backend, config.output_dir, policy, progress)
+        return supervisor.run(plan_tasks(plan, config))
     except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
         raise ConfigError(f"{config.backend}: {exc}") from exc
     finally:
