@@ -413,15 +413,16 @@ def setup_logging(output_dir: Path) -> Path:
 
 
 class Progress:
-    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup."""
+    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup. Counts from
+    `done` (models finished by earlier runs), so a resumed run shows 2/4, not 0/2."""
 
-    def __init__(self, total: int):
-        self.total, self.finished, self.failed = total, 0, 0
+    def __init__(self, total: int, done: int = 0):
+        self.total, self.finished, self.failed = total, done, 0
         self.started = self.last_line = time.monotonic()
         self.bar = None
-        if total and sys.stderr.isatty():
+        if total > done and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="model", desc="models")
+            self.bar = tqdm(total=total, initial=done, unit="model", desc="models")
 
     def update(self, ok: bool) -> None:
         self.finished += 1
@@ -481,7 +482,7 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
     backend = make_backend(config)
     policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
                     timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
-    progress = Progress(len(plan.pending)) if backend.waits else None
+    progress = Progress(len(plan.done) + len(plan.pending), done=len(plan.done)) if backend.waits else None
     try:
         return Supervisor(backend, config.output_dir, policy, progress).run(plan_tasks(plan, config))
     except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
@@ -563,8 +564,8 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
     log.info("")
     if outcome.interrupted:
         log.info("interrupted: run the same command again to resume")
-    log.info("finished in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
-             "%d beyond --limit", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
+    log.info("%s in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
+             "%d beyond --limit", "interrupted" if outcome.interrupted else "finished", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
              len(plan.skipped_failed), len(plan.beyond_limit))
     by_reason: dict[str, int] = {}
     for reason in outcome.failed.values():
@@ -636,7 +637,8 @@ def run(config: ExperimentConfig) -> int:
         raise
     finally:
         record_run(config, run_id, started, plan, outcome, status)
-    summary = write_summary(config) if status == "completed" else None
+    # interrupted too: the summary of what is done (the rerun completes it)
+    summary = write_summary(config) if status in ("completed", "interrupted") else None
     report(plan, outcome, time.time() - started, summary, config)
     if status == "interrupted":
         return EXIT_INTERRUPTED
