@@ -321,3 +321,29 @@ def test_ctrl_c_says_interrupted_writes_the_summary_and_the_rerun_counts_from_wh
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"progress: {done + 1}/4 models finished" in rerun.stdout
     assert f"progress: 1/" not in rerun.stdout   # not counted from zero
+
+
+# ---------------------------------------------------------------- the stall watchdog (local backend)
+
+def test_local_worker_without_progress_is_stopped_as_stalled_and_a_talking_one_is_not(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from esd.backends.base import Task
+    from esd.backends.local import LocalBackend, LocalSettings
+    from esd.failures import read_failures
+    from esd.supervisor import Policy, Supervisor
+    worker = tmp_path / "worker.py"   # silent for 60 s, or a line every 0.5 s for 6 s, then done
+    worker.write_text("import sys, time\nmode, result = sys.argv[1:3]\nprint('started', flush=True)\n"
+                      "if mode == 'silent':\n    time.sleep(60)\n"
+                      "for i in range(12):\n    print(f'layer {i}/12', flush=True); time.sleep(0.5)\n"
+                      "open(result, 'w').write('done')\n")
+    out = tmp_path / "out"
+    tasks = [Task(mode, (mode, str(out / f"{mode}.csv")), out / f"{mode}.csv", out / "logs" / f"{mode}.log")
+             for mode in ("silent", "talking")]
+    out.mkdir()
+    backend = LocalBackend(LocalSettings(gpus=(), cpu_workers=2, poll_interval_s=0.05, max_check=1),
+                           worker_script=worker)
+    started = time.monotonic()
+    outcome = Supervisor(backend, out, Policy(stall_timeout_s=3, retry_backoff_s=0), tick_interval_s=0.2).run(tasks)
+    assert time.monotonic() - started < 30
+    assert outcome.failed == {"silent": "worker/stalled"} and outcome.succeeded == ["talking"]
+    assert read_failures(out)["silent"].reason == "stalled"
