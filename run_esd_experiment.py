@@ -597,7 +597,9 @@ def prepare_demo() -> None:
 def read_entries(config: ExperimentConfig) -> tuple[list[ModelEntry], list[str]]:
     """The model list's entries and its warnings, read before anything is written."""
     warnings: list[str] = []
-    entries = read_model_list(config.model_list, warn=warnings.append)
+    # the demo list names its adapter relative to the project (works from any directory)
+    entries = read_model_list(config.model_list, warn=warnings.append,
+                              base_dir=PROJECT_DIR if config.is_demo else None)
     if not entries:
         raise ModelListError(f"model list {config.model_list} has no models (no row with a model id)")
     return entries, warnings
