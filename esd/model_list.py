@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +208,14 @@ def entry_from_args(args) -> ModelEntry:
                       local_dir=getattr(args, "local_dir", None))
 
 
+def unsafe_characters(text: str) -> str | None:
+    """The control characters of `text` (newline, tab, ESC of an ANSI sequence, a
+    direction override, …) escaped for a message, or None if it has none. Such an id would
+    split a line of failed_models.txt or drive the terminal it is printed on."""
+    bad = [c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    return "".join(dict.fromkeys(c.encode("unicode_escape").decode("ascii") for c in bad)) or None
+
+
 def _clean(value: object) -> str | None:
     text = "" if value is None else str(value).strip()
     return text or None
@@ -275,6 +284,12 @@ def _entries(reader: csv.DictReader, path: Path, warn, base_dir: Path) -> list[M
         text = _clean(row.get(id_column))
         if text is None:
             warn(f"model list {path}, row {line_number}: empty {id_column}; row skipped")
+            continue
+        unsafe = next((u for u in map(unsafe_characters, filter(None, (
+            text, _clean(row.get("source_model")), _clean(row.get("revision"))))) if u), None)
+        if unsafe:
+            warn(f"model list {path}, row {line_number}: control characters ({unsafe}) in "
+                 f"{text.encode('unicode_escape').decode('ascii')!r}; row skipped")
             continue
         try:
             entry = make_entry(text, _clean(row.get("revision")), _clean(row.get("source_model")),
