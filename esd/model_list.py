@@ -147,9 +147,9 @@ def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = 
     """File-name-safe, injective form of an id: `org/name` → `org--name`, a revision adds
     `@rev`; a local path's components are joined with `--` the same way.
 
-    Where that readable form could stand for two ids, an 8-hex hash of the id (and whether
-    it is local) is appended: characters outside `[A-Za-z0-9._@+=-]`, a component holding
-    `--` or `@` or starting/ending with `-` (`/x/a--b` vs `/x/a/b`), a local directory named
+    Where that readable form could stand for two ids, an 8-hex hash of the id is appended:
+    characters outside `[A-Za-z0-9._@+=-]`, a component holding `--` or `@` or
+    starting/ending with `-` (`/x/a--b` vs `/x/a/b`), a local directory named
     like a hub id's file (`org--name`, or absolute `/org/name`), a name over 180 characters,
     and names of the run's own files (`summary`, `runs`, ...). Plain hub ids never collide
     (the hub forbids `--` in ids), so they keep the readable form.
@@ -168,7 +168,7 @@ def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = 
                  or (local and ("@" in path or len(parts) == 1 and "--" in name
                                 or model_id.strip().startswith("/") and len(parts) == 2)))
     if ambiguous:
-        digest = hashlib.sha1(f"{'local' if local else 'hub'}:{original}".encode("utf-8")).hexdigest()[:8]
+        digest = hashlib.sha1(original.encode("utf-8")).hexdigest()[:8]
         cleaned = f"{cleaned[:_MAX_NAME_CHARS]}~{digest}"
     return cleaned
 
