@@ -404,15 +404,16 @@ def setup_logging(output_dir: Path) -> Path:
 
 
 class Progress:
-    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup."""
+    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup. Counts from
+    `done` (models finished by earlier runs), so a resumed run shows 2/4, not 0/2."""
 
-    def __init__(self, total: int):
-        self.total, self.finished, self.failed = total, 0, 0
+    def __init__(self, total: int, done: int = 0):
+        self.total, self.finished, self.failed = total, done, 0
         self.started = self.last_line = time.monotonic()
         self.bar = None
-        if total and sys.stderr.isatty():
+        if total > done and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="model", desc="models")
+            self.bar = tqdm(total=total, initial=done, unit="model", desc="models")
 
     def update(self, ok: bool) -> None:
         self.finished += 1
@@ -473,7 +474,7 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
     backend = make_backend(config)
     policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
                     timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
-    progress = Progress(len(plan.pending)) if backend.waits else None
+    progress = Progress(len(plan.done) + len(plan.pending), done=len(plan.done)) if backend.waits else None
     try:
         if config.disk_budget is not None and backend.waits:
             from esd.budget_supervisor import BudgetedSupervisor
@@ -563,8 +564,8 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
     log.info("")
     if outcome.interrupted:
         log.info("interrupted: run the same command again to resume")
-    log.info("finished in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
-             "%d beyond --limit", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
+    log.info("%s in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
+             "%d beyond --limit", "interrupted" if outcome.interrupted else "finished", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
              len(plan.skipped_failed), len(plan.beyond_limit))
     by_reason: dict[str, int] = {}
     for reason in outcome.failed.values():
@@ -599,7 +600,9 @@ def prepare_demo() -> None:
 def read_entries(config: ExperimentConfig) -> tuple[list[ModelEntry], list[str]]:
     """The model list's entries and its warnings, read before anything is written."""
     warnings: list[str] = []
-    entries = read_model_list(config.model_list, warn=warnings.append)
+    # the demo list names its adapter relative to the project (works from any directory)
+    entries = read_model_list(config.model_list, warn=warnings.append,
+                              base_dir=PROJECT_DIR if config.is_demo else None)
     if not entries:
         raise ModelListError(f"model list {config.model_list} has no models (no row with a model id)")
     return entries, warnings
@@ -642,7 +645,8 @@ def run(config: ExperimentConfig) -> int:
     finally:
         compact_failures(config.output_dir)
         record_run(config, run_id, started, plan, outcome, status)
-    summary = write_summary(config) if status == "completed" else None
+    # interrupted too: the summary of what is done (the rerun completes it)
+    summary = write_summary(config) if status in ("completed", "interrupted") else None
     report(plan, outcome, time.time() - started, summary, config)
     if status == "interrupted":
         return EXIT_INTERRUPTED
