@@ -160,7 +160,7 @@ def _entries(reader: csv.DictReader, path: Path, warn) -> list[ModelEntry]:
             text, _clean(row.get("source_model")), _clean(row.get("revision"))))) if u), None)
         if unsafe:
             warn(f"model list {path}, row {line_number}: control characters ({unsafe}) in "
-                 f"{text.encode('unicode_escape').decode('ascii')!r}; row skipped")
+                 f"'{text.encode('unicode_escape').decode('ascii')}'; row skipped")
             continue
         model_id, revision = parse_model_id(text)
         column_revision = _clean(row.get("revision"))
