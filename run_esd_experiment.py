@@ -601,7 +601,7 @@ def run(config: ExperimentConfig) -> int:
     entries, list_warnings = read_entries(config)
     make_output_dir(config.output_dir)
     setup_logging(config.output_dir)
-    for warning in list_warnings:
+    for warning in safe_output.summarised(list_warnings):  # 212 duplicates: a few lines, not 212
         log.warning(warning)
     check_esd_settings(config)
     remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write

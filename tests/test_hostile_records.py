@@ -173,3 +173,17 @@ def test_a_temp_file_of_a_writer_killed_mid_write_is_removed_by_the_next_run(tmp
                    env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert not [p for p in out.rglob(".*.tmp*")]
     assert remove_stale_temp_files(out) == 0
+
+
+# ---------------------------------------------------------------- hundreds of warnings
+
+def test_hundreds_of_duplicate_rows_are_summarised_in_a_few_lines(tmp_path, env):
+    rows = [{"model_id": "no-such-org/model"}] * 213 + [{"model_id": ""}] * 5
+    models = write_model_list(tmp_path / "models.csv", rows)
+    result = subprocess.run(RUN + ["--model_list", str(models), "--output_dir", str(tmp_path / "out"),
+                                   "--max_retries", "0"] + FAST, env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("model list ")]
+    assert len(warnings) == 8, result.stdout
+    assert f"model list {models}: 212 duplicate rows (analysed once) in all, first: row 3" in result.stdout
+    assert "5 rows with an empty model_id (skipped) in all, first: row 215" in result.stdout
