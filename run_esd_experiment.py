@@ -35,7 +35,7 @@ from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, w
 from esd.backends import Backend, BackendError, Task
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
-from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
+from esd.model_list import ModelEntry, ModelListError, read_model_list
 
 PROJECT_DIR = Path(__file__).resolve().parent
 WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
@@ -330,7 +330,7 @@ def plan_models(entries: list[ModelEntry], config: ExperimentConfig) -> Plan:
     failed = read_failures(config.output_dir) if config.skip_failed else {}
     done, skipped, todo = [], [], []
     for entry in entries:
-        if not config.overwrite and result_csv_path(config.output_dir, entry).exists():
+        if not config.overwrite and entry.paths(config.output_dir).result_csv.exists():
             done.append(entry)
         elif entry.key in failed:
             skipped.append(entry)
@@ -435,8 +435,8 @@ def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
                  argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
                                         save_eigs=config.save_eigs,
                                         trust_remote_code=config.trust_remote_code)),
-                 result_path=result_csv_path(output_dir, entry),
-                 log_path=output_dir / "logs" / "workers" / f"{safe_id(entry.model_id, entry.revision)}.log",
+                 result_path=entry.paths(output_dir).result_csv,
+                 log_path=entry.paths(output_dir).worker_log,
                  env=env)
             for entry in plan.pending]
 

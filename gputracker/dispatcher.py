@@ -129,6 +129,10 @@ class _GpuState:
     free_polls: int = 0
     held_by: str | None = None  # job_id of our job holding it
     release_grace: bool = False  # just released by us: a busy read waits for the next poll
+    # for ``waiting_reasons`` only (the grant rule does not read them):
+    last_used_mb: float | None = None  # the latest memory read; None: not read yet / failed
+    read_failed: bool = False
+    claimed_elsewhere: bool = False  # our last claim failed: another dispatcher holds it
 
 
 class Dispatcher:
@@ -299,6 +303,38 @@ class Dispatcher:
         """Write ``metrics()`` as JSON atomically (temp file + rename); returns the path."""
         return write_json_atomic(Path(path), self.metrics())
 
+    def waiting_reasons(self) -> list[str]:
+        """Why queued jobs are not running yet, one short line per cause, e.g.
+        ``GPU 0: 30000 MB used > 500 MB threshold``, ``GPU 1: 2/10 free polls``; empty when
+        no job waits. Safe from any thread: a snapshot, at most one poll old."""
+        now = time.monotonic()
+        with self._queue_lock:
+            queued = [q.job for q in self._queue]
+        if not queued:
+            return []
+        reasons = []
+        if any(job.not_before <= now for job in queued):
+            if self.mode == "cpu":
+                reasons.append(f"CPU: all {self.cpu_slots} slot(s) busy")
+            else:
+                reasons += [self._gpu_reason(gpu, state) for gpu, state in list(self._gpu_state.items())]
+        for job in queued:
+            if job.not_before > now:
+                reasons.append(f"{job.job_id}: retry in {job.not_before - now:.0f} s")
+        return reasons
+
+    def _gpu_reason(self, gpu: int, state: _GpuState) -> str:
+        held_by, used_mb = state.held_by, state.last_used_mb  # read once: another thread writes them
+        if held_by is not None:
+            return f"GPU {gpu}: running {held_by}"
+        if state.claimed_elsewhere:
+            return f"GPU {gpu}: claimed by another dispatcher"
+        if state.read_failed:
+            return f"GPU {gpu}: memory cannot be read (NVML error)"
+        if used_mb is not None and used_mb >= self.memory_threshold_mb:
+            return f"GPU {gpu}: {used_mb:.0f} MB used > {self.memory_threshold_mb:.0f} MB threshold"
+        return f"GPU {gpu}: {min(state.free_polls, self.max_check)}/{self.max_check} free polls"
+
     def close(self) -> None:
         """Shut NVML down and close the wake pipe. The dispatcher is unusable afterwards."""
         self._nvml.close()
@@ -353,6 +389,7 @@ class Dispatcher:
 
     def _observe(self, gpu: int, state: _GpuState) -> None:
         memory_used_mb = self._nvml.memory_used_mb(gpu)
+        state.last_used_mb, state.read_failed = memory_used_mb, memory_used_mb is None
         is_free = memory_used_mb is not None and memory_used_mb < self.memory_threshold_mb
         if is_free:
             state.free_polls += 1
@@ -396,7 +433,9 @@ class Dispatcher:
             if claim is None:  # another dispatcher's job has it: busy, whatever its memory says
                 self.logger.debug("gputracker: GPU %d is claimed by another dispatcher", gpu)
                 self._gpu_state[gpu].free_polls = 0
+                self._gpu_state[gpu].claimed_elsewhere = True
                 continue
+            self._gpu_state[gpu].claimed_elsewhere = False
             claims.append(claim)
             if len(claims) == self.num_gpus_per_job:
                 return claims
