@@ -187,3 +187,20 @@ def test_hundreds_of_duplicate_rows_are_summarised_in_a_few_lines(tmp_path, env)
     assert len(warnings) == 8, result.stdout
     assert f"model list {models}: 212 duplicate rows (analysed once) in all, first: row 3" in result.stdout
     assert "5 rows with an empty model_id (skipped) in all, first: row 215" in result.stdout
+
+
+def test_console_log_lines_never_carry_raw_terminal_escapes(tmp_path):
+    import io
+    import logging
+    from esd.safe_output import guard_logging
+    console = io.StringIO()
+    logger = logging.getLogger("test_hostile_console")
+    logger.propagate = False
+    handler = logging.StreamHandler(console)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    guard_logging(logger)
+    logger.warning("FAILED  %s: %s", "org/x", "config says \x1b]0;owned\x07\x1b[2J\rdone\nsecond line")
+    text = console.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert text == "FAILED  org/x: config says \\x1b]0;owned\\x07\\x1b[2J\\rdone\nsecond line\n"
