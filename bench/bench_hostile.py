@@ -205,6 +205,11 @@ def bench_ids(root: Path, model: Path) -> None:
     executed = int(marker.exists()) + len(list(Path("/").glob("PWNED")))
     said = result.stdout + result.stderr
     logs = "".join(p.read_text(errors="replace") for p in (out / "logs").rglob("*.log"))
+    for log_file in (out / "logs").rglob("*.log"):
+        text = log_file.read_text(errors="replace")
+        if tracebacks(text):
+            last = [line for line in text.splitlines() if line.strip()][-3:]
+            print(f"  traceback in {log_file.name}: {' | '.join(last)[:300]}")
     raw_escape = int("\x1b" in said)
     print(f"hostile ids and files ({len(ids)} ids, a malicious pickle, a 100,000-bracket failures.jsonl): "
           f"{executed} executed, {len(outside)} written outside{' ' + str(outside[:3]) if outside else ''}, "
