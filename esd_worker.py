@@ -8,7 +8,8 @@ run the estimator, write `<output_dir>/<safe_id>.csv` atomically.
 Owns: the flags of the ESD settings (derived from `net_esd.ESDSettings`, shared with the
 orchestrator), the per-model CSV and eigenvalue files, turning any failure into a typed
 record in `failed_models.txt` / `failures.jsonl`. Exit status: 0 done, 1 failed (final),
-75 failed (a retry can help). The loader and whatever it needs (transformers, peft) are
+75 failed (a retry can help), 74 the disk is full and not even the failure could be recorded
+(the orchestrator records it as `disk_full`). The loader and whatever it needs (transformers, peft) are
 imported inside functions, only when a model needs them.
 """
 from __future__ import annotations

@@ -490,7 +490,7 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
     finally:
         if progress is not None:
             progress.close()
-        backend.write_metrics(config.output_dir / "gpu_metrics.json")
+        diskfull.tolerate(backend.write_metrics, config.output_dir / "gpu_metrics.json")
 
 
 # ---------------------------------------------------------------- records of the run
@@ -574,12 +574,12 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
-    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
-    if disk_full:
-        log.warning(disk_full)
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:  # the last line: what to free
+        log.warning(disk_full)
 
 
 # ---------------------------------------------------------------- main
@@ -621,7 +621,7 @@ def run(config: ExperimentConfig) -> int:
     entries, list_warnings = read_entries(config)
     make_output_dir(config.output_dir)
     setup_logging(config.output_dir)
-    for warning in list_warnings:
+    for warning in safe_output.summarised(list_warnings):  # 212 duplicates: a few lines, not 212
         log.warning(warning)
     check_esd_settings(config)
     remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write
@@ -642,15 +642,15 @@ def run(config: ExperimentConfig) -> int:
     except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
         status = "error"
         raise
-    finally:
-        compact_failures(config.output_dir)
-        record_run(config, run_id, started, plan, outcome, status)
+    finally:  # a full disk here is said by the report's last line, not a traceback
+        diskfull.tolerate(compact_failures, config.output_dir)
+        diskfull.tolerate(record_run, config, run_id, started, plan, outcome, status)
     # interrupted too: the summary of what is done (the rerun completes it)
     summary = write_summary(config) if status in ("completed", "interrupted") else None
     report(plan, outcome, time.time() - started, summary, config)
     if status == "interrupted":
         return EXIT_INTERRUPTED
-    return 0 if status in ("completed", "submitted") and not outcome.failed else 1
+    return 0 if status in ("completed", "submitted") and not outcome.failed and not diskfull.seen() else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if not diskfull.is_disk_full(exc):
             raise
-        print(f"error: {diskfull.run_message(None, exc.filename)}", file=sys.stderr)
+        print(f"error: {diskfull.run_message(None, exc.filename or next(iter(diskfull.seen()), None))}",
+              file=sys.stderr)
         return 1
 
 
