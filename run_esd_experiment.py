@@ -30,6 +30,7 @@ from filelock import FileLock
 
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd.progress import RunProgress
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import Backend, BackendError, Task
 from esd.failures import read_failures
@@ -71,6 +72,7 @@ class ExperimentConfig:
     retry_backoff: float = 10.0              # seconds before the first retry, doubling
     timeout: float | None = None             # seconds per model
     stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
+    status_interval: float = 60.0            # seconds between status lines when not on a terminal
     save_eigs: bool = False
     trust_remote_code: bool = False
     backend: str = "local"
@@ -91,6 +93,8 @@ class ExperimentConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
         if not 0 < self.poll_interval < math.inf:
             raise ConfigError(f"--poll_interval must be a number of seconds > 0, got {self.poll_interval}")
+        if not 0 < self.status_interval < math.inf:
+            raise ConfigError(f"--status_interval must be a number of seconds > 0, got {self.status_interval}")
         non_negative = {"gpu_memory_threshold": self.gpu_memory_threshold, "max_retries": self.max_retries,
                         "retry_backoff": self.retry_backoff}
         for name, value in non_negative.items():
@@ -163,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "stall_timeout", type=_optional_number(float), default=1800.0,
              help="a worker whose log shows no progress for this many seconds is stopped as "
                   "'stalled' (%(default)s; 0 or none: never)")
+    add_flag(p, "status_interval", type=float, default=60.0,
+             help="not on a terminal (nohup): seconds between status lines in the log (%(default)s)")
     add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
     add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
     add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
@@ -412,36 +418,6 @@ def setup_logging(output_dir: Path) -> Path:
     return log_path
 
 
-class Progress:
-    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup."""
-
-    def __init__(self, total: int):
-        self.total, self.finished, self.failed = total, 0, 0
-        self.started = self.last_line = time.monotonic()
-        self.bar = None
-        if total and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="model", desc="models")
-
-    def update(self, ok: bool) -> None:
-        self.finished += 1
-        self.failed += not ok
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(failed=self.failed)
-            return
-        now = time.monotonic()
-        step = max(1, self.total // 10)
-        if self.finished == self.total or self.finished % step == 0 or now - self.last_line > 60:
-            self.last_line = now
-            log.info("progress: %d/%d models finished (%d failed), %.0fs elapsed",
-                     self.finished, self.total, self.failed, now - self.started)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ---------------------------------------------------------------- tasks and backends
 
 def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
@@ -481,9 +457,13 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
     backend = make_backend(config)
     policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
                     timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
-    progress = Progress(len(plan.pending)) if backend.waits else None
+    progress = (RunProgress(len(plan.pending), done_before=len(plan.done), log=log,
+                            status_every_s=config.status_interval) if backend.waits else None)
     try:
-        return Supervisor(backend, config.output_dir, policy, progress).run(plan_tasks(plan, config))
+        supervisor = Supervisor(backend, config.output_dir, policy, progress)
+        if progress is not None:  # the bar ticks, names running models and why others wait
+            progress.follow(running=supervisor.running_tasks, waiting=backend.waiting_reasons)
+        return supervisor.run(plan_tasks(plan, config))
     except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
         raise ConfigError(f"{config.backend}: {exc}") from exc
     finally:
