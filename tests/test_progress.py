@@ -61,7 +61,7 @@ def test_not_on_a_terminal_a_status_line_names_counts_eta_running_and_waiting(tm
     assert len(status) >= 2
     assert status[0].startswith("status: 1/4 models finished (0 failed)")
     assert "ETA after the first model ends" in status[0]
-    assert f"running: org/a (layer 7, " in status[0] and f"waiting: {BUSY}" in status[0]
+    assert "running: org/a (layer 7, " in status[0] and f"waiting: {BUSY}" in status[0]
     assert re.search(r"2/4 models finished \(0 failed\), \d+s elapsed, ETA \d+s", status[-1])
     assert any(r.startswith("progress: 2/4 models finished") for r in records)
 
@@ -115,7 +115,7 @@ def test_on_a_terminal_the_bar_ticks_and_shows_why_it_waits(two_models, tmp_path
         pytest.skip("tmux is not installed (apt-get install -y tmux) — terminal check skipped")
     out, session = tmp_path / "out", f"esd-progress-{os.getpid()}"
     env = orchestrator_env(tmp_path)
-    command = " ".join(f"'{a}'" for a in run_args(two_models, out)) + f"; echo EXIT=$?; sleep 60"
+    command = " ".join(f"'{a}'" for a in run_args(two_models, out)) + "; echo EXIT=$?; sleep 60"
     exports = " ".join(f"{k}='{env[k]}'" for k in ("FAKE_NVML_SCRIPT", "GPUTRACKER_LOCK_DIR",
                                                  "PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME"))
     subprocess.run(["tmux", "new", "-d", "-s", session, "-x", "230", "-y", "40",
