@@ -14,7 +14,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from esd_worker import ESDSettings, compute_model_metrics
-from esd.model_list import ModelEntry, parse_model_id
+from esd.model_list import RevisionConflict, make_entry
 
 ESD_OPTIONS = tuple(f.name for f in fields(ESDSettings))
 
@@ -33,8 +33,10 @@ def analyze_model(model_id: str, source_model: str | None = None, *, revision: s
                   **esd_options):
     """Per-layer metrics of one model (hub id, `org/name@rev`, or local directory) as a DataFrame
     with the per-model CSV columns. Raises `failures.ESDFailure` (stage, reason) on failure."""
-    base_id, id_revision = parse_model_id(model_id)
-    entry = ModelEntry(base_id, revision or id_revision, source_model)
+    try:
+        entry = make_entry(model_id, revision, source_model)
+    except RevisionConflict as exc:
+        raise ValueError(str(exc)) from None
     return compute_model_metrics(entry, _esd_settings(esd_options), device=device,
                                  trust_remote_code=trust_remote_code, eigs_out=eigs_out)
 

@@ -28,20 +28,21 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from esd.atomic_files import atomic_path, write_text_atomic
+from esd import diskfull, run_lock, safe_output
+from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd.progress import RunProgress
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import Backend, BackendError, Task
-from esd.failures import read_failures
+from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
-from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
+from esd.model_list import ModelEntry, ModelListError, read_model_list
 
 PROJECT_DIR = Path(__file__).resolve().parent
 WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
 DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ESD_SETTINGS_FILE = "esd_settings.json"
+ESD_SETTINGS_FILE = run_lock.SETTINGS_FILE
 EXIT_INTERRUPTED = 130
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
                     "pandas", "nvidia-ml-py")
@@ -335,43 +336,24 @@ def plan_models(entries: list[ModelEntry], config: ExperimentConfig) -> Plan:
     failed = read_failures(config.output_dir) if config.skip_failed else {}
     done, skipped, todo = [], [], []
     for entry in entries:
-        if not config.overwrite and result_csv_path(config.output_dir, entry).exists():
+        if not config.overwrite and entry.paths(config.output_dir).result_csv.exists():
             done.append(entry)
         elif entry.key in failed:
             skipped.append(entry)
         else:
             todo.append(entry)
+    clear_failures(config.output_dir, [e.key for e in done])  # a done model is never in the failure files
     cut = len(todo) if config.limit is None else config.limit
     return Plan(tuple(entries), tuple(done), tuple(skipped), tuple(todo[:cut]), tuple(todo[cut:]))
 
 
 def check_esd_settings(config: ExperimentConfig) -> None:
-    """Refuse to mix results computed with different ESD settings in one directory."""
-    path = config.output_dir / ESD_SETTINGS_FILE
-    wanted = asdict(config.esd)
-    if path.exists() and not config.overwrite:
-        stored = _read_esd_settings(path)
-        diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-        if diff:
-            said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
-            raise ConfigError(
-                f"{config.output_dir} holds results computed with other ESD settings ({said}). "
-                f"Use another --output_dir, or --overwrite to recompute with the new settings.")
-    if config.overwrite or not path.exists():
-        _write_json_atomic(path, wanted)
-
-
-def _read_esd_settings(path: Path) -> dict:
+    """Refuse to mix results computed with different ESD settings in one directory: claimed
+    atomically and held for the run's life (esd/run_lock.py)."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. a directory, cut short
-        stored = exc
-    if not isinstance(stored, dict):
-        raise ConfigError(
-            f"{path} is damaged (not a JSON object of ESD settings: {stored}). It records the settings "
-            f"this directory's results were computed with: restore it, or remove it if you know they "
-            f"match this run (it is then rewritten), or use --overwrite to recompute everything.")
-    return stored
+        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite)
+    except run_lock.SettingsConflict as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -415,6 +397,7 @@ def setup_logging(output_dir: Path) -> Path:
     quiet_console.setFormatter(console.formatter)
     dispatch_log.addHandler(file_handler)
     dispatch_log.addHandler(quiet_console)
+    safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks
     return log_path
 
 
@@ -428,8 +411,8 @@ def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
                  argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
                                         save_eigs=config.save_eigs,
                                         trust_remote_code=config.trust_remote_code)),
-                 result_path=result_csv_path(output_dir, entry),
-                 log_path=output_dir / "logs" / "workers" / f"{safe_id(entry.model_id, entry.revision)}.log",
+                 result_path=entry.paths(output_dir).result_csv,
+                 log_path=entry.paths(output_dir).worker_log,
                  env=env)
             for entry in plan.pending]
 
@@ -499,7 +482,7 @@ def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan
     run_dir = config.output_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = config_as_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True), encoding="utf-8")
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=True))
     record = {"run_id": run_id, "status": status, "command": sys.argv,
               "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "end_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
@@ -553,6 +536,9 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:
+        log.warning(disk_full)
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
@@ -598,6 +584,8 @@ def run(config: ExperimentConfig) -> int:
     for warning in list_warnings:
         log.warning(warning)
     check_esd_settings(config)
+    remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write
+    compact_failures(config.output_dir)
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     plan = plan_models(entries, config)
@@ -615,6 +603,7 @@ def run(config: ExperimentConfig) -> int:
         status = "error"
         raise
     finally:
+        compact_failures(config.output_dir)
         record_run(config, run_id, started, plan, outcome, status)
     summary = write_summary(config) if status == "completed" else None
     report(plan, outcome, time.time() - started, summary, config)
@@ -625,6 +614,8 @@ def run(config: ExperimentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    safe_output.tolerant_std_streams()  # stdout into `head`, or onto a full disk: no tracebacks
+    safe_output.stop_on_hangup()  # ssh dropped without nohup: stop and record like Ctrl-C
     try:
         return run(parse_config(argv))
     except (ConfigError, ModelListError) as exc:
@@ -633,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the dispatcher (which handles its own)
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if not diskfull.is_disk_full(exc):
+            raise
+        print(f"error: {diskfull.run_message(None, exc.filename)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

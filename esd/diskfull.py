@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 
 from esd.failures import ESDFailure
@@ -58,9 +59,45 @@ def write_failure(path, exc: OSError, stage: str = "save") -> ESDFailure:
     return ESDFailure(stage, "write_failed", f"could not write {path}: {exc}")
 
 
-def run_message(output_dir, failed_path=None) -> str:
+def run_message(output_dir=None, failed_path=None) -> str:
     """The one line a run ends with when the disk filled up: where, how much is free, what to do."""
-    where = Path(failed_path) if failed_path else Path(output_dir)
-    return (f"disk full: writing under {Path(output_dir)} failed ({free_space_text(where)}, "
-            f"first at {where}); free space on that filesystem (or use another --output_dir) "
-            f"and run the same command again to resume")
+    where = Path(failed_path) if failed_path else Path(output_dir or ".")
+    under = f"under {Path(output_dir)} " if output_dir else ""
+    return (f"disk full: writing {under}failed ({free_space_text(where)} at {where}); free space on "
+            f"that filesystem (or use another --output_dir) and run the same command again to resume")
+
+
+def final_line(output_dir, failed_reasons) -> str | None:
+    """`run_message` if this process met a full disk or some model failed with `disk_full`."""
+    hit = seen()
+    if hit or any(str(r).endswith("disk_full") for r in failed_reasons):
+        return run_message(output_dir, hit[0] if hit else None)
+    return None
+
+
+def record_or_remember(output_dir, model_id: str, failure: ESDFailure):
+    """Record a failure; on a full disk keep it in memory only (returned all the same), so
+    the orchestrator still classifies the job and the run still ends with `run_message`."""
+    from esd.failures import FailureRecord, record_failure
+    try:
+        return record_failure(output_dir, model_id, failure)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        note(getattr(exc, "filename", None) or output_dir)
+        return FailureRecord.from_failure(model_id, failure)
+
+
+def worker_exit(output_dir, model_id: str, exc: OSError, retryable_code: int) -> int:
+    """A worker's way out of a full disk met outside its result write: recorded if one line
+    still fits (exit `retryable_code`), else exit EXIT_DISK_FULL, which the orchestrator
+    records as `disk_full` (it may have room by then; if not, it says so at the end)."""
+    from esd.failures import record_failure
+    failure = disk_full_failure(getattr(exc, "filename", None) or output_dir)
+    try:
+        record_failure(output_dir, model_id, failure)
+    except OSError:
+        print(f"{model_id}: FAILED {failure} (could not be recorded)", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
+    print(f"{model_id}: FAILED {failure} (retryable: True)", file=sys.stderr, flush=True)
+    return retryable_code

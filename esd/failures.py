@@ -20,6 +20,7 @@ Must not: decide retries (the orchestrator does), or know about models beyond th
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -287,10 +288,16 @@ def clear_failures(output_dir, model_ids) -> int:
         listed = wanted & set(_read_records(output_dir))
         if listed:
             stamp = time.time()
-            _append(output_dir / FAILURES_JSONL,
-                    "".join(json.dumps({"model_id": m, "cleared": True, "time": stamp}) + "\n"
-                            for m in sorted(listed)))
-            _rewrite_txt_without(output_dir, listed)
+            try:
+                _append(output_dir / FAILURES_JSONL,
+                        "".join(json.dumps({"model_id": m, "cleared": True, "time": stamp}) + "\n"
+                                for m in sorted(listed)))
+                _rewrite_txt_without(output_dir, listed)
+            except OSError as exc:  # the result exists; the next run's planning clears it
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                log.warning("could not record that %d model(s) are done (disk full); the next run "
+                            "clears them from %s", len(listed), FAILED_MODELS_TXT)
     return len(listed)
 
 
@@ -316,3 +323,14 @@ def compact_failures(output_dir) -> None:
     with _lock(output_dir):
         _write_compacted(output_dir, _read_records(output_dir))
 
+
+
+def failure_recorded_since(output_dir, model_id: str, since: float) -> FailureRecord | None:
+    """The model's current failure if it was recorded at or after `since` (epoch seconds):
+    another worker's attempt that ended while we waited for the model's lock."""
+    output_dir = Path(output_dir)
+    if not (output_dir / FAILURES_JSONL).exists():
+        return None
+    with _lock(output_dir):
+        record = _last_record_of(output_dir, model_id)
+    return record if record is not None and record.time >= since else None

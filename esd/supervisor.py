@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
+from esd import diskfull
 from esd.backends.base import Backend, Hooks, Task, TaskResult
-from esd.failures import ESDFailure, FailureRecord, clear_failure, read_failures, record_failure
+from esd.failures import ESDFailure, FailureRecord, clear_failure, read_failures
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
 EXIT_TIMEOUT = 124  # coreutils `timeout` (the Slurm script's limit of one attempt)
@@ -89,6 +90,8 @@ def classify(result: TaskResult, output_dir: Path, policy: Policy, stalled: bool
     record = _fresh_record(output_dir, result)
     if record is not None:
         return "failed", record
+    if result.returncode == diskfull.EXIT_DISK_FULL or result.state == "DISK_FULL":
+        return "failed", diskfull.disk_full_failure(result.task.log_path or output_dir, stage="worker")
     if result.returncode == EXIT_RETRYABLE:
         return "failed", ESDFailure("worker", "retryable_exit", "the worker exited with status 75 (a retry can "
                                     f"help) without a failure record; see {result.task.log_path}", retryable=True)
@@ -176,7 +179,7 @@ class Supervisor:
             self._progress(True)
             return []
         if isinstance(failure, ESDFailure):
-            failure = record_failure(self.output_dir, result.key, failure)
+            failure = diskfull.record_or_remember(self.output_dir, result.key, failure)  # full disk: kept in memory
         attempt = result.task.attempt
         if failure.retryable and attempt <= self.policy.max_retries:
             delay = self.policy.retry_delay_s(attempt)

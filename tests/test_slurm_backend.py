@@ -41,6 +41,12 @@ TASK_SCRIPT = textwrap.dedent("""\
         time.sleep(float(row["argv"][row["argv"].index("--sleep") + 1]))
     if "--fail" in row["argv"]:
         sys.exit(3)
+    if "--fail_first" in row["argv"]:  # exit 75 (retryable) until the Nth attempt
+        counter = row["result_path"] + ".attempts"
+        n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+        open(counter, "w").write(str(n))
+        if n <= int(row["argv"][row["argv"].index("--fail_first") + 1]):
+            sys.exit(75)
     if "--no_result" in row["argv"]:
         sys.exit(0)
     tmp = row["result_path"] + ".tmp"
@@ -452,3 +458,63 @@ def test_experiment_on_slurm_completes_every_model_and_resumes_only_what_is_miss
     assert [row["key"] for row in rows] == [str(models[1])]
     assert "with 1 task(s)" in third.stdout + third.stderr
     assert all(c.exists() for c in csvs)
+
+
+# ---------------------------------------------------------------------------- policy on Slurm
+
+def _supervise(out, tasks, task_script, **policy):
+    """The orchestrator's own policy (esd/supervisor.py) over a real Slurm backend."""
+    from esd.backends.slurm import SlurmBackend
+    from esd.supervisor import Policy, Supervisor
+    lines: list[str] = []
+    backend = SlurmBackend(_gpu_settings(), out, wait=True, worker_script=task_script,
+                           poll_interval_s=0.3, log=lines.append)
+    supervisor = Supervisor(backend, out, Policy(**{"retry_backoff_s": 0, **policy}),
+                            tick_interval_s=0.3)
+    return supervisor.run(tasks), lines
+
+
+@pytest.mark.slurm
+def test_slurm_resubmits_retryable_failures_as_a_follow_up_array_up_to_max_retries(
+        slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 3, {1: ("--fail_first", "1"), 2: ("--fail_first", "5")})
+    outcome, lines = _supervise(out, tasks, task_script, max_retries=2)
+    assert sorted(outcome.succeeded) == ["org/model-0", "org/model-1"]
+    assert outcome.failed == {"org/model-2": "worker/retryable_exit"}
+    manifests = sorted((out / "slurm").glob("*/manifest.json"))
+    rows = [[row["key"] for row in json.loads(m.read_text())["tasks"]] for m in manifests]
+    assert rows == [["org/model-0", "org/model-1", "org/model-2"],   # first array
+                    ["org/model-1", "org/model-2"],                  # retry 1
+                    ["org/model-2"]]                                 # retry 2, then final
+    assert (out / "org--model-2.json.attempts").read_text() == "3"
+    from esd.failures import read_failures
+    assert set(read_failures(out)) == {"org/model-2"}
+
+
+@pytest.mark.slurm
+def test_slurm_timeout_sets_the_time_limit_and_is_a_typed_timeout_not_retried(
+        slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 2, {1: ("--sleep", "30")})
+    started = time.monotonic()
+    outcome, _ = _supervise(out, tasks, task_script, timeout_s=2, max_retries=3)
+    assert time.monotonic() - started < 25
+    assert outcome.succeeded == ["org/model-0"]
+    assert outcome.failed == {"org/model-1": "worker/timeout"}
+    (script,) = (out / "slurm").glob("*/job.sbatch")      # not resubmitted
+    text = script.read_text()
+    assert "#SBATCH --time=3" in text.splitlines()       # ceil(2 s / 60) + 2 minutes
+    assert "exec timeout --kill-after=30 2 " in text
+
+
+@pytest.mark.slurm
+def test_slurm_task_without_progress_is_stopped_as_stalled(slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 1, {0: ("--sleep", "60")})
+    started = time.monotonic()
+    outcome, _ = _supervise(out, tasks, task_script, stall_timeout_s=3)
+    assert time.monotonic() - started < 40
+    assert outcome.failed == {"org/model-0": "worker/stalled"}
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+    assert not [line for line in listed.splitlines() if "RUNNING" in line and "esd-test" in line]

@@ -48,7 +48,7 @@ def _names_checkpoint(model_id) -> bool:
 def steps_from_model_list(path) -> dict[str, float]:
     """{result file stem: step} from a model list's `step` column (empty steps omitted)."""
     import csv
-    from esd.model_list import ID_COLUMNS, parse_model_id, safe_id
+    from esd.model_list import ID_COLUMNS, RevisionConflict, make_entry
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"model list {path} does not exist")
@@ -64,14 +64,17 @@ def steps_from_model_list(path) -> dict[str, float]:
             row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k}
             if not row.get(id_column):
                 continue
-            model_id, revision = parse_model_id(row[id_column])
+            try:  # the result file's name, as the run derived it
+                stem = make_entry(row[id_column], row.get("revision"), base_dir=path.parent).safe_id
+            except RevisionConflict as exc:
+                raise AnalysisError(f"model list {path}, row {line_number}: {exc}") from None
             text = row.get("step", "")
             try:
                 step = float(text) if text else np.nan
             except ValueError:
                 raise AnalysisError(f"model list {path}, row {line_number}: step {text!r} is "
                                     f"not a number") from None
-            steps[safe_id(model_id, revision)] = step
+            steps[stem] = step
     return steps
 
 

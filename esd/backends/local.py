@@ -69,7 +69,8 @@ class LocalBackend(Backend):
             self._cancelled.discard(result.job_id)
             ended = TaskResult(task, result.returncode, result.start_time, result.end_time,
                                timed_out=result.timed_out, interrupted=result.interrupted,
-                               cancelled=cancelled and not result.interrupted)
+                               cancelled=cancelled and not result.interrupted,
+                               state="DISK_FULL" if _disk_full(getattr(result, "launch_error", None)) else None)
             for follow_up in hooks.on_end(ended):
                 by_key[follow_up.key] = follow_up
                 dispatcher.submit(self._job(follow_up))
@@ -113,6 +114,12 @@ class LocalBackend(Backend):
         if self._ran_any:
             from gputracker.metrics import write_json_atomic
             write_json_atomic(Path(path), self._metrics)
+
+
+def _disk_full(exc) -> bool:
+    """The job could not even start for want of space (e.g. its log file): say so."""
+    from esd.diskfull import is_disk_full
+    return is_disk_full(exc)
 
 
 def _tick(hooks: Hooks, stop: threading.Event) -> None:

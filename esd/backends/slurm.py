@@ -742,6 +742,8 @@ class SlurmBackend(Backend):
 
     def run(self, tasks: Sequence[Task], hooks: Hooks) -> None:
         pending = list(tasks)
+        if not pending:
+            self.log("slurm: nothing to submit")
         while pending:
             settings = replace(self.settings, begin_delay_s=max(t.delay_s for t in pending))
             submitted_at = time.time()
