@@ -31,7 +31,7 @@ from filelock import FileLock
 from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
-from esd.progress import RunProgress
+from esd.progress import PlainCpuNotice, RunProgress
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import Backend, BackendError, Task
 from esd.failures import clear_failures, compact_failures, read_failures
@@ -395,6 +395,7 @@ def setup_logging(output_dir: Path) -> Path:
     quiet_console = _ConsoleHandler(sys.stdout)
     quiet_console.setLevel(logging.WARNING)
     quiet_console.setFormatter(console.formatter)
+    quiet_console.addFilter(PlainCpuNotice())  # "no GPU can be used (…): running on CPU", once
     dispatch_log.addHandler(file_handler)
     dispatch_log.addHandler(quiet_console)
     safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks

@@ -36,6 +36,22 @@ Running = Callable[[], Iterable[tuple[str, float, "Path | None"]]]   # (key, sta
 Waiting = Callable[[], list[str]]
 
 
+class PlainCpuNotice(logging.Filter):
+    """The console's one line when no GPU can be used, in a researcher's words instead of
+    gputracker's (`NVML could not be initialised: …; CPU mode: jobs run with
+    CUDA_VISIBLE_DEVICES=''`); the log file keeps gputracker's own line."""
+
+    NVML_LINE = re.compile(r"^gputracker: (?P<why>.+); CPU mode: jobs run with CUDA_VISIBLE_DEVICES=''$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.NVML_LINE.match(record.getMessage())
+        if found:
+            record.msg, record.args = (
+                "no GPU can be used (%s): running on CPU; --cpu_workers N runs N models at once, "
+                "--gpus none skips the GPU check", (found.group("why"),))
+        return True
+
+
 def current_layer(log_path) -> str | None:
     """`layer 12/30` (or `layer 12`) from the last layer line of a worker log; None if none yet."""
     if log_path is None:

@@ -136,3 +136,19 @@ def test_on_a_terminal_the_bar_ticks_and_shows_why_it_waits(two_models, tmp_path
     assert any("running: " in pane and "GPU 1: running " in pane for pane in panes), \
         "\n=====\n".join(panes[::4])
     assert "models: 100%" in panes[-1] and "2/2" in panes[-1]
+
+
+def test_without_nvml_the_console_says_once_and_plainly_that_it_runs_on_cpu(two_models, tmp_path):
+    env = orchestrator_env(tmp_path)
+    env.pop("FAKE_NVML_SCRIPT")                  # the fake then behaves like a machine without NVML
+    args = run_args(two_models, tmp_path / "out")
+    result = subprocess.run(args[:4] + ["--output_dir", str(tmp_path / "out")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    console = result.stdout + result.stderr
+    notices = [line for line in console.splitlines() if "CPU" in line and "GPU" in line]
+    assert len(notices) == 1, console
+    assert notices[0].startswith("no GPU can be used (") and "running on CPU" in notices[0]
+    assert "CUDA_VISIBLE_DEVICES" not in console
+    log = (tmp_path / "out" / "logs" / "esd_experiment.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=''" in log        # the log file keeps gputracker's own words
