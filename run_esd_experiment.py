@@ -523,7 +523,17 @@ def write_summary(config: ExperimentConfig) -> Path | None:
         return None
 
 
-def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig) -> None:
+def write_demo_report(config: ExperimentConfig) -> Path | None:
+    from analyze_results import write_report
+    try:
+        return write_report(config.output_dir)
+    except Exception as exc:  # noqa: BLE001 - the results are safe; say why there is no report
+        log.warning("could not write report.html: %s", exc)
+        return None
+
+
+def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig,
+           page: Path | None = None) -> None:
     log.info("")
     if outcome.interrupted:
         log.info("interrupted: run the same command again to resume")
@@ -540,6 +550,8 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
     disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
     if disk_full:
         log.warning(disk_full)
+    if page is not None:
+        log.info("report:   %s  (open it in a browser: %s)", page, page.resolve().as_uri())
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
@@ -607,7 +619,9 @@ def run(config: ExperimentConfig) -> int:
         compact_failures(config.output_dir)
         record_run(config, run_id, started, plan, outcome, status)
     summary = write_summary(config) if status == "completed" else None
-    report(plan, outcome, time.time() - started, summary, config)
+    # the demo ends with what it found, in a browser
+    page = write_demo_report(config) if summary is not None and config.is_demo else None
+    report(plan, outcome, time.time() - started, summary, config, page)
     if status == "interrupted":
         return EXIT_INTERRUPTED
     return 0 if status in ("completed", "submitted") and not outcome.failed else 1

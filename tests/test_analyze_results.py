@@ -588,3 +588,32 @@ def test_final_checkpoint_step_is_read_from_trainer_state_or_marked_placed(tmp_p
     read = ar.checkpoint_table(per_layer)
     assert read["step"].tolist() == [2, 4, 5]
     assert read["step_source"].tolist() == ["id", "id", "trainer_state.json"]
+
+
+def test_report_says_how_it_was_made_and_shows_adapter_minus_base(tmp_path):
+    import json
+    write_layers(tmp_path, "org/base", [{"alpha": 3.0}, {"alpha": 4.0}])
+    write_layers(tmp_path, "org/lora", [{"alpha": 3.0001, "is_adapter": True, "source_model": "org/base"},
+                                        {"alpha": 4.0, "is_adapter": True, "source_model": "org/base"}])
+    (tmp_path / "esd_settings.json").write_text(json.dumps({"fix_fingers": "xmin_mid", "bins": 100}))
+    (tmp_path / "runs.csv").write_text("run_id,status,start_time,duration_s,backend,done,failed\n"
+                                       "20261201-1,completed,2026-12-01T10:00:00,12.5,local,2,0\n")
+    (tmp_path / "runs" / "20261201-1").mkdir(parents=True)
+    (tmp_path / "runs" / "20261201-1" / "run.json").write_text(json.dumps(
+        {"versions": {"torch": "2.13.0", "peft": None}, "command": ["run_esd_experiment.py", "--gpus", "none"]}))
+    page = ar.write_report(tmp_path).read_text(encoding="utf-8")
+    made = page.split("How these results were made", 1)[1].split("<section>", 1)[0]
+    for fragment in ("fix_fingers", "xmin_mid", "20261201-1", "completed", "torch", "2.13.0",
+                     "not installed", "--gpus none", "What the columns mean", "stable_rank"):
+        assert fragment in made, fragment
+    adapters = page.split("Adapter minus base", 1)[1].split("<section>", 1)[0]
+    assert "org/lora" in adapters and "0.0001" in adapters and "5e-05" in adapters   # max, mean |Δalpha|
+    assert (tmp_path / "plots" / "adapter_minus_base.png").exists()
+    assert_valid_png(tmp_path / "plots" / "adapter_minus_base.png")
+    assert page.count("data:image/png;base64,") == len(png_files(tmp_path / "plots"))
+
+
+def test_comparison_labels_carry_the_digits_that_tell_close_models_apart():
+    from esd.analysis.plots import _digits_to_tell_apart
+    assert f"{3.0001:.{_digits_to_tell_apart(np.array([3.0001, 3.0]))}g}" == "3.0001"
+    assert _digits_to_tell_apart(np.array([2.0, 5.0])) == 4
