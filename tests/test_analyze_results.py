@@ -617,3 +617,22 @@ def test_comparison_labels_carry_the_digits_that_tell_close_models_apart():
     from esd.analysis.plots import _digits_to_tell_apart
     assert f"{3.0001:.{_digits_to_tell_apart(np.array([3.0001, 3.0]))}g}" == "3.0001"
     assert _digits_to_tell_apart(np.array([2.0, 5.0])) == 4
+
+
+@pytest.mark.parametrize("low, high", [(0.5, 3.0), (1e-7, 30.0), (2.0, 2.6)])
+def test_every_esd_panel_has_labelled_ticks_on_both_axes(low, high):
+    plt = ar.plot_esds.__globals__["_pyplot"]()
+    eigenvalues = np.geomspace(low, high, 300)
+    layer = pd.Series({"longname": "x", "alpha": 2.5, "xmin": float(np.median(eigenvalues)),
+                       "xmax": high, "fit_status": "ok"})
+    fig, ax = plt.subplots()
+    try:
+        ar.plot_esd(eigenvalues, layer, ax)
+        fig.canvas.draw()
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = sorted((lo, hi))
+            shown = [t.get_text() for t in axis.get_majorticklabels()
+                     if lo <= t.get_position()[axis is ax.yaxis] <= hi and t.get_text()]
+            assert len(shown) >= 2, (low, high, axis.axis_name, shown)
+    finally:
+        plt.close(fig)

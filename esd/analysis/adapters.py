@@ -45,18 +45,20 @@ def layer_deltas(per_layer: pd.DataFrame, model_id: str, base_id: str) -> pd.Dat
 
 
 def delta_summary(per_layer: pd.DataFrame) -> pd.DataFrame:
-    """Per pair: layers matched, mean and largest |Δ| of each metric, and the layer that moved most."""
+    """Per pair: layers matched and changed, mean |Δ alpha|, the largest |Δ| of each metric,
+    and the layer whose alpha moved most."""
     rows = []
     for model_id, base_id in adapter_base_pairs(per_layer):
         deltas = layer_deltas(per_layer, model_id, base_id)
         row = {"model_id": model_id, "base": base_id, "layers_matched": len(deltas)}
-        for metric in DELTA_METRICS:
-            column = f"d_{metric}"
-            if column in deltas:
-                row[f"mean_abs_d_{metric}"] = deltas[column].abs().mean()
-                row[f"max_abs_d_{metric}"] = deltas[column].abs().max()
         if len(deltas) and "d_alpha" in deltas and deltas["d_alpha"].notna().any():
             row["most_moved_layer"] = deltas.loc[deltas["d_alpha"].abs().idxmax(), "longname"]
+        if "d_alpha" in deltas:
+            row["layers_changed"] = int((deltas["d_alpha"].fillna(0) != 0).sum())
+            row["mean_abs_d_alpha"] = deltas["d_alpha"].abs().mean()
+        for metric in DELTA_METRICS:
+            if f"d_{metric}" in deltas:
+                row[f"max_abs_d_{metric}"] = deltas[f"d_{metric}"].abs().max()
         rows.append(row)
     return pd.DataFrame(rows)
 

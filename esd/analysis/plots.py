@@ -154,7 +154,6 @@ def plot_esd(eigenvalues: np.ndarray, layer: pd.Series, ax) -> None:
     """Log-log histogram density of one layer's eigenvalues, the fitted power law
     p(x) ∝ x^-alpha over [xmin, xmax] (scaled to the tail's share of the eigenvalues),
     and xmin marked."""
-    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
     x = np.asarray(eigenvalues, dtype=float)
     x = x[np.isfinite(x) & (x > 0)]
     if len(x) < 2:
@@ -172,15 +171,28 @@ def plot_esd(eigenvalues: np.ndarray, layer: pd.Series, ax) -> None:
         ax.axvline(xmin, color="black", ls="--", lw=1, label=f"xmin={xmin:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):   # labelled ticks on every panel, even within one decade
-        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=8))
-        axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
-        axis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
+    _label_log_axes(ax)
     ax.set_xlabel("eigenvalue λ", fontsize=8)
     ax.set_ylabel("density", fontsize=8)
     ax.set_title(f"{_short(str(layer['longname']), 45)} ({layer.get('fit_status', '')})", fontsize=8)
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
+
+
+def _label_log_axes(ax) -> None:
+    """Labelled ticks on both log axes of every panel: decades on a wide range, 1-2-5 steps
+    within a decade or two (where matplotlib's default may label nothing)."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+    for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        low, high = sorted(limits)
+        decades = np.log10(high / low) if low > 0 and high > 0 else 0.0
+        if decades > 2.5:
+            axis.set_major_locator(LogLocator(base=10, numticks=12))
+            axis.set_major_formatter(LogFormatterSciNotation())
+        else:
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+            axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+        axis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
 
 
 def plot_esds(results_dir, per_layer, summary, esd_layer=None) -> list[Path]:

@@ -83,7 +83,7 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
         deltas = delta_summary(selected)
         if not deltas.empty:
             figure = plot_deltas(selected, results_dir / "plots" / "adapter_minus_base.png")
-            sections.append(_section("Adapter minus base", _ADAPTER_NOTE + _table_html(deltas, digits=3)
+            sections.append(_section("Adapter minus base", _ADAPTER_NOTE + _table_html(deltas, scroll=True, digits=3)
                                      + (_img_html(figure) if figure else "")))
         if plots[3:]:
             sections.append(_section("Empirical spectral densities",
