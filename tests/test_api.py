@@ -47,8 +47,11 @@ def test_run_experiment_takes_a_list_of_ids_or_a_dataframe_and_resumes(tmp_path,
     a, b = save_gpt2(tmp_path / "m" / "a"), save_gpt2(tmp_path / "m" / "b", seed=1)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "folder.csv").mkdir()                 # junk named *.csv: never read, never blocking
+    os.mkfifo(out / "pipe.csv")
     assert run_experiment(["m/a"], out, gpus="none") == 0     # a relative path, made absolute
-    assert (out / "summary.csv").exists()
+    assert pd.read_csv(out / "summary.csv")["model_id"].tolist() == [str(a)]
     lists = list((out / "runs").glob("api_models_*.csv"))
     assert len(lists) == 1 and pd.read_csv(lists[0])["model_id"].tolist() == [str(a)]
     frame = pd.DataFrame({"model_id": [str(a), str(b)]})
