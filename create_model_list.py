@@ -25,8 +25,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from esd.cli_flags import add_flag
-from esd.model_list import ModelEntry, parse_model_id, write_model_list
+from esd.cli_flags import FlagParser, add_flag
+from esd.model_list import ModelEntry, RevisionConflict, make_entry, write_model_list
 
 # Id columns recognised by from-csv, in order of preference (case-insensitive).
 CSV_ID_COLUMNS = ("model_id", "full_name", "model_name", "model", "name")
@@ -59,9 +59,10 @@ def entries_from_ids(ids, source_model=None, relation=None, origin="--models") -
     for position, text in enumerate(ids, start=1):
         if not text or not text.strip():
             raise InputError(f"{origin}: id number {position} is empty")
-        model_id, revision = parse_model_id(text)
-        entries.append(ModelEntry(model_id, revision, source_model or None, relation or None,
-                                  row=position))
+        try:
+            entries.append(make_entry(text, None, source_model or None, relation or None, row=position))
+        except RevisionConflict as exc:
+            raise InputError(f"{origin}: id number {position}: {exc}") from None
     return entries
 
 
@@ -76,8 +77,7 @@ def read_text_ids(path) -> list[ModelEntry]:
         if "," in text or "\t" in text:
             raise InputError(f"{path}, line {line_number}: {line.strip()!r} is not a single id "
                              f"(use from-csv for files with columns)")
-        model_id, revision = parse_model_id(text)
-        entries.append(ModelEntry(model_id, revision, row=line_number))
+        entries.append(make_entry(text, row=line_number, base_dir=path.parent))
     return entries
 
 
@@ -108,14 +108,13 @@ def read_csv_entries(path, id_column: str | None = None) -> tuple[list[ModelEntr
             if not text:
                 _warn(f"{path}, row {line_number}: empty {found}; row skipped")
                 continue
-            model_id, revision = parse_model_id(text)
-            column_revision = row.get(kept["revision"] or "", "") or None
-            if revision and column_revision and revision != column_revision:
-                raise InputError(f"{path}, row {line_number}: id {text!r} names revision "
-                                 f"{revision!r} but the revision column says {column_revision!r}")
+            try:
+                entry = make_entry(text, row.get(kept["revision"] or "", "") or None, base_dir=path.parent)
+            except RevisionConflict as exc:
+                raise InputError(f"{path}, row {line_number}: {exc}") from None
             entries.append(ModelEntry(
-                model_id=model_id,
-                revision=revision or column_revision,
+                model_id=entry.model_id,
+                revision=entry.revision,
                 source_model=row.get(kept["source_model"] or "", "") or None,
                 base_model_relation=row.get(kept["base_model_relation"] or "", "") or None,
                 row=line_number,
@@ -193,11 +192,15 @@ def _trainer_state_step(directory: Path) -> int | None:
 
 def deduplicate(entries, extra, keep_duplicates: bool, origin: str):
     """Keep the first row of each (model_id, revision); empty fields are filled from later
-    duplicates. With keep_duplicates the rows are left as they are, with a warning."""
+    duplicates, and one line says how many rows were dropped. With keep_duplicates the rows
+    are left as they are, with one warning line for all of them."""
     first: dict[tuple, int] = {}
     kept, kept_extra = [], {name: [] for name in extra}
+    repeats = []
     for i, entry in enumerate(entries):
         identity = (entry.model_id, entry.revision)
+        if identity in first:
+            repeats.append(entry.key)
         if identity in first and not keep_duplicates:
             j = first[identity]
             kept[j] = replace(kept[j],
@@ -205,14 +208,17 @@ def deduplicate(entries, extra, keep_duplicates: bool, origin: str):
                               base_model_relation=kept[j].base_model_relation
                               or entry.base_model_relation)
             continue
-        if identity in first:
-            _warn(f"{origin}: {entry.key} appears more than once (kept; the experiment "
-                  f"analyses it once; pass --deduplicate to drop repeats)")
-        else:
+        if identity not in first:
             first[identity] = len(kept)
         kept.append(entry)
         for name, values in extra.items():
             kept_extra[name].append(values[i])
+    if repeats and keep_duplicates:
+        _warn(f"{origin}: {len(repeats)} repeated row(s), first: {repeats[0]} (kept; the "
+              f"experiment analyses each id once; pass --deduplicate to drop repeats)")
+    elif repeats:
+        print(f"{origin}: dropped {len(repeats)} duplicate row(s) (first: {repeats[0]}); "
+              f"{len(kept)} models left", file=sys.stderr)
     return kept, kept_extra
 
 
@@ -268,7 +274,7 @@ def _cmd_from_checkpoints(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description="Create the model list CSV for run_esd_experiment.py.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -5,11 +5,12 @@ run the estimator, write `<output_dir>/<safe_id>.csv` atomically.
                          [--revision REV] [ESD flags] [--device cpu|cuda] [--overwrite]
     python esd_worker.py --manifest results/slurm/<stamp>/manifest.json --task_index 3
 
-Owns: the ESD settings and their flags (shared with the orchestrator), the per-model CSV
-and eigenvalue files, turning any failure into a typed record in `failed_models.txt` /
-`failures.jsonl`. Exit status: 0 done, 1 failed (final), 75 failed (a retry can help).
-Heavy imports (torch, the loader, the estimator) happen inside functions, so the
-orchestrator can import the flag definitions cheaply.
+Owns: the flags of the ESD settings (derived from `net_esd.ESDSettings`, shared with the
+orchestrator), the per-model CSV and eigenvalue files, turning any failure into a typed
+record in `failed_models.txt` / `failures.jsonl`. Exit status: 0 done, 1 failed (final),
+75 failed (a retry can help), 74 the disk is full and not even the failure could be recorded
+(the orchestrator records it as `disk_full`). The loader and whatever it needs (transformers, peft) are
+imported inside functions, only when a model needs them.
 """
 from __future__ import annotations
 
@@ -17,78 +18,57 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path
-from esd.cli_flags import add_bool_flag, add_flag
-from esd.failures import ESDFailure, clear_failure, record_failure
-from esd.model_list import ModelEntry, parse_model_id, result_csv_path, safe_id
+from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd.disk_budget import gigabytes
+from esd.failures import ESDFailure, clear_failure, failure_recorded_since, record_failure
+from esd.loading.hub import hub_session
+from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
+                            entry_from_args, unsafe_characters)
+from net_esd import ESDSettings  # noqa: F401 - re-exported: the settings' home is net_esd
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
-FIX_FINGERS_CHOICES = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
-ID_COLUMNS = ["model_id", "is_adapter", "source_model"]
 
 log = logging.getLogger("esd_worker")
 
 
-@dataclass(frozen=True)
-class ESDSettings:
-    """The estimator parameters; results computed with different settings are not comparable."""
-    fix_fingers: str = "xmin_mid"
-    evals_thresh: float = 1e-5
-    bins: int = 100
-    xmin_pos: int = 2
-    conv_norm: float = 0.5
-    filter_zeros: bool = True
-
-    def validate(self) -> None:
-        if self.fix_fingers not in FIX_FINGERS_CHOICES:
-            raise ValueError(f"--fix_fingers {self.fix_fingers!r} is not one of {list(FIX_FINGERS_CHOICES)}")
-        if not 0 <= self.evals_thresh < math.inf:
-            raise ValueError(f"--evals_thresh must be a finite number >= 0, got {self.evals_thresh}")
-        if self.bins < 2:
-            raise ValueError(f"--bins must be >= 2, got {self.bins}")
-        if self.xmin_pos < 1:
-            raise ValueError(f"--xmin_pos must be >= 1, got {self.xmin_pos}")
-        if not 0 < self.conv_norm < math.inf:
-            raise ValueError(f"--conv_norm must be a finite number > 0, got {self.conv_norm}")
-
-    def to_argv(self) -> list[str]:
-        return ["--fix_fingers", self.fix_fingers, "--evals_thresh", repr(self.evals_thresh),
-                "--bins", str(self.bins), "--xmin_pos", str(self.xmin_pos),
-                "--conv_norm", repr(self.conv_norm),
-                "--filter_zeros" if self.filter_zeros else "--no_filter_zeros"]
-
-
 def add_esd_arguments(parser: argparse.ArgumentParser, defaults: ESDSettings = ESDSettings()) -> None:
+    """One flag per ESDSettings field (`--name`, booleans also `--no_name`), help from its metadata."""
     group = parser.add_argument_group("ESD parameters")
-    add_flag(group, "fix_fingers", default=defaults.fix_fingers,
-             help=f"how xmin is chosen: {', '.join(FIX_FINGERS_CHOICES)} (default %(default)s)")
-    add_flag(group, "evals_thresh", type=float, default=defaults.evals_thresh,
-             help="eigenvalues at or below this are left out of the fit (default %(default)s)")
-    add_flag(group, "bins", type=int, default=defaults.bins, help="histogram bins for xmin_peak (%(default)s)")
-    add_flag(group, "xmin_pos", type=int, default=defaults.xmin_pos,
-             help="xmin_mid takes the eigenvalue at index n / xmin_pos (%(default)s)")
-    add_flag(group, "conv_norm", type=float, default=defaults.conv_norm,
-             help="conv slices are scaled by sqrt(conv_norm) (%(default)s)")
-    add_bool_flag(group, "filter_zeros", defaults.filter_zeros,
-                  "fit only eigenvalues above --evals_thresh (default on; --no_filter_zeros)")
+    for item in fields(ESDSettings):
+        default = getattr(defaults, item.name)
+        if isinstance(default, bool):
+            add_bool_flag(group, item.name, default,
+                          f"{item.metadata['help']} (default {'on' if default else 'off'}; --no_{item.name})")
+        else:
+            add_flag(group, item.name, type=type(default), default=default,
+                     help=f"{item.metadata['help']} (default %(default)s)")
 
 
 def esd_settings_from_args(args) -> ESDSettings:
-    fix = args.fix_fingers
-    fix = "DKS" if fix in (None, "none", "None", "dks") else fix
-    settings = ESDSettings(fix, float(args.evals_thresh), int(args.bins), int(args.xmin_pos),
-                           float(args.conv_norm), bool(args.filter_zeros))
-    settings.validate()
-    return settings
+    """The ESDSettings of parsed flags; ValueError names the bad flag."""
+    return ESDSettings(**{item.name: getattr(args, item.name) for item in fields(ESDSettings)})
+
+
+def esd_argv(esd: ESDSettings) -> list[str]:
+    """The flags that give `esd` back through add_esd_arguments (exact: floats by repr)."""
+    argv = []
+    for item in fields(ESDSettings):
+        value = getattr(esd, item.name)
+        if isinstance(value, bool):
+            argv.append(f"--{item.name}" if value else f"--no_{item.name}")
+        else:
+            argv += [f"--{item.name}", repr(value) if isinstance(value, float) else str(value)]
+    return argv
 
 
 @dataclass(frozen=True)
@@ -100,32 +80,27 @@ class WorkerConfig:
     overwrite: bool = False
     save_eigs: bool = False
     trust_remote_code: bool = False
+    log_path: Path | None = None   # Slurm manifest task: send our output there
+    disk_budget: float | None = None   # GB: delete what this run downloads when done (esd/disk_budget.py)
+    stream: bool = False           # hub safetensors weights read by HTTP ranges, never written to disk
 
 
 def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
-                overwrite=False, save_eigs=False, trust_remote_code=False) -> list[str]:
+                overwrite=False, save_eigs=False, trust_remote_code=False,
+                disk_budget: float | None = None, stream: bool = False) -> list[str]:
     """The worker's arguments for one model (after the script path); no shell involved.
-    Values from the model list are attached (`--model_id=ID`), so an id such as `-x` or
-    `--help` stays a value instead of being read as a flag."""
-    argv = [f"--model_id={entry.model_id}", "--output_dir", str(output_dir)]
-    if entry.revision:
-        argv += [f"--revision={entry.revision}"]
-    if entry.source_model:
-        argv += [f"--source_model={entry.source_model}"]
-    if entry.base_model_relation:
-        argv += [f"--base_model_relation={entry.base_model_relation}"]
-    argv += esd.to_argv() + ["--device", device]
+    The model's part is `model_list.entry_argv` (read back by `entry_from_args`)."""
+    argv = entry_argv(entry) + ["--output_dir", str(output_dir)]
+    argv += esd_argv(esd) + ["--device", device]
     argv += ["--overwrite"] * overwrite + ["--save_eigs"] * save_eigs
     argv += ["--trust_remote_code"] * trust_remote_code
+    argv += ["--disk_budget", repr(disk_budget)] * (disk_budget is not None) + ["--stream"] * stream
     return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
-    add_flag(parser, "model_id", help="hub id (org/name[@rev]) or local directory")
-    add_flag(parser, "source_model", help="base model of an adapter")
-    add_flag(parser, "base_model_relation", help="hint from the model list (base, finetune, adapter, …)")
-    add_flag(parser, "revision", help="hub revision (branch, tag or commit)")
+    parser = FlagParser(description="Analyse one model and write its per-layer ESD metrics CSV.")
+    add_entry_flags(parser)
     add_flag(parser, "output_dir", help="where the per-model CSV goes")
     add_esd_arguments(parser)
     add_flag(parser, "device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -133,16 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "overwrite", action="store_true", help="recompute even if the CSV exists")
     add_flag(parser, "save_eigs", action="store_true", help="also keep eigenvalues in eigs/<safe_id>.npz")
     add_flag(parser, "trust_remote_code", action="store_true", help="allow the model's own code (off by default)")
+    add_flag(parser, "disk_budget", type=gigabytes, metavar="GB",
+             help="delete what this run downloads once it is analysed; refuse a model larger than GB")
+    add_flag(parser, "stream", action="store_true",
+             help="read hub safetensors weights by HTTP ranges (nothing of them written to disk)")
     add_flag(parser, "manifest", help="run task --task_index of a Slurm manifest instead")
     add_flag(parser, "task_index", type=int, help="index into --manifest (Slurm: $SLURM_ARRAY_TASK_ID)")
     return parser
 
 
-MODEL_FLAGS = ("model_id", "source_model", "base_model_relation", "revision", "output_dir")
+MODEL_FLAGS = (*ENTRY_FLAGS, "output_dir")
 
 
-def read_manifest_argv(manifest: str, task_index: int) -> list[str]:
-    """Task `task_index`'s worker arguments from a Slurm manifest; ValueError says what is wrong."""
+@dataclass(frozen=True)
+class ManifestTask:
+    argv: list[str]              # the worker's arguments
+    log_path: Path | None        # where the worker's output goes (None: stdout, the Slurm log)
+
+
+def read_manifest_task(manifest: str, task_index: int) -> ManifestTask:
+    """Task `task_index` of a Slurm manifest (written by `esd/backends/slurm.py`); ValueError
+    says what is wrong."""
     try:
         data = json.loads(Path(manifest).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -158,12 +144,27 @@ def read_manifest_argv(manifest: str, task_index: int) -> list[str]:
     argv = task.get("argv") if isinstance(task, dict) else None
     if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
         raise ValueError(f"--manifest {manifest}, task {task_index}: no 'argv' list of strings")
-    return argv
+    log_path = task.get("log_path")
+    return ManifestTask(argv, Path(log_path) if isinstance(log_path, str) and log_path else None)
+
+
+def _send_output_to(log_path: Path) -> None:
+    """stdout and stderr (ours and any child's) appended to the task's log, as the local
+    backend does: `logs/workers/<safe_id>.log` under every backend, watched for progress."""
+    import os
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def parse_config(argv: list[str]) -> WorkerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    log_path = None
     if args.manifest:
         if args.task_index is None:
             parser.error("--manifest needs --task_index")
@@ -171,25 +172,31 @@ def parse_config(argv: list[str]) -> WorkerConfig:
         if given:
             parser.error(f"--manifest names the model and output directory; do not also give {', '.join(given)}")
         try:
-            args = parser.parse_args(read_manifest_argv(args.manifest, args.task_index))
+            task = read_manifest_task(args.manifest, args.task_index)
         except ValueError as exc:
             parser.error(str(exc))
+        args = parser.parse_args(task.argv)
+        log_path = task.log_path
     elif args.task_index is not None:
         parser.error("--task_index goes with --manifest")
     if not args.model_id or not args.output_dir:
         parser.error("--model_id and --output_dir are required")
+    for flag in ("model_id", "source_model", "revision"):
+        unsafe = getattr(args, flag) and unsafe_characters(getattr(args, flag))
+        if unsafe:
+            parser.error(f"--{flag} has control characters ({unsafe}); refused")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         parser.error(f"--output_dir {args.output_dir} is an existing file, not a directory")
-    model_id, revision = parse_model_id(args.model_id)
-    if args.revision and revision and args.revision != revision:
-        parser.error(f"--model_id names revision {revision!r} but --revision says {args.revision!r}")
-    entry = ModelEntry(model_id, revision or args.revision, args.source_model, args.base_model_relation)
+    try:
+        entry = entry_from_args(args)
+    except RevisionConflict as exc:
+        parser.error(str(exc))
     try:
         esd = esd_settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
     return WorkerConfig(entry, Path(args.output_dir), esd, args.device, args.overwrite,
-                        args.save_eigs, args.trust_remote_code)
+                        args.save_eigs, args.trust_remote_code, log_path, args.disk_budget, args.stream)
 
 
 def pick_device(requested: str):
@@ -219,18 +226,13 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
     The same path serves the worker, the notebook API and the tests. Raises ESDFailure.
     """
     from model_loader import iter_layers, resolve_model
-    from net_esd import net_esd_estimator
+    from net_esd import analyze_layers
 
-    resolved = resolve_model(entry.model_id, entry.revision, entry.source_model,
-                             entry.base_model_relation, trust_remote_code=trust_remote_code,
-                             warn=log.warning)
+    resolved = resolve_model(entry, trust_remote_code=trust_remote_code, warn=log.warning)
     device_name, device_ids = pick_device(device)
     try:
-        frame = net_esd_estimator(
-            iter_layers(resolved), EVALS_THRESH=esd.evals_thresh, bins=esd.bins,
-            fix_fingers=esd.fix_fingers, xmin_pos=esd.xmin_pos, conv_norm=esd.conv_norm,
-            filter_zeros=esd.filter_zeros, device_ids=device_ids, device=device_name,
-            eigs_out=eigs_out, progress=progress)
+        frame = analyze_layers(iter_layers(resolved), esd, device_ids=device_ids, device=device_name,
+                               eigs_out=eigs_out, progress=progress)
     except ESDFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - classified below, never lost
@@ -248,10 +250,6 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
     return frame
 
 
-def eigs_path(output_dir, entry: ModelEntry) -> Path:
-    return Path(output_dir) / "eigs" / f"{safe_id(entry.model_id, entry.revision)}.npz"
-
-
 def _save_npz(path: Path, arrays: dict) -> None:
     import numpy as np
     with open(path, "wb") as handle:  # a file handle: numpy would append ".npz" to a name
@@ -259,34 +257,38 @@ def _save_npz(path: Path, arrays: dict) -> None:
 
 
 def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
-    out = result_csv_path(config.output_dir, config.entry)
+    paths = config.entry.paths(config.output_dir)
+    out = paths.result_csv
     try:
         if eigs is not None:  # eigenvalues first: an existing CSV implies its eigs exist
-            target = eigs_path(config.output_dir, config.entry)
+            target = paths.eigs
             target.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(target) as tmp:
                 _save_npz(tmp, eigs)
         with atomic_path(out) as tmp:
             frame.to_csv(tmp, index=False)
-    except OSError as exc:
-        raise ESDFailure("save", "write_failed", f"could not write {out}: {exc}") from exc
+    except OSError as exc:  # a full disk is `disk_full` (retryable), with the free space
+        raise diskfull.write_failure(out, exc) from exc
     return out
 
 
 @contextlib.contextmanager
 def model_lock(config: WorkerConfig):
     """Hold `.locks/<safe_id>.lock` while working, so a rerun never computes a model that a
-    surviving worker of a killed run is still computing: it waits, then finds the CSV."""
-    lock_dir = config.output_dir / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_dir / f"{safe_id(config.entry.model_id, config.entry.revision)}.lock"))
+    surviving worker of a killed run is still computing: it waits, then finds the CSV (or
+    the failure recorded meanwhile). Yields when the wait began, None if it did not wait."""
+    path = config.entry.paths(config.output_dir).lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    waited_since = None
     try:
         lock.acquire(timeout=0)
     except Timeout:
+        waited_since = time.time()
         print(f"another worker is analysing {config.entry.key}; waiting for it", flush=True)
         lock.acquire()
     try:
-        yield
+        yield waited_since
     finally:
         lock.release()
 
@@ -297,23 +299,36 @@ def _print_layer_done(layers_done: int, longname: str) -> None:
 
 def run_worker(config: WorkerConfig) -> int:
     entry = config.entry
-    out = result_csv_path(config.output_dir, entry)
+    out = entry.paths(config.output_dir).result_csv
     try:
         config.output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # nowhere to record a failure: say it on stderr
         print(f"error: --output_dir {config.output_dir} cannot be created: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
-    with model_lock(config):
+    try:  # held for the worker's life: no run with other settings can take the directory
+        run_lock.check_settings(config.output_dir, asdict(config.esd))
+    except run_lock.SettingsConflict as exc:
+        record = record_failure(config.output_dir, entry.key, ESDFailure("worker", "settings_mismatch", str(exc), False))
+        print(f"{entry.key}: FAILED {record.stage}/{record.reason}: {record.message}", flush=True)
+        return EXIT_FAILED
+    with model_lock(config) as waited_since:
         if out.exists() and not config.overwrite:
+            clear_failure(config.output_dir, entry.key)  # a done model is never in the failure files
             print(f"{entry.key}: already done ({out})", flush=True)
             return EXIT_OK
+        earlier = waited_since and failure_recorded_since(config.output_dir, entry.key, waited_since)
+        if earlier:  # the worker we waited for failed: its attempt stands for ours
+            print(f"{entry.key}: FAILED meanwhile in another worker: {earlier.stage}/{earlier.reason}: "
+                  f"{earlier.message}", flush=True)
+            return EXIT_RETRYABLE if earlier.retryable else EXIT_FAILED
         started = time.time()
         try:
             eigs = {} if config.save_eigs else None
-            frame = compute_model_metrics(entry, config.esd, device=config.device,
-                                          trust_remote_code=config.trust_remote_code, eigs_out=eigs,
-                                          progress=_print_layer_done)
-            save_results(config, frame, eigs)
+            with hub_session(config.output_dir, entry.key, config.disk_budget, config.stream):
+                frame = compute_model_metrics(entry, config.esd, device=config.device,
+                                              trust_remote_code=config.trust_remote_code, eigs_out=eigs,
+                                              progress=_print_layer_done)
+                save_results(config, frame, eigs)
         except ESDFailure as failure:
             record = record_failure(config.output_dir, entry.key, failure)
             print(f"{entry.key}: FAILED {failure} (retryable: {record.retryable})", flush=True)
@@ -327,13 +342,21 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    safe_output.tolerant_std_streams()  # its log on a full disk, or stdout into `head`: never a traceback
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = parse_config(sys.argv[1:] if argv is None else argv)
+    if config.log_path is not None:
+        print(f"[esd] output of this task goes to {config.log_path}", flush=True)
+        _send_output_to(config.log_path)
     try:
         return run_worker(config)
     except KeyboardInterrupt:  # nothing half-written: results are written to a temporary name first
         print(f"{config.entry.key}: interrupted; nothing was written for it", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if not diskfull.is_disk_full(exc):
+            raise
+        return diskfull.worker_exit(config.output_dir, config.entry.key, exc, EXIT_RETRYABLE)
 
 
 if __name__ == "__main__":

@@ -40,24 +40,30 @@ from esd.failures import ESDFailure
 from esd.loading.checkpoint import (FileCheckpoint, check_not_quantized, find_weights,
                                     is_adapter_dir)
 from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_cache,
+                             open_weights, plan_reads, remote_weights,
                              looks_like_hub_id)
 from esd.loading.layers import plan_layers
 from esd.loading.lora import iter_adapter_layers, resolve_adapter
 from esd.loading.log import Warn, iter_with_warnings_to, logger, warnings_to
 from esd.loading.resolved import CONFIG_FILE, ResolvedModel
-from esd.model_list import ADAPTER_RELATIONS, parse_model_id
+from esd.model_list import ModelEntry, RevisionConflict, relation_says_adapter, split_revision
 
 __all__ = ["ResolvedModel", "install_into_hub_cache", "iter_layers", "resolve_model"]
 
 
-def resolve_model(model_id: str, revision: str | None = None, source_model: str | None = None,
+def resolve_model(model_id: "str | ModelEntry", revision: str | None = None, source_model: str | None = None,
                   base_model_relation: str | None = None, *, trust_remote_code: bool = False,
                   cache_dir: str | None = None, warn: Warn | None = None) -> ResolvedModel:
     """Resolve an id (local dir, `org/name`, `org/name@rev`) to files; for an adapter, also
     resolve its base (`source_model` argument → `base_model_name_or_path` in
     adapter_config.json). Downloads only what is needed, or reads the cache when offline.
     Warnings go to the `model_loader` logger, or to `warn` when given (also those of
-    `iter_layers` on the result)."""
+    `iter_layers` on the result). `model_id` may be a `ModelEntry` (the worker's form): its
+    real local directory is then used."""
+    if isinstance(model_id, ModelEntry):  # adapter: the entry form beside the keyword form
+        entry = model_id
+        model_id, revision = entry.local_dir or entry.model_id, entry.revision
+        source_model, base_model_relation = entry.source_model, entry.base_model_relation
     with warnings_to(warn):
         resolved = _resolve(model_id, revision, source_model, base_model_relation,
                             trust_remote_code, cache_dir, as_base=False)
@@ -72,7 +78,7 @@ def _resolve(model_id: str, revision: str | None, source_model: str | None,
     returned unresolved (marked `is_adapter`) instead of resolving its own base."""
     try:
         resolved = _locate(model_id, revision, trust_remote_code, cache_dir)
-        hint_adapter = (base_model_relation or "").strip().lower() in ADAPTER_RELATIONS
+        hint_adapter = relation_says_adapter(base_model_relation)
         if is_adapter_dir(resolved.local_dir):
             if as_base:
                 resolved.is_adapter = True
@@ -112,11 +118,10 @@ def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
     """The directory an id names: a local directory, or the hub snapshot of `org/name@rev`."""
     if not isinstance(model_id, str) or not model_id.strip():
         raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
-    model_id, id_revision = parse_model_id(model_id)
-    if id_revision and revision and id_revision != revision:
-        raise ESDFailure("resolve", "invalid_id", f"{model_id}: revision {id_revision!r} in the "
-                         f"id disagrees with revision argument {revision!r}")
-    revision = revision or id_revision
+    try:
+        model_id, revision = split_revision(model_id, revision)
+    except RevisionConflict as exc:
+        raise ESDFailure("resolve", "invalid_id", str(exc)) from None
     local = Path(model_id).expanduser()
     if local.is_dir():
         if revision:
@@ -141,7 +146,8 @@ def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
 def _with_weights(resolved: ResolvedModel, source_model: str | None) -> ResolvedModel:
     """A full model: its weight files and config.json (refusing quantized checkpoints)."""
     resolved.source_model = source_model or None
-    resolved.weights_dir, files = find_weights(resolved.local_dir)
+    resolved.weights_dir, files = remote_weights(resolved.local_dir) or \
+        find_weights(resolved.local_dir)    # remote: weights streamed (--stream)
     resolved.weight_files = tuple(files)
     for candidate in (resolved.weights_dir / CONFIG_FILE, resolved.local_dir / CONFIG_FILE):
         if candidate.is_file():
@@ -161,9 +167,10 @@ def iter_layers(resolved: ResolvedModel, *,
 
 
 def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:
-    ckpt = FileCheckpoint(resolved.weight_files)
+    ckpt = open_weights(resolved.weight_files)
     try:
         modules, keys = plan_layers(resolved, ckpt)
+        plan_reads(ckpt, (keys[name] for name, _, _ in modules))
         done: set[str] = set()
         for name, kind, _ in modules:
             if keys[name] in done:

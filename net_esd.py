@@ -1,28 +1,29 @@
 """Empirical spectral density (ESD) metrics of weight matrices.
 
-This module owns the numbers: the eigenvalues of each layer's WᵀW, the power-law fit of
-their tail and the derived norm metrics, exactly as defined in
-`/work/shared/reference/metrics.md` (which follows WeightWatcher where it is sound).
-It turns `(longname, layer_type, tensor)` triples into one metrics row each.
+This module owns the numbers: the ESD settings (`ESDSettings`, the one form they take from
+the flag to the maths), the eigenvalues of each layer's WᵀW, the power-law fit of their tail
+and the derived norm metrics, exactly as defined in `docs/metrics.md` (which follows
+WeightWatcher where it is sound, and says how accuracy is certified). It turns
+`(longname, layer_type, tensor)` triples into one metrics row each.
 
-It must not know where weights come from (hub, files, adapters: that is `model_loader.py`)
-nor how GPUs are scheduled between processes (`gputracker/`). Within one process it may
-spread layers over the CUDA devices it is given.
+It must not know where weights come from (hub, files, adapters: `model_loader.py`), how
+layers are prefetched and spread over devices (`esd/pipeline.py`), nor how GPUs are shared
+between processes (`gputracker/`).
 
 Public API: `ESD_COLUMNS`, `FIX_FINGERS_METHODS`, `normalize_fix_fingers`,
-`layer_eigenvalues`, `matrix_esd_metrics`, `iter_model_layers`, `net_esd_estimator`.
+`ESDSettings`, `layer_eigenvalues`, `fit_power_law`, `spectrum_metrics`, `layer_metrics`,
+`matrix_esd_metrics`, `analyze_layers`, `net_esd_estimator` (the compatibility entry),
+`iter_model_layers`.
 """
 
 from __future__ import annotations
 
 import math
-import queue
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
-import pandas as pd
 import torch
 
 from esd.loading.layers import iter_model_layers  # walking nn.Modules is loading's job
@@ -56,6 +57,7 @@ _KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
 _GRAM_CHUNK_ELEMENTS = 4 * 1024 * 1024
 # column blocks of the Gram product; only blocks on or below the diagonal are computed
 _GRAM_COLUMN_BLOCKS = 4
+_GRAM_MIN_BLOCKED_COLUMNS = 512
 
 
 def normalize_fix_fingers(method) -> str:
@@ -69,6 +71,70 @@ def normalize_fix_fingers(method) -> str:
         return _FIX_FINGERS_ALIASES[name.lower()]
     raise ValueError(
         f"unknown fix_fingers {method!r}; valid: {', '.join(FIX_FINGERS_METHODS)} (or none = DKS)")
+
+
+# ----------------------------------------------------------------------------- settings
+
+def _setting(default, help: str):
+    """A field of ESDSettings: its default and the help text of its command-line flag."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ESDSettings:
+    """The ESD parameters of one run, in their one form: every layer of every model of the run
+    is computed with them, and results computed with other settings are not comparable.
+
+    The command-line flags (`--<field>`, booleans also `--no_<field>`), the worker's argv and
+    the run's `esd_settings.json` are all derived from these fields (`esd_worker.add_esd_arguments`,
+    `esd_worker.esd_argv`, `dataclasses.asdict`), so a new parameter is one field here. Construction
+    validates: a bad value raises ValueError naming the flag; `fix_fingers` is canonical
+    (`none`/`None` become `DKS`)."""
+    fix_fingers: str = _setting("xmin_mid", "how xmin is chosen: " + ", ".join(FIX_FINGERS_METHODS)
+                                + " (none = DKS). xmin_mid gives alpha 2-3.5 even on random matrices:"
+                                " read its values against --randomize, not the usual 2-6 range")
+    evals_thresh: float = _setting(1e-5, "eigenvalues at or below this are left out of the fit")
+    bins: int = _setting(100, "histogram bins for xmin_peak")
+    xmin_pos: int = _setting(2, "xmin_mid takes the eigenvalue at index n / xmin_pos")
+    conv_norm: float = _setting(0.5, "conv slices are scaled by sqrt(conv_norm)")
+    filter_zeros: bool = _setting(True, "fit only eigenvalues above --evals_thresh (--no_filter_zeros: all > 0)")
+    min_evals: int = _setting(10, "layers with fewer eigenvalues (after filtering) are not fitted")
+
+    def __post_init__(self):
+        for item in fields(self):  # numbers may arrive as text (a config file) or ints for floats
+            value = getattr(self, item.name)
+            kind = type(item.default)
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"--{item.name} must be true or false, got {value!r}")
+            elif kind in (int, float) and not isinstance(value, bool):
+                try:
+                    number = kind(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"--{item.name} must be a {'whole ' if kind is int else ''}number, "
+                                     f"got {value!r}") from None
+                if kind is int and number != float(value):
+                    raise ValueError(f"--{item.name} must be a whole number, got {value!r}")
+                object.__setattr__(self, item.name, number)
+        try:
+            object.__setattr__(self, "fix_fingers", normalize_fix_fingers(self.fix_fingers))
+        except ValueError:
+            raise ValueError(f"--fix_fingers {self.fix_fingers!r} is not one of "
+                             f"{list(FIX_FINGERS_METHODS)} (none = DKS)") from None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag of the first bad value (construction calls it)."""
+        if not 0 <= self.evals_thresh < math.inf:
+            raise ValueError(f"--evals_thresh must be a finite number >= 0, got {self.evals_thresh}")
+        if self.bins < 2:
+            raise ValueError(f"--bins must be >= 2, got {self.bins}")
+        if self.xmin_pos < 1:
+            raise ValueError(f"--xmin_pos must be >= 1, got {self.xmin_pos}")
+        if not 0 < self.conv_norm < math.inf:
+            raise ValueError(f"--conv_norm must be a finite number > 0, got {self.conv_norm}")
+        if self.min_evals < 2:
+            raise ValueError(f"--min_evals must be >= 2 (a fit needs two eigenvalues), got {self.min_evals}")
 
 
 # ----------------------------------------------------------------------------- eigenvalues
@@ -92,8 +158,9 @@ class NonFiniteWeightsError(ValueError):
 
 
 def _column_blocks(c: int) -> list[tuple[int, int]]:
-    """Column ranges splitting c columns into _GRAM_COLUMN_BLOCKS nearly equal blocks."""
-    k = min(_GRAM_COLUMN_BLOCKS, c)
+    """Column ranges splitting c columns into _GRAM_COLUMN_BLOCKS nearly equal blocks; one
+    block below _GRAM_MIN_BLOCKED_COLUMNS, where the saved flops cost more in calls."""
+    k = min(_GRAM_COLUMN_BLOCKS, c) if c >= _GRAM_MIN_BLOCKED_COLUMNS else 1
     edges = [round(i * c / k) for i in range(k + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -430,51 +497,59 @@ def _kept_eigenvalues(evals: np.ndarray, evals_thresh: float, filter_zeros: bool
     return evals[evals > (evals_thresh if filter_zeros else 0.0)]
 
 
-def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = "", *,
-                       evals_thresh: float = 1e-5, bins: int = 100, fix_fingers="xmin_mid",
-                       xmin_pos: float = 2, conv_norm: float = 0.5, filter_zeros: bool = True,
-                       min_evals: int = 10, device="cpu", return_eigs: bool = False):
-    """One metrics row (dict with ESD_COLUMNS) for one weight tensor; with return_eigs, the
-    tuple (row, ascending eigenvalues). NaN/Inf weights give fit_status 'non_finite_weights'."""
-    method = normalize_fix_fingers(fix_fingers)
+def layer_metrics(weight: torch.Tensor, layer_type: str, longname: str = "",
+                  settings: ESDSettings = ESDSettings(), device="cpu") -> tuple[dict, np.ndarray]:
+    """(metrics row with ESD_COLUMNS, ascending eigenvalues) of one weight tensor.
+    NaN/Inf weights give fit_status 'non_finite_weights' and no eigenvalues."""
     weight = weight.detach()
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
-    shape_columns = _shape_columns(weight, layer_type)
     try:
-        evals = layer_eigenvalues(weight, layer_type, conv_norm, device, evals_thresh=evals_thresh)
+        evals = layer_eigenvalues(weight, layer_type, settings.conv_norm, device,
+                                  evals_thresh=settings.evals_thresh)
     except NonFiniteWeightsError:
-        row = _empty_row(longname, layer_type, shape_columns, "non_finite_weights")
-        return (row, np.empty(0)) if return_eigs else row
-    kept = _kept_eigenvalues(evals, evals_thresh, filter_zeros)
+        shape_columns = _shape_columns(weight, layer_type)
+        return _empty_row(longname, layer_type, shape_columns, "non_finite_weights"), np.empty(0)
+    return spectrum_metrics(evals, weight.shape, layer_type, settings, longname, device), evals
+
+
+def spectrum_metrics(evals: np.ndarray, shape, layer_type: str, settings: ESDSettings = ESDSettings(),
+                     longname: str = "", device="cpu") -> dict:
+    """The metrics row of a weight of `shape` whose ascending eigenvalues (σ², conv slices
+    scaled and pooled) are `evals`: the fit and the derived metrics, nothing else."""
+    shape_columns = _shape_columns(torch.empty(tuple(shape), device="meta"), layer_type)
+    kept = _kept_eigenvalues(evals, settings.evals_thresh, settings.filter_zeros)
     if kept.size == 0:
         fit = PowerLawFit(status="no_eigenvalue_above_threshold")
-    elif kept.size < min_evals:
+    elif kept.size < settings.min_evals:
         fit = PowerLawFit(status="too_few_eigenvalues")
     else:
-        fit = fit_power_law(kept, method, xmin_pos, bins, device)
+        fit = fit_power_law(kept, settings.fix_fingers, settings.xmin_pos, settings.bins, device)
 
     row = _empty_row(longname, layer_type, shape_columns, fit.status)
     row.update(alpha=fit.alpha, D=fit.D, xmin=fit.xmin, xmax=fit.xmax,
                num_pl_spikes=fit.num_pl_spikes, sigma=fit.sigma)
-    if method == "clip_xmax":
+    if settings.fix_fingers == "clip_xmax":
         row.update(num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha)
     row.update(_norm_columns(evals, kept, shape_columns["N"], fit.alpha))
+    return row
+
+
+def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = "", *,
+                       evals_thresh: float = 1e-5, bins: int = 100, fix_fingers="xmin_mid",
+                       xmin_pos: float = 2, conv_norm: float = 0.5, filter_zeros: bool = True,
+                       min_evals: int = 10, device="cpu", return_eigs: bool = False):
+    """One metrics row (dict with ESD_COLUMNS) for one weight tensor, the settings given as
+    keywords; with return_eigs, the tuple (row, ascending eigenvalues)."""
+    settings = ESDSettings(fix_fingers=fix_fingers, evals_thresh=evals_thresh, bins=bins,
+                           xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
+                           min_evals=min_evals)
+    row, evals = layer_metrics(weight, layer_type, longname, settings, device)
     return (row, evals) if return_eigs else row
 
 
 # ----------------------------------------------------------------------------- a whole model
 
-@dataclass(frozen=True)
-class EsdOptions:
-    """The ESD parameters shared by every layer of one run."""
-    evals_thresh: float = 1e-5
-    bins: int = 100
-    fix_fingers: str = "xmin_mid"
-    xmin_pos: float = 2
-    conv_norm: float = 0.5
-    filter_zeros: bool = True
-    min_evals: int = 10
 
 
 def _failed_row(longname: str, layer_type: str, weight: torch.Tensor, error: Exception) -> dict:
@@ -487,160 +562,13 @@ def _failed_row(longname: str, layer_type: str, weight: torch.Tensor, error: Exc
     return _empty_row(longname, layer_type, shape_columns, f"error: {type(error).__name__}: {message}")
 
 
-def _layer_row(item: tuple, options: EsdOptions, device: torch.device) -> tuple[dict, np.ndarray]:
+def _layer_row(item: tuple, settings: ESDSettings, device: torch.device) -> tuple[dict, np.ndarray]:
     """(metrics row, eigenvalues) of one (longname, layer_type, weight); never raises."""
     longname, layer_type, weight = item
     try:
-        return matrix_esd_metrics(
-            weight, layer_type, longname, evals_thresh=options.evals_thresh, bins=options.bins,
-            fix_fingers=options.fix_fingers, xmin_pos=options.xmin_pos, conv_norm=options.conv_norm,
-            filter_zeros=options.filter_zeros, min_evals=options.min_evals, device=device,
-            return_eigs=True)
+        return layer_metrics(weight, layer_type, longname, settings, device)
     except Exception as error:  # one layer's maths must not kill the model
         return _failed_row(longname, layer_type, weight, error), np.empty(0)
-
-
-_END = object()
-
-
-class _Failure:
-    """An exception raised by the layer iterator, carried to the consuming thread."""
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-class _LayerPrefetcher:
-    """Reads layers from an iterator in a background thread, so the next layer's disk I/O
-    overlaps the current layer's compute. At most `slots` layers are alive at a time: the
-    reader takes a slot before each next(), the consumer gives it back with release()."""
-
-    def __init__(self, layers: Iterator, slots: int):
-        self._layers = layers
-        self._slots = threading.Semaphore(slots)
-        self._ready: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read_all, name="esd-prefetch", daemon=True)
-        self._thread.start()
-
-    def _read_all(self) -> None:
-        try:
-            while True:
-                while not self._slots.acquire(timeout=0.1):
-                    if self._stop.is_set():
-                        return
-                if self._stop.is_set():
-                    return
-                try:
-                    item = next(self._layers)
-                except StopIteration:
-                    self._ready.put(_END)
-                    return
-                self._ready.put(item)
-        except BaseException as error:  # the iterator's own errors go to the consumer
-            self._ready.put(_Failure(error))
-
-    def get(self):
-        """The next (longname, layer_type, tensor), or None at the end; re-raises iterator errors."""
-        item = self._ready.get()
-        if item is _END or isinstance(item, _Failure):
-            self._ready.put(item)  # other consumers see the end / the error too
-        if item is _END:
-            return None
-        if isinstance(item, _Failure):
-            raise item.error
-        return item
-
-    def release(self) -> None:
-        """A layer is finished: the reader may fetch another."""
-        self._slots.release()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _resolve_devices(device_ids, device) -> list[torch.device]:
-    """The devices layers are computed on: the listed CUDA devices when CUDA is available,
-    else `device`, else CPU."""
-    if device_ids and torch.cuda.is_available():
-        return [torch.device("cuda", int(i)) for i in device_ids]
-    if device is not None and not (torch.device(device).type == "cuda" and not torch.cuda.is_available()):
-        return [torch.device(device)]
-    return [torch.device("cpu")]
-
-
-def _start_copy_to_device(item: tuple, device: torch.device, copy_stream):
-    """(item on device, ready event). On CUDA the host→device copy is issued asynchronously
-    from pinned memory on a side stream, so it overlaps the compute of the previous layer."""
-    longname, layer_type, weight = item
-    if device.type != "cuda":
-        return item, None
-    with torch.cuda.stream(copy_stream):
-        on_device = weight.pin_memory().to(device, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(copy_stream)
-    return (longname, layer_type, on_device), ready
-
-
-def _device_worker(prefetcher: _LayerPrefetcher, device: torch.device, options: EsdOptions,
-                   counter: Iterator[int], results: dict, lock: threading.Lock,
-                   on_layer_done: Callable) -> None:
-    """Compute layers on one device until the prefetcher runs dry; keeps one layer copying
-    ahead on CUDA. Results go to results[order] = (row, eigenvalues)."""
-    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def fetch():
-        with lock:
-            item = prefetcher.get()
-            order = next(counter) if item is not None else None
-        if item is None:
-            return None
-        return (order,) + _start_copy_to_device(item, device, copy_stream)
-
-    pending = fetch()
-    while pending is not None:
-        order, item, ready = pending
-        pending = fetch() if device.type == "cuda" else None  # copy of the next layer starts now
-        if ready is not None:  # CUDA: compute waits for the copy; the allocator must not
-            torch.cuda.current_stream(device).wait_event(ready)  # reuse its memory early
-            item[2].record_stream(torch.cuda.current_stream(device))
-        row, evals = _layer_row(item, options, device)
-        del item  # drop the layer before the reader may fetch another
-        prefetcher.release()
-        results[order] = (row, evals)
-        on_layer_done(row["longname"])
-        if device.type != "cuda":
-            pending = fetch()
-
-
-def _run_on_devices(layers: Iterator, devices: list[torch.device], options: EsdOptions,
-                    on_layer_done: Callable) -> list[tuple[dict, np.ndarray]]:
-    """(row, eigenvalues) per layer, in iterator order, computing on all devices in parallel."""
-    lookahead = 2 if devices[0].type == "cuda" else 1
-    prefetcher = _LayerPrefetcher(layers, slots=len(devices) * lookahead + 1)
-    counter, results, lock = iter(range(1 << 62)), {}, threading.Lock()
-    try:
-        if len(devices) == 1:
-            _device_worker(prefetcher, devices[0], options, counter, results, lock, on_layer_done)
-        else:
-            errors: list[BaseException] = []
-
-            def work(device):
-                try:
-                    _device_worker(prefetcher, device, options, counter, results, lock, on_layer_done)
-                except BaseException as error:
-                    errors.append(error)
-
-            threads = [threading.Thread(target=work, args=(d,), name=f"esd-{d}") for d in devices]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            if errors:
-                raise errors[0]
-    finally:
-        prefetcher.close()
-    return [results[order] for order in sorted(results)]
 
 
 def _selected_layers(layers: Iterable, names) -> Iterator:
@@ -651,39 +579,61 @@ def _selected_layers(layers: Iterable, names) -> Iterator:
             yield item
 
 
-def net_esd_estimator(net=None, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_mid", xmin_pos=2,
-                      conv_norm=0.5, filter_zeros=True, device_ids=None, *, layers=None,
-                      min_evals=10, eigs_out: Optional[dict] = None, device=None,
-                      progress: Optional[Callable[[int, str], None]] = None) -> pd.DataFrame:
-    """One ESD_COLUMNS row per analysed layer of `net`.
+def analyze_layers(layers: Iterable, settings: ESDSettings = ESDSettings(), *, device_ids=None,
+                   device=None, names=None, eigs_out: Optional[dict] = None,
+                   progress: Optional[Callable[[int, str], None]] = None):
+    """pandas DataFrame: one ESD_COLUMNS row per (longname, layer_type, tensor) of `layers`, in their order.
 
-    net: an nn.Module, or any iterable of (longname, layer_type, tensor), consumed lazily by a
-        prefetch thread (at most ~2 layers alive on CPU: the one computed and the next one).
-    layers: optional collection of longnames to analyse (others are skipped).
+    layers: any iterable, consumed lazily by a prefetch thread (esd/pipeline.py): at most ~2
+        layers alive on CPU, the one computed and the next one being read.
+    names: optional collection of longnames to analyse (others are skipped).
     eigs_out: optional dict, filled with longname -> ascending eigenvalues (np.float64).
     device_ids: CUDA device indices to spread layers over (ignored without CUDA);
         otherwise `device` (default CPU).
     progress: optional callback(layers_done, longname) after each layer (called from the
         device worker threads when several CUDA devices are used).
-    Errors raised by the model/iterator propagate; a layer whose maths fails gets a row
-    whose fit_status starts with 'error:'.
+    Errors raised by the iterator propagate; a layer whose maths fails gets a row whose
+    fit_status starts with 'error:'.
     """
-    options = EsdOptions(evals_thresh=EVALS_THRESH, bins=bins, fix_fingers=normalize_fix_fingers(fix_fingers),
-                         xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
-                         min_evals=min_evals)
-    if net is None:
-        raise TypeError("net_esd_estimator needs a model or an iterable of (longname, layer_type, tensor)")
-    source = iter_model_layers(net) if isinstance(net, torch.nn.Module) else iter(net)
+    import pandas as pd
+
+    from esd.pipeline import resolve_devices, run_on_devices
     done = iter(range(1, 1 << 62))
+    count_lock = threading.Lock()
 
     def on_layer_done(longname: str) -> None:
-        count = next(done)
+        with count_lock:
+            count = next(done)
         if progress is not None:
             progress(count, longname)
 
-    outputs = _run_on_devices(_selected_layers(source, layers), _resolve_devices(device_ids, device),
-                              options, on_layer_done)
+    outputs = run_on_devices(_selected_layers(layers, names), resolve_devices(device_ids, device),
+                             lambda item, dev: _layer_row(item, settings, dev), on_layer_done)
     if eigs_out is not None:
         for row, evals in outputs:
             eigs_out[row["longname"]] = evals
     return pd.DataFrame([row for row, _ in outputs], columns=ESD_COLUMNS)
+
+
+def net_esd_estimator(net, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_mid", xmin_pos=2,
+                      conv_norm=0.5, filter_zeros=True, device_ids=None, *, parallel=True,
+                      layers=None, min_evals=10, eigs_out: Optional[dict] = None, device=None,
+                      progress: Optional[Callable[[int, str], None]] = None):
+    """The compatibility entry, with the keywords of the circulating `net_esd_estimator`
+    copies: one ESD_COLUMNS row per analysed layer of `net` (see `analyze_layers`).
+
+    net: an nn.Module (every Linear, Conv1D, Conv1d, Conv2d, Embedding; tied weights once)
+        or any iterable of (longname, layer_type, tensor).
+    parallel: False computes on the first of device_ids only (the copies' switch).
+    layers: optional collection of longnames to analyse.
+    The other keywords are the fields of ESDSettings (EVALS_THRESH = evals_thresh); bad
+    values raise ValueError naming the parameter.
+    """
+    settings = ESDSettings(fix_fingers=fix_fingers, evals_thresh=EVALS_THRESH, bins=bins,
+                           xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
+                           min_evals=min_evals)
+    source = iter_model_layers(net) if isinstance(net, torch.nn.Module) else iter(net)
+    if device_ids and not parallel:
+        device_ids = list(device_ids)[:1]
+    return analyze_layers(source, settings, device_ids=device_ids, device=device, names=layers,
+                          eigs_out=eigs_out, progress=progress)

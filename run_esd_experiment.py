@@ -28,17 +28,22 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from esd.atomic_files import atomic_path, write_text_atomic
-from esd.cli_flags import add_bool_flag, add_flag
-from esd_worker import EXIT_OK, ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
-from esd.failures import ESDFailure, read_failures, record_failure
-from esd.model_list import ModelEntry, ModelListError, read_model_list, result_csv_path, safe_id
+from esd import diskfull, run_lock, safe_output
+from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
+from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd.progress import PlainCpuNotice, RunProgress
+from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
+from esd.backends import Backend, BackendError, Task
+from esd.disk_budget import gigabytes
+from esd.failures import clear_failures, compact_failures, read_failures
+from esd.supervisor import Outcome, Policy, Supervisor
+from esd.model_list import ModelEntry, ModelListError, read_model_list
 
 PROJECT_DIR = Path(__file__).resolve().parent
 WORKER_SCRIPT = PROJECT_DIR / "esd_worker.py"
 DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-ESD_SETTINGS_FILE = "esd_settings.json"
+ESD_SETTINGS_FILE = run_lock.SETTINGS_FILE
 EXIT_INTERRUPTED = 130
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
                     "pandas", "nvidia-ml-py")
@@ -68,8 +73,12 @@ class ExperimentConfig:
     max_retries: int = 2
     retry_backoff: float = 10.0              # seconds before the first retry, doubling
     timeout: float | None = None             # seconds per model
+    stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
+    status_interval: float = 60.0            # seconds between status lines when not on a terminal
     save_eigs: bool = False
     trust_remote_code: bool = False
+    disk_budget: float | None = None         # GB (esd/budget_supervisor.py)
+    stream: bool = False                     # hub safetensors weights by HTTP ranges
     backend: str = "local"
     slurm_partition: str | None = None
     slurm_time: str | None = None
@@ -88,6 +97,8 @@ class ExperimentConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
         if not 0 < self.poll_interval < math.inf:
             raise ConfigError(f"--poll_interval must be a number of seconds > 0, got {self.poll_interval}")
+        if not 0 < self.status_interval < math.inf:
+            raise ConfigError(f"--status_interval must be a number of seconds > 0, got {self.status_interval}")
         non_negative = {"gpu_memory_threshold": self.gpu_memory_threshold, "max_retries": self.max_retries,
                         "retry_backoff": self.retry_backoff}
         for name, value in non_negative.items():
@@ -137,7 +148,7 @@ def _path(text) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         description="Compute per-layer ESD metrics for every model of a model list (resumable).",
         epilog="With no arguments: the embedded demo, examples/models.csv into results/.")
     add_flag(p, "config", type=Path, help="YAML file with any of these flags (command-line flags override it)")
@@ -157,8 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "max_retries", type=int, default=2, help="retries of a retryable failure (%(default)s)")
     add_flag(p, "retry_backoff", type=float, default=10.0, help="seconds before the first retry, doubling (%(default)s)")
     add_flag(p, "timeout", type=_optional_number(float), default=None, help="wall-clock seconds per model (none)")
+    add_flag(p, "stall_timeout", type=_optional_number(float), default=1800.0,
+             help="a worker whose log shows no progress for this many seconds is stopped as "
+                  "'stalled' (%(default)s; 0 or none: never)")
+    add_flag(p, "status_interval", type=float, default=60.0,
+             help="not on a terminal (nohup): seconds between status lines in the log (%(default)s)")
     add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
     add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
+    add_flag(p, "disk_budget", type=gigabytes, metavar="GB", default=None,
+             help="bounded disk: delete what the run downloads once analysed, start a model only "
+                  "when its download fits beside the running ones (off: the cache keeps everything)")
+    add_bool_flag(p, "stream", False, "read hub safetensors weights by HTTP ranges while analysing; "
+                  "nothing of them is written to disk")
     add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
     add_flag(p, "slurm_partition", help="sbatch --partition")
     add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
@@ -276,7 +297,7 @@ def _attach_slurm_extra(argv: list[str]) -> list[str]:
 def parse_config(argv: list[str]) -> ExperimentConfig:
     parser = build_parser()
     argv = _attach_slurm_extra(list(argv))
-    pre = argparse.ArgumentParser(add_help=False)  # --config first: its values become defaults
+    pre = FlagParser(add_help=False)  # --config first: its values become defaults
     add_flag(pre, "config", type=Path)
     config_path = pre.parse_known_args(argv)[0].config
     if config_path is not None:
@@ -292,6 +313,7 @@ def parse_config(argv: list[str]) -> ExperimentConfig:
     values["output_dir"] = Path(values["output_dir"])
     values["limit"] = _optional_number(int)(values["limit"])
     values["timeout"] = _optional_number(float)(values["timeout"])
+    values["stall_timeout"] = _optional_number(float)(values["stall_timeout"])
     config = ExperimentConfig(esd=esd, gpus=_parse_gpus(args.gpus), **values)
     config.validate()
     return config
@@ -322,43 +344,24 @@ def plan_models(entries: list[ModelEntry], config: ExperimentConfig) -> Plan:
     failed = read_failures(config.output_dir) if config.skip_failed else {}
     done, skipped, todo = [], [], []
     for entry in entries:
-        if not config.overwrite and result_csv_path(config.output_dir, entry).exists():
+        if not config.overwrite and entry.paths(config.output_dir).result_csv.exists():
             done.append(entry)
         elif entry.key in failed:
             skipped.append(entry)
         else:
             todo.append(entry)
+    clear_failures(config.output_dir, [e.key for e in done])  # a done model is never in the failure files
     cut = len(todo) if config.limit is None else config.limit
     return Plan(tuple(entries), tuple(done), tuple(skipped), tuple(todo[:cut]), tuple(todo[cut:]))
 
 
 def check_esd_settings(config: ExperimentConfig) -> None:
-    """Refuse to mix results computed with different ESD settings in one directory."""
-    path = config.output_dir / ESD_SETTINGS_FILE
-    wanted = asdict(config.esd)
-    if path.exists() and not config.overwrite:
-        stored = _read_esd_settings(path)
-        diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-        if diff:
-            said = ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
-            raise ConfigError(
-                f"{config.output_dir} holds results computed with other ESD settings ({said}). "
-                f"Use another --output_dir, or --overwrite to recompute with the new settings.")
-    if config.overwrite or not path.exists():
-        _write_json_atomic(path, wanted)
-
-
-def _read_esd_settings(path: Path) -> dict:
+    """Refuse to mix results computed with different ESD settings in one directory: claimed
+    atomically and held for the run's life (esd/run_lock.py)."""
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # e.g. a directory, cut short
-        stored = exc
-    if not isinstance(stored, dict):
-        raise ConfigError(
-            f"{path} is damaged (not a JSON object of ESD settings: {stored}). It records the settings "
-            f"this directory's results were computed with: restore it, or remove it if you know they "
-            f"match this run (it is then rewritten), or use --overwrite to recompute everything.")
-    return stored
+        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite)
+    except run_lock.SettingsConflict as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _write_json_atomic(path: Path, data) -> None:
@@ -400,157 +403,73 @@ def setup_logging(output_dir: Path) -> Path:
     quiet_console = _ConsoleHandler(sys.stdout)
     quiet_console.setLevel(logging.WARNING)
     quiet_console.setFormatter(console.formatter)
+    quiet_console.addFilter(PlainCpuNotice())  # "no GPU can be used (…): running on CPU", once
     dispatch_log.addHandler(file_handler)
     dispatch_log.addHandler(quiet_console)
+    safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks
     return log_path
 
 
-class Progress:
-    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup."""
+# ---------------------------------------------------------------- tasks and backends
 
-    def __init__(self, total: int):
-        self.total, self.finished, self.failed = total, 0, 0
-        self.started = self.last_line = time.monotonic()
-        self.bar = None
-        if total and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="model", desc="models")
-
-    def update(self, ok: bool) -> None:
-        self.finished += 1
-        self.failed += not ok
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(failed=self.failed)
-            return
-        now = time.monotonic()
-        step = max(1, self.total // 10)
-        if self.finished == self.total or self.finished % step == 0 or now - self.last_line > 60:
-            self.last_line = now
-            log.info("progress: %d/%d models finished (%d failed), %.0fs elapsed",
-                     self.finished, self.total, self.failed, now - self.started)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
+    """One task per model left to run: the worker's arguments, its result file and log."""
+    output_dir = config.output_dir.absolute()
+    env = (("HF_HUB_OFFLINE", "1"),) if config.is_demo else ()
+    return [Task(key=entry.key,
+                 argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
+                                        save_eigs=config.save_eigs,
+                                        trust_remote_code=config.trust_remote_code,
+                                        disk_budget=config.disk_budget, stream=config.stream)),
+                 result_path=entry.paths(output_dir).result_csv,
+                 log_path=entry.paths(output_dir).worker_log,
+                 env=env)
+            for entry in plan.pending]
 
 
-# ---------------------------------------------------------------- backends
-
-@dataclass
-class Outcome:
-    succeeded: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)   # key -> "stage/reason"
-    interrupted: bool = False
-
-
-def _failure_of(output_dir: Path, key: str):
-    return read_failures(output_dir).get(key)
-
-
-def _record_unreported_failure(config: ExperimentConfig, entry: ModelEntry, result) -> None:
-    """A worker that was killed or timed out could not record its failure: record it here."""
-    if result.timed_out:
-        failure = ESDFailure("worker", "timeout", f"exceeded --timeout {config.timeout:g}s", retryable=False)
-    elif result.returncode is not None and result.returncode < 0:
-        failure = ESDFailure("worker", "worker_killed",
-                             f"worker killed by signal {-result.returncode} (out of host memory?)")
-    else:
-        failure = ESDFailure("worker", "worker_crashed",
-                             f"worker exited with status {result.returncode} without a failure record; "
-                             f"see {result.log_path}", retryable=False)
-    record_failure(config.output_dir, entry.key, failure)
+def make_backend(config: ExperimentConfig) -> Backend:
+    if config.backend == "slurm":
+        from esd.backends.slurm import SlurmBackend, SlurmSettings
+        try:
+            settings = SlurmSettings.from_options(
+                partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
+                array_parallelism=config.slurm_array_parallelism, extra=config.slurm_extra)
+        except ValueError as exc:  # --slurm_extra with an open quote
+            raise ConfigError(f"Slurm: --slurm_extra: {exc}") from None
+        return SlurmBackend(settings, config.output_dir, wait=config.wait, worker_script=WORKER_SCRIPT,
+                            log=log.info)
+    from esd.backends.local import LocalBackend, LocalSettings
+    return LocalBackend(LocalSettings(
+        gpus=config.gpus, cpu_workers=config.cpu_workers, num_gpus_per_job=config.num_gpus_per_job,
+        gpu_memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
+        poll_interval_s=config.poll_interval), logger=dispatch_log, worker_script=WORKER_SCRIPT)
 
 
-def run_local(plan: Plan, config: ExperimentConfig) -> Outcome:
-    import gputracker
-
-    outcome = Outcome()
-    by_id = {safe_id(e.model_id, e.revision): e for e in plan.pending}
-    attempts = {job_id: 1 for job_id in by_id}
-    progress = Progress(len(plan.pending))
-    env = {"HF_HUB_OFFLINE": "1"} if config.is_demo else {}
-    if config.gpus == ():  # CPU: share the cores between concurrent workers
-        threads = str(max(1, (os.cpu_count() or 1) // config.cpu_workers))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-
-    def make_job(job_id: str, not_before: float = 0.0):
-        entry = by_id[job_id]
-        argv = [sys.executable, str(WORKER_SCRIPT)] + worker_argv(
-            entry, config.output_dir, config.esd, overwrite=config.overwrite,
-            save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)
-        return gputracker.Job(job_id=job_id, argv=argv, log_path=config.output_dir / "logs" / "workers" / f"{job_id}.log",
-                              timeout_s=config.timeout, env=dict(env), not_before=not_before)
-
-    def on_job_end(result) -> None:
-        entry = by_id[result.job_id]
-        if result.interrupted:
-            outcome.interrupted = True
-            return
-        if result.returncode == EXIT_OK and result_csv_path(config.output_dir, entry).exists():
-            outcome.succeeded.append(entry.key)
-            log.info("done    %s (%.0fs)", entry.key, result.end_time - result.start_time)
-            progress.update(True)
-            return
-        record = _failure_of(config.output_dir, entry.key)
-        if record is None or record.time < result.start_time - 1:
-            _record_unreported_failure(config, entry, result)
-            record = _failure_of(config.output_dir, entry.key)
-        attempt = attempts[result.job_id]
-        if record.retryable and attempt <= config.max_retries:
-            delay = config.retry_backoff * 2 ** (attempt - 1)
-            attempts[result.job_id] = attempt + 1
-            log.warning("retry   %s in %.0fs (attempt %d of %d): %s/%s: %s", entry.key, delay,
-                        attempt + 1, config.max_retries + 1, record.stage, record.reason, record.message)
-            dispatcher.submit(make_job(result.job_id, time.monotonic() + delay))
-            return
-        outcome.failed[entry.key] = f"{record.stage}/{record.reason}"
-        log.warning("FAILED  %s: %s/%s: %s", entry.key, record.stage, record.reason, record.message)
-        progress.update(False)
-
-    dispatcher = gputracker.Dispatcher(
-        gpus=None if config.gpus is None else list(config.gpus),
-        memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval_s=config.poll_interval, num_gpus_per_job=config.num_gpus_per_job,
-        cpu_slots=config.cpu_workers, logger=dispatch_log, on_job_end=on_job_end)
-    jobs = [make_job(job_id) for job_id in by_id]
+def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
+    """Hand the plan's tasks to the backend under the run's policy (retries, limits)."""
+    backend = make_backend(config)
+    policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
+                    timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
+    progress = (RunProgress(len(plan.pending), done_before=len(plan.done), log=log,
+                            status_every_s=config.status_interval) if backend.waits else None)
     try:
-        with gputracker.install_signal_handlers(dispatcher):
-            dispatcher.run(jobs)
+        if config.disk_budget is not None and backend.waits:
+            from esd.budget_supervisor import BudgetedSupervisor
+            supervisor = BudgetedSupervisor(backend, config.output_dir, policy, progress,
+                                            budget_gb=config.disk_budget, entries=plan.pending,
+                                            stream=config.stream,
+                                            trust_remote_code=config.trust_remote_code)
+        else:
+            supervisor = Supervisor(backend, config.output_dir, policy, progress)
+        if progress is not None:  # the bar ticks, names running models and why others wait
+            progress.follow(running=supervisor.running_tasks, waiting=backend.waiting_reasons)
+        return supervisor.run(plan_tasks(plan, config))
+    except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
+        raise ConfigError(f"{config.backend}: {exc}") from exc
     finally:
-        progress.close()
-        if jobs:
-            dispatcher.write_metrics(config.output_dir / "gpu_metrics.json")
-    return outcome
-
-
-def run_slurm(plan: Plan, config: ExperimentConfig) -> Outcome:
-    from esd import slurm_backend
-
-    tasks = [slurm_backend.SlurmTask(
-        key=e.key,
-        worker_argv=tuple(worker_argv(e, config.output_dir.resolve(), config.esd, overwrite=config.overwrite,
-                                      save_eigs=config.save_eigs, trust_remote_code=config.trust_remote_code)),
-        result_path=result_csv_path(config.output_dir, e).resolve()) for e in plan.pending]
-    try:
-        settings = slurm_backend.SlurmSettings(
-            partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
-            array_parallelism=config.slurm_array_parallelism,
-            extra=slurm_backend.split_extra(config.slurm_extra))
-        slurm_backend.run_array(tasks, config.output_dir.resolve(), settings, wait=config.wait,
-                                worker_script=WORKER_SCRIPT, log=log.info)
-    except (slurm_backend.SlurmError, ValueError) as exc:  # ValueError: --slurm_extra with an open quote
-        raise ConfigError(f"Slurm: {exc}") from exc
-    outcome = Outcome()
-    if config.wait:
-        failures = read_failures(config.output_dir)
-        for entry in plan.pending:
-            if result_csv_path(config.output_dir, entry).exists():
-                outcome.succeeded.append(entry.key)
-            else:
-                record = failures.get(entry.key)
-                outcome.failed[entry.key] = f"{record.stage}/{record.reason}" if record else "worker/no_result"
-    return outcome
+        if progress is not None:
+            progress.close()
+        diskfull.tolerate(backend.write_metrics, config.output_dir / "gpu_metrics.json")
 
 
 # ---------------------------------------------------------------- records of the run
@@ -580,7 +499,7 @@ def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan
     run_dir = config.output_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = config_as_dict(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=True), encoding="utf-8")
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=True))
     record = {"run_id": run_id, "status": status, "command": sys.argv,
               "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
               "end_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
@@ -620,12 +539,22 @@ def write_summary(config: ExperimentConfig) -> Path | None:
         return None
 
 
-def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig) -> None:
+def write_demo_report(config: ExperimentConfig) -> Path | None:
+    from analyze_results import write_report
+    try:
+        return write_report(config.output_dir)
+    except Exception as exc:  # noqa: BLE001 - the results are safe; say why there is no report
+        log.warning("could not write report.html: %s", exc)
+        return None
+
+
+def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig,
+           page: Path | None = None) -> None:
     log.info("")
     if outcome.interrupted:
         log.info("interrupted: run the same command again to resume")
-    log.info("finished in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
-             "%d beyond --limit", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
+    log.info("%s in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
+             "%d beyond --limit", "interrupted" if outcome.interrupted else "finished", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
              len(plan.skipped_failed), len(plan.beyond_limit))
     by_reason: dict[str, int] = {}
     for reason in outcome.failed.values():
@@ -634,9 +563,17 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:
+        log.warning(disk_full)
+    if page is not None:
+        log.info("report:   %s  (open it in a browser: %s)", page, page.resolve().as_uri())
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:  # the last line: what to free
+        log.warning(disk_full)
 
 
 # ---------------------------------------------------------------- main
@@ -657,7 +594,9 @@ def prepare_demo() -> None:
 def read_entries(config: ExperimentConfig) -> tuple[list[ModelEntry], list[str]]:
     """The model list's entries and its warnings, read before anything is written."""
     warnings: list[str] = []
-    entries = read_model_list(config.model_list, warn=warnings.append)
+    # the demo list names its adapter relative to the project (works from any directory)
+    entries = read_model_list(config.model_list, warn=warnings.append,
+                              base_dir=PROJECT_DIR if config.is_demo else None)
     if not entries:
         raise ModelListError(f"model list {config.model_list} has no models (no row with a model id)")
     return entries, warnings
@@ -676,9 +615,11 @@ def run(config: ExperimentConfig) -> int:
     entries, list_warnings = read_entries(config)
     make_output_dir(config.output_dir)
     setup_logging(config.output_dir)
-    for warning in list_warnings:
+    for warning in safe_output.summarised(list_warnings):  # 212 duplicates: a few lines, not 212
         log.warning(warning)
     check_esd_settings(config)
+    remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write
+    compact_failures(config.output_dir)
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     plan = plan_models(entries, config)
@@ -689,26 +630,29 @@ def run(config: ExperimentConfig) -> int:
         prepare_demo()
     outcome, status = None, "interrupted"
     try:
-        if config.backend == "slurm":
-            outcome = run_slurm(plan, config)
-            status = "completed" if config.wait else "submitted"
-        else:
-            outcome = run_local(plan, config)
-            status = "interrupted" if outcome.interrupted else "completed"
+        outcome = run_tasks(plan, config)
+        status = ("interrupted" if outcome.interrupted else
+                  "completed" if outcome.followed else "submitted")
     except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
         status = "error"
         raise
-    finally:
-        record_run(config, run_id, started, plan, outcome, status)
-    summary = write_summary(config) if status == "completed" else None
-    report(plan, outcome, time.time() - started, summary, config)
+    finally:  # a full disk here is said by the report's last line, not a traceback
+        diskfull.tolerate(compact_failures, config.output_dir)
+        diskfull.tolerate(record_run, config, run_id, started, plan, outcome, status)
+    # interrupted too: the summary of what is done (the rerun completes it)
+    summary = write_summary(config) if status in ("completed", "interrupted") else None
+    # the demo ends with what it found, in a browser
+    page = write_demo_report(config) if summary is not None and config.is_demo else None
+    report(plan, outcome, time.time() - started, summary, config, page)
     if status == "interrupted":
         return EXIT_INTERRUPTED
-    return 0 if status in ("completed", "submitted") and not outcome.failed else 1
+    return 0 if status in ("completed", "submitted") and not outcome.failed and not diskfull.seen() else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    safe_output.tolerant_std_streams()  # stdout into `head`, or onto a full disk: no tracebacks
+    safe_output.stop_on_hangup()  # ssh dropped without nohup: stop and record like Ctrl-C
     try:
         return run(parse_config(argv))
     except (ConfigError, ModelListError) as exc:
@@ -717,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C outside the dispatcher (which handles its own)
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if not diskfull.is_disk_full(exc):
+            raise
+        print(f"error: {diskfull.run_message(None, exc.filename or next(iter(diskfull.seen()), None))}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

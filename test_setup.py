@@ -566,7 +566,8 @@ def format_json(checks: list[Check]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    from esd.cli_flags import FlagParser  # no abbreviations, "did you mean" (as every command)
+    parser = FlagParser(
         description="Check that this machine is ready to run the ESD experiment.")
     parser.add_argument("--output_dir", "--output-dir", default="results",
                         help="output directory to test for writing (default: results/)")

@@ -49,20 +49,21 @@ def _gpu_list(values: list[str] | None) -> list[int] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # `--max` must not silently mean --max_check
         prog="python -m gputracker",
         description="Run one command per line of COMMANDS_FILE on GPUs whose used memory stays under a "
                     "threshold. Lines are split like a shell would split words, but no shell runs them: "
                     "pipes, '&&' and redirections are not interpreted ('#' lines and blank lines are skipped).")
     parser.add_argument("commands_file", type=Path, metavar="COMMANDS_FILE")
-    parser.add_argument("--gpus", nargs="+", metavar="GPU",
+    parser.add_argument("--gpus", "--gpu-list", "--device-ids", nargs="+", metavar="GPU",
                         help="NVML indices that may be used, or 'none' for CPU (default: all NVML sees)")
-    parser.add_argument("--gpu_memory_threshold", "--gpu-memory-threshold", type=float, default=500, metavar="MB",
+    parser.add_argument("--gpu_memory_threshold", "--gpu-memory-threshold", "--gpu-mem-threshold", type=float, default=500, metavar="MB",
                         help="a GPU is free while its used memory stays under this many MB (500)")
-    parser.add_argument("--max_check", "--max-check", type=int, default=10, metavar="N",
+    parser.add_argument("--max_check", "--max-check", "--max-checks", type=int, default=10, metavar="N",
                         help="consecutive free polls before a GPU is granted (10)")
     parser.add_argument("--poll_interval", "--poll-interval", type=float, default=10.0, metavar="S",
                         help="seconds between NVML polls (10)")
-    parser.add_argument("--num_gpus_per_job", "--num-gpus-per-job", type=int, default=1, metavar="N",
+    parser.add_argument("--num_gpus_per_job", "--num-gpus-per-job", "--gpus-per-job", type=int, default=1, metavar="N",
                         help="GPUs given to each command at once (1)")
     parser.add_argument("--log_dir", "--log-dir", type=Path, default=Path("gputracker_logs"), metavar="DIR",
                         help="per-job logs job_NNNN.log and gpu_metrics.json (./gputracker_logs)")
@@ -142,5 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
 
 
+def _main_closed_pipe_safe() -> int:
+    """`python -m gputracker cmds.txt | head`: a closed stdout is not a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return EXIT_FAILED
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_closed_pipe_safe())

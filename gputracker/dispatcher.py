@@ -85,6 +85,7 @@ class JobResult:
     timed_out: bool
     interrupted: bool
     log_path: Path | None
+    launch_error: OSError | None = None  # why it never ran (e.g. ENOSPC opening its log)
 
     @property
     def succeeded(self) -> bool:
@@ -128,6 +129,10 @@ class _GpuState:
     free_polls: int = 0
     held_by: str | None = None  # job_id of our job holding it
     release_grace: bool = False  # just released by us: a busy read waits for the next poll
+    # for ``waiting_reasons`` only (the grant rule does not read them):
+    last_used_mb: float | None = None  # the latest memory read; None: not read yet / failed
+    read_failed: bool = False
+    claimed_elsewhere: bool = False  # our last claim failed: another dispatcher holds it
 
 
 class Dispatcher:
@@ -183,6 +188,7 @@ class Dispatcher:
         self._running: dict[int, _Running] = {}  # by pid
         self._results: list[JobResult] = []
         self._stop_requests = 0  # plain int: request_stop must be safe in a signal handler
+        self._cancel_requests: set[str] = set()  # job ids to terminate (``cancel``)
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_poll_mono = 0.0
@@ -235,6 +241,13 @@ class Dispatcher:
         """Stop dispatching and terminate running jobs' process groups (SIGTERM, then
         SIGKILL after ``kill_grace_s``; a second request kills at once). Signal-safe."""
         self._stop_requests += 1
+        self._wake()
+
+    def cancel(self, job_id: str) -> None:
+        """Terminate the running job ``job_id`` (SIGTERM to its group, SIGKILL after
+        ``kill_grace_s``); its result then reports the signal. Safe from any thread."""
+        with self._queue_lock:
+            self._cancel_requests.add(job_id)
         self._wake()
 
     def run(self, jobs: list[Job] | tuple[Job, ...] = ()) -> list[JobResult]:
@@ -290,6 +303,39 @@ class Dispatcher:
         """Write ``metrics()`` as JSON atomically (temp file + rename); returns the path."""
         return write_json_atomic(Path(path), self.metrics())
 
+    def waiting_reasons(self) -> list[str]:
+        """Why queued jobs are not running yet, one short line per cause, e.g.
+        ``GPU 0: 30000 MB used > 500 MB threshold``, ``GPU 1: 2/10 free polls``; empty when
+        no job waits. Safe from any thread: a snapshot, at most one poll old."""
+        now = time.monotonic()
+        with self._queue_lock:
+            queued = [q.job for q in self._queue]
+        if not queued:
+            return []
+        reasons = []
+        ready = sum(job.not_before <= now for job in queued)
+        if ready:
+            if self.mode == "cpu":
+                reasons.append(f"{ready} queued: all {self.cpu_slots} CPU slot(s) busy")
+            else:
+                reasons += [self._gpu_reason(gpu, state) for gpu, state in list(self._gpu_state.items())]
+        for job in queued:
+            if job.not_before > now:
+                reasons.append(f"{job.job_id}: retry in {job.not_before - now:.0f} s")
+        return reasons
+
+    def _gpu_reason(self, gpu: int, state: _GpuState) -> str:
+        held_by, used_mb = state.held_by, state.last_used_mb  # read once: another thread writes them
+        if held_by is not None:
+            return f"GPU {gpu}: running {held_by}"
+        if state.claimed_elsewhere:
+            return f"GPU {gpu}: claimed by another dispatcher"
+        if state.read_failed:
+            return f"GPU {gpu}: memory cannot be read (NVML error)"
+        if used_mb is not None and used_mb >= self.memory_threshold_mb:
+            return f"GPU {gpu}: {used_mb:.0f} MB used > {self.memory_threshold_mb:.0f} MB threshold"
+        return f"GPU {gpu}: {min(state.free_polls, self.max_check)}/{self.max_check} free polls"
+
     def close(self) -> None:
         """Shut NVML down and close the wake pipe. The dispatcher is unusable afterwards."""
         self._nvml.close()
@@ -344,6 +390,7 @@ class Dispatcher:
 
     def _observe(self, gpu: int, state: _GpuState) -> None:
         memory_used_mb = self._nvml.memory_used_mb(gpu)
+        state.last_used_mb, state.read_failed = memory_used_mb, memory_used_mb is None
         is_free = memory_used_mb is not None and memory_used_mb < self.memory_threshold_mb
         if is_free:
             state.free_polls += 1
@@ -387,7 +434,9 @@ class Dispatcher:
             if claim is None:  # another dispatcher's job has it: busy, whatever its memory says
                 self.logger.debug("gputracker: GPU %d is claimed by another dispatcher", gpu)
                 self._gpu_state[gpu].free_polls = 0
+                self._gpu_state[gpu].claimed_elsewhere = True
                 continue
+            self._gpu_state[gpu].claimed_elsewhere = False
             claims.append(claim)
             if len(claims) == self.num_gpus_per_job:
                 return claims
@@ -411,10 +460,11 @@ class Dispatcher:
         try:
             if job.log_path is not None:
                 Path(job.log_path).parent.mkdir(parents=True, exist_ok=True)
-                log_file = open(job.log_path, "ab")
+                # unbuffered: nothing is left to flush at close, so closing cannot fail later
+                log_file = open(job.log_path, "ab", buffering=0)
                 stamp = datetime.now().isoformat(timespec="seconds")
-                log_file.write(f"[gputracker {stamp}] job {job.job_id} on {where}: {shlex.join(argv)}\n".encode())
-                log_file.flush()
+                _write_best_effort(log_file, f"[gputracker {stamp}] job {job.job_id} on {where}: "
+                                             f"{shlex.join(argv)}\n".encode())
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -424,19 +474,22 @@ class Dispatcher:
                 start_new_session=True,  # own process group: we can signal the job as a whole
                 pass_fds=tuple(c.fd for c in claims),  # the claims live as long as the job
             )
-        except OSError as exc:
+        except OSError as exc:  # this job never runs; the others (running or queued) go on
             self.logger.error("gputracker: job %s could not be launched: %s", job.job_id, exc)
             if log_file is not None:
-                log_file.write(f"[gputracker] launch failed: {exc}\n".encode())
+                _write_best_effort(log_file, f"[gputracker] launch failed: {exc}\n".encode())
             for claim in claims:
                 claim.release()
             end_time = time.time()
             self._finish_result(JobResult(job.job_id, list(job.argv), None, gpus, start_time, end_time,
-                                          wait_s, False, False, job.log_path))
+                                          wait_s, False, False, job.log_path, launch_error=exc))
             return
         finally:
             if log_file is not None:
-                log_file.close()
+                try:
+                    log_file.close()
+                except OSError:  # a log we cannot close must not stop the dispatch loop
+                    pass
         for gpu in gpus:
             self._gpu_state[gpu].held_by = job.job_id
         pidfd = _pidfd_open(proc.pid)
@@ -464,7 +517,13 @@ class Dispatcher:
                 run.pidfd = None
 
     def _tend_running(self, now: float) -> None:
-        """Timeouts, SIGKILL after the grace period, and finishing ended jobs."""
+        """Timeouts, cancellations, SIGKILL after the grace period, finishing ended jobs."""
+        with self._queue_lock:
+            cancel, self._cancel_requests = self._cancel_requests, set()
+        for run in self._running.values():
+            if run.job.job_id in cancel and run.returncode is None:
+                self.logger.warning("gputracker: job %s cancelled; terminating it", run.job.job_id)
+                self._terminate(run, now)
         for pid, run in list(self._running.items()):
             if run.returncode is None:
                 if run.deadline_mono is not None and now >= run.deadline_mono and not run.timed_out:
@@ -577,6 +636,15 @@ class Dispatcher:
         if not events:
             return 1.0
         return min(max(0.0, min(events) - now), 60.0)
+
+
+def _write_best_effort(handle, data: bytes) -> None:
+    """A line of our own in a job's log; a full disk must not stop the job from launching
+    (the job then meets the full disk itself, and says so in its own way)."""
+    try:
+        handle.write(data)
+    except OSError:
+        pass
 
 
 def _pidfd_open(pid: int) -> int | None:

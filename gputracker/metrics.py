@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import hashlib
+import socket
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+
+_HOST = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
 
 
 def _stats_s(values: list[float]) -> dict:
@@ -79,7 +82,9 @@ def build_metrics(results, mode: str, gpus: list[int], total_runtime_s: float, s
 def write_json_atomic(path: Path, data: dict) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # `.name.tmp<pid>-<host>`: a run removes such files of dead writers (esd.atomic_files)
+    tmp_name = str(path.with_name(f".{path.name}.tmp{os.getpid()}-{_HOST}"))
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as tmp:
             json.dump(data, tmp, indent=2)

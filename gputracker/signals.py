@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM -> ``Dispatcher.request_stop()``, restoring the previous handlers after.
+"""SIGINT/SIGTERM/SIGHUP -> ``Dispatcher.request_stop()``, restoring the previous handlers after.
 
 Only the main thread may install signal handlers (a Python rule); the handler itself only
 sets a flag and writes to a pipe, so it is safe whatever the dispatcher is doing.
@@ -8,12 +8,13 @@ from __future__ import annotations
 import signal
 from contextlib import contextmanager
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the ssh session was dropped (no nohup); stopping cleanly beats dying silently
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
 def install_signal_handlers(dispatcher, signals=STOP_SIGNALS):
-    """Within the ``with`` block, SIGINT/SIGTERM stop ``dispatcher`` gracefully (a second
+    """Within the ``with`` block, SIGINT/SIGTERM/SIGHUP stop ``dispatcher`` gracefully (a second
     signal kills the jobs at once). Previous handlers are restored on exit."""
     received: list[int] = []
 

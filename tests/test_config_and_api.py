@@ -176,3 +176,80 @@ def test_slurm_time_in_a_yaml_config_stays_the_text_slurm_expects(tmp_path):
     parsed = run_esd_experiment.parse_config(["--config", str(config)])
     assert parsed.slurm_time == "02:00:00"
     assert parsed.esd.bins == 50 and parsed.esd.evals_thresh == 1e-5
+
+
+# ---------------------------------------------------------------- one model identity
+
+def test_ids_whose_readable_names_coincide_get_distinct_result_files(tmp_path):
+    (tmp_path / "x" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "x" / "a--b").mkdir(parents=True)
+    (tmp_path / "org--name").mkdir()
+    deep, dashed = model_list.make_entry(str(tmp_path / "x/a/b")), model_list.make_entry(str(tmp_path / "x/a--b"))
+    assert deep.safe_id != dashed.safe_id
+    hub, local = model_list.make_entry("org/name"), model_list.make_entry(str(tmp_path / "org--name"))
+    assert hub.safe_id == "org--name" and local.safe_id != "org--name"
+    assert model_list.safe_id("/org/name", local=True) != model_list.safe_id("org/name", local=False)
+    # the readable form stays where it was already unambiguous
+    assert deep.safe_id == str(tmp_path / "x/a/b").lstrip("/").replace("/", "--")
+
+
+def test_both_spellings_of_a_local_directory_are_one_model(tmp_path, monkeypatch):
+    (tmp_path / "models" / "m1").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "models" / "m1")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "list.csv"
+    path.write_text(f"model_id\nmodels/m1\n{tmp_path}/models/m1\n./link\n")
+    warnings = []
+    entries = model_list.read_model_list(path, warn=warnings.append)
+    assert [e.key for e in entries] == ["models/m1"]
+    assert sum("duplicate of row 2" in w for w in warnings) == 2
+
+
+@pytest.mark.parametrize("name", ["summary", "runs", "failed_models", "gpu_metrics", "esd_settings", "Summary"])
+def test_no_model_is_named_like_a_file_the_run_owns(tmp_path, name):
+    (tmp_path / name).mkdir()
+    entry = model_list.make_entry(str(tmp_path / name))
+    assert model_list.make_entry(name).safe_id.split("~")[0] == name
+    assert model_list.make_entry(name).safe_id != name      # hub-like or local: never the run's file
+    assert entry.paths(tmp_path).result_csv.name not in ("summary.csv", "runs.csv")
+
+
+def test_worker_argv_round_trips_the_entry(tmp_path):
+    import esd_worker
+    (tmp_path / "adapter").mkdir()
+    entry = model_list.make_entry(str(tmp_path / "adapter"), None, "org/base", "lora")
+    argv = esd_worker.worker_argv(entry, tmp_path / "out", esd_worker.ESDSettings())
+    config = esd_worker.parse_config(argv)
+    assert config.entry == entry and config.entry.local_dir == entry.local_dir
+    hub = model_list.make_entry("-x/--help@v2")
+    assert esd_worker.parse_config(esd_worker.worker_argv(hub, tmp_path, esd_worker.ESDSettings())).entry == hub
+    paths = entry.paths(tmp_path / "out")
+    assert {p.name.rsplit(".", 1)[0] for p in (paths.result_csv, paths.eigs, paths.lock, paths.worker_log)} \
+        == {entry.safe_id}
+
+
+def test_relative_paths_in_a_model_list_resolve_against_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "lists" / "m1").mkdir(parents=True)
+    (tmp_path / "lists" / "models.csv").write_text("model_id\nm1\n")
+    monkeypatch.chdir(tmp_path)       # not the list's folder
+    (entry,) = model_list.read_model_list(tmp_path / "lists" / "models.csv")
+    assert entry.local_dir == str(tmp_path / "lists" / "m1") and entry.is_local
+
+
+def test_the_demo_list_finds_its_adapter_from_any_directory(tmp_path, monkeypatch):
+    import run_esd_experiment
+    monkeypatch.chdir(tmp_path)
+    entries, warnings = run_esd_experiment.read_entries(run_esd_experiment.parse_config([]))
+    adapter = [e for e in entries if "lora" in e.model_id][0]
+    assert adapter.key == "examples/minilm-lora-demo" and adapter.safe_id == "examples--minilm-lora-demo"
+    assert adapter.local_dir == str(ROOT / "examples" / "minilm-lora-demo") and not warnings
+
+
+def test_an_id_read_as_a_hub_id_whose_folder_exists_hints_a_local_path(tmp_path, monkeypatch):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "lists" / "models.csv").write_text("model_id\nsaved/run-1\n")
+    monkeypatch.chdir(tmp_path)
+    warnings = []
+    model_list.read_model_list(tmp_path / "lists" / "models.csv", warn=warnings.append)
+    assert len(warnings) == 1 and "row 2" in warnings[0] and "a local path?" in warnings[0]

@@ -1,7 +1,9 @@
 """Tests of net_esd.py against an independent float64 reference written here: numpy SVD for
 the eigenvalues and a plain loop over candidates for the power-law fit (metrics.md)."""
 
+import dataclasses
 import math
+import re
 import sys
 import threading
 import weakref
@@ -14,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import net_esd  # noqa: E402
+from esd import pipeline  # noqa: E402
 
 EVALS_THRESH = 1e-5
 
@@ -512,9 +515,10 @@ def test_layers_spread_over_several_devices_come_back_in_iterator_order():
     # the multi-device worker pool (one thread per device), exercised with two CPU "devices"
     gen = torch.Generator().manual_seed(2)
     layers = [(f"l{i}", "linear", torch.randn(30 + 5 * i, 40, generator=gen)) for i in range(7)]
-    options = net_esd.EsdOptions(fix_fingers="DKS")
+    settings = net_esd.ESDSettings(fix_fingers="DKS")
     done = []
-    outputs = net_esd._run_on_devices(iter(layers), [torch.device("cpu")] * 2, options, done.append)
+    outputs = pipeline.run_on_devices(iter(layers), [torch.device("cpu")] * 2,
+                                      lambda item, device: net_esd._layer_row(item, settings, device), done.append)
     assert [row["longname"] for row, _ in outputs] == [name for name, _, _ in layers]
     assert sorted(done) == sorted(name for name, _, _ in layers)
     for (row, evals), (name, _, weight) in zip(outputs, layers):
@@ -529,4 +533,63 @@ def test_iterator_error_propagates_from_the_multi_device_pool():
         raise KeyError("missing shard")
 
     with pytest.raises(KeyError, match="missing shard"):
-        net_esd._run_on_devices(broken(), [torch.device("cpu")] * 2, net_esd.EsdOptions(), lambda name: None)
+        pipeline.run_on_devices(broken(), [torch.device("cpu")] * 2,
+                                lambda item, device: net_esd._layer_row(item, net_esd.ESDSettings(), device))
+
+
+# ----------------------------------------------------------------------------- the settings object
+
+def test_settings_are_canonical_and_refuse_bad_values_naming_the_flag():
+    assert net_esd.ESDSettings(fix_fingers="none").fix_fingers == "DKS"
+    assert net_esd.ESDSettings(fix_fingers=None).fix_fingers == "DKS"
+    assert net_esd.ESDSettings(bins="50", evals_thresh="1e-6").bins == 50  # text from a config file
+    for bad, says in [({"fix_fingers": "xmin_fit"}, "--fix_fingers 'xmin_fit' is not one of"),
+                      ({"bins": 1}, "--bins must be >= 2"), ({"xmin_pos": 0}, "--xmin_pos must be >= 1"),
+                      ({"xmin_pos": 2.5}, "--xmin_pos must be a whole number"),
+                      ({"conv_norm": math.inf}, "--conv_norm must be a finite number"),
+                      ({"evals_thresh": "x"}, "--evals_thresh must be a number"),
+                      ({"filter_zeros": "no"}, "--filter_zeros must be true or false"),
+                      ({"min_evals": 1}, "--min_evals must be >= 2")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            net_esd.ESDSettings(**bad)
+
+
+def test_every_settings_field_is_a_flag_and_round_trips_through_the_worker_argv():
+    import argparse
+    import esd_worker
+    changed = {}
+    for item in dataclasses.fields(net_esd.ESDSettings):  # a value other than the default for each
+        default = item.default
+        changed[item.name] = (not default if isinstance(default, bool) else
+                              "DKS" if item.name == "fix_fingers" else type(default)(default * 3))
+    settings = net_esd.ESDSettings(**changed)
+    parser = argparse.ArgumentParser()
+    esd_worker.add_esd_arguments(parser)
+    assert esd_worker.esd_settings_from_args(parser.parse_args(esd_worker.esd_argv(settings))) == settings
+    assert esd_worker.esd_settings_from_args(parser.parse_args([])) == net_esd.ESDSettings()
+    help_text = parser.format_help()
+    assert all(f"--{item.name}" in help_text for item in dataclasses.fields(net_esd.ESDSettings))
+    assert esd_worker.ESDSettings is net_esd.ESDSettings  # one object, re-exported
+
+
+def test_estimator_accepts_the_seeds_parallel_keyword():
+    df = net_esd.net_esd_estimator(net=TiedLM(), EVALS_THRESH=1e-5, fix_fingers="xmin_mid",
+                                   filter_zeros=True, parallel=False, device_ids=[0, 1])
+    assert df["longname"].tolist() == ["embed", "proj", "conv"]
+
+
+def test_results_dir_from_before_a_new_setting_existed_is_still_accepted(tmp_path):
+    import json
+    import run_esd_experiment
+    out = tmp_path / "out"
+    out.mkdir()
+    older = {k: v for k, v in dataclasses.asdict(net_esd.ESDSettings()).items() if k != "min_evals"}
+    (out / "esd_settings.json").write_text(json.dumps(older))
+    models = tmp_path / "m.csv"
+    models.write_text("model_id\norg/a\n")
+    config = run_esd_experiment.ExperimentConfig(model_list=models, output_dir=out)
+    run_esd_experiment.check_esd_settings(config)  # min_evals missing there = its default
+    changed = run_esd_experiment.ExperimentConfig(model_list=models, output_dir=out,
+                                                  esd=net_esd.ESDSettings(min_evals=20))
+    with pytest.raises(run_esd_experiment.ConfigError, match="min_evals: 10 there, 20 asked"):
+        run_esd_experiment.check_esd_settings(changed)

@@ -19,9 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from esd import slurm_backend  # noqa: E402
-from esd.slurm_backend import (SlurmError, SlurmSettings, SlurmTask, read_manifest_task,  # noqa: E402
-                           render_script, run_array, sbatch_command, split_extra)
+from esd.backends import slurm as slurm_backend  # noqa: E402
+from esd.backends.base import Task  # noqa: E402
+from esd.backends.slurm import (SlurmError, SlurmSettings, render_script, run_array,  # noqa: E402
+                                sbatch_command, split_extra)
 
 SLURM_LOCAL = REPO / "tests" / "slurm_local.sh"
 
@@ -40,6 +41,12 @@ TASK_SCRIPT = textwrap.dedent("""\
         time.sleep(float(row["argv"][row["argv"].index("--sleep") + 1]))
     if "--fail" in row["argv"]:
         sys.exit(3)
+    if "--fail_first" in row["argv"]:  # exit 75 (retryable) until the Nth attempt
+        counter = row["result_path"] + ".attempts"
+        n = int(open(counter).read()) + 1 if os.path.exists(counter) else 1
+        open(counter, "w").write(str(n))
+        if n <= int(row["argv"][row["argv"].index("--fail_first") + 1]):
+            sys.exit(75)
     if "--no_result" in row["argv"]:
         sys.exit(0)
     tmp = row["result_path"] + ".tmp"
@@ -59,9 +66,8 @@ def task_script(tmp_path) -> Path:
 
 def make_tasks(out: Path, n: int, extra: dict[int, tuple[str, ...]] | None = None):
     extra = extra or {}
-    return [SlurmTask(key=f"org/model-{i}", worker_argv=("--model_id", f"org/model-{i}",
-                                                         *extra.get(i, ())),
-                      result_path=out / f"org--model-{i}.json") for i in range(n)]
+    return [Task(key=f"org/model-{i}", argv=("--model_id", f"org/model-{i}", *extra.get(i, ())),
+                 result_path=out / f"org--model-{i}.json") for i in range(n)]
 
 
 def render(tmp_path, settings, n=5, python="/opt/py env/bin/python"):
@@ -163,27 +169,28 @@ def test_invalid_settings_are_reported_by_run_array_before_anything_is_written(t
 
 def test_manifest_rows_hold_key_argv_and_absolute_result_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    tasks = [SlurmTask("org/a", ("--model_id", "org/a"), Path("out/org--a.csv")),
-             SlurmTask("b c", ("--model_id", "b c; rm -rf /"), tmp_path / "b.csv")]
+    from esd_worker import read_manifest_task
+    tasks = [Task("org/a", ("--model_id", "org/a"), Path("out/org--a.csv")),
+             Task("b c", ("--model_id", "b c; rm -rf /"), tmp_path / "b.csv", Path("logs/b.log"))]
     data = slurm_backend.manifest_data(tasks)
     assert data["n_tasks"] == 2
     assert data["tasks"] == [
         {"key": "org/a", "argv": ["--model_id", "org/a"],
-         "result_path": str(tmp_path / "out" / "org--a.csv")},
+         "result_path": str(tmp_path / "out" / "org--a.csv"), "log_path": None},
         {"key": "b c", "argv": ["--model_id", "b c; rm -rf /"],
-         "result_path": str(tmp_path / "b.csv")}]
+         "result_path": str(tmp_path / "b.csv"), "log_path": str(tmp_path / "logs" / "b.log")}]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(data))
-    assert read_manifest_task(manifest, "1")["argv"] == ["--model_id", "b c; rm -rf /"]
-    with pytest.raises(IndexError, match="2 task"):
-        read_manifest_task(manifest, 2)
+    assert read_manifest_task(str(manifest), 1).argv == ["--model_id", "b c; rm -rf /"]
+    with pytest.raises(ValueError, match="2 task"):
+        read_manifest_task(str(manifest), 2)
 
 
 def test_the_real_worker_reads_its_arguments_from_our_manifest(tmp_path):
     esd_worker = pytest.importorskip("esd_worker")
     out = tmp_path / "out"
-    tasks = [SlurmTask("org/a@v1", ("--model_id", "org/a@v1", "--output_dir", str(out),
-                                    "--source_model", "org/base"), out / "org--a@v1.csv")]
+    tasks = [Task("org/a@v1", ("--model_id", "org/a@v1", "--output_dir", str(out),
+                               "--source_model", "org/base"), out / "org--a@v1.csv")]
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(slurm_backend.manifest_data(tasks)))
     config = esd_worker.parse_config(["--manifest", str(manifest), "--task_index", "0"])
@@ -358,8 +365,9 @@ def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, tas
     code = textwrap.dedent(f"""\
         import sys; sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from esd.slurm_backend import SlurmSettings, SlurmTask, run_array
-        tasks = [SlurmTask("slow", ("--sleep", "60"), Path({str(out / "slow.json")!r}))]
+        from esd.backends.slurm import SlurmSettings, run_array
+        from esd.backends.base import Task
+        tasks = [Task("slow", ("--sleep", "60"), Path({str(out / "slow.json")!r}))]
         outcome = run_array(tasks, Path({str(out)!r}), SlurmSettings(), wait=True,
                             worker_script=Path({str(task_script)!r}), poll_interval_s=0.2,
                             log=lambda line: print(line, flush=True))
@@ -450,3 +458,121 @@ def test_experiment_on_slurm_completes_every_model_and_resumes_only_what_is_miss
     assert [row["key"] for row in rows] == [str(models[1])]
     assert "with 1 task(s)" in third.stdout + third.stderr
     assert all(c.exists() for c in csvs)
+
+
+# ---------------------------------------------------------------------------- policy on Slurm
+
+def _supervise(out, tasks, task_script, **policy):
+    """The orchestrator's own policy (esd/supervisor.py) over a real Slurm backend."""
+    from esd.backends.slurm import SlurmBackend
+    from esd.supervisor import Policy, Supervisor
+    lines: list[str] = []
+    backend = SlurmBackend(_gpu_settings(), out, wait=True, worker_script=task_script,
+                           poll_interval_s=0.3, log=lines.append)
+    supervisor = Supervisor(backend, out, Policy(**{"retry_backoff_s": 0, **policy}),
+                            tick_interval_s=0.3)
+    return supervisor.run(tasks), lines
+
+
+@pytest.mark.slurm
+def test_slurm_resubmits_retryable_failures_as_a_follow_up_array_up_to_max_retries(
+        slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 3, {1: ("--fail_first", "1"), 2: ("--fail_first", "5")})
+    outcome, lines = _supervise(out, tasks, task_script, max_retries=2)
+    assert sorted(outcome.succeeded) == ["org/model-0", "org/model-1"]
+    assert outcome.failed == {"org/model-2": "worker/retryable_exit"}
+    manifests = sorted((out / "slurm").glob("*/manifest.json"))
+    rows = [[row["key"] for row in json.loads(m.read_text())["tasks"]] for m in manifests]
+    assert rows == [["org/model-0", "org/model-1", "org/model-2"],   # first array
+                    ["org/model-1", "org/model-2"],                  # retry 1
+                    ["org/model-2"]]                                 # retry 2, then final
+    assert (out / "org--model-2.json.attempts").read_text() == "3"
+    from esd.failures import read_failures
+    assert set(read_failures(out)) == {"org/model-2"}
+
+
+@pytest.mark.slurm
+def test_slurm_timeout_sets_the_time_limit_and_is_a_typed_timeout_not_retried(
+        slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 2, {1: ("--sleep", "30")})
+    started = time.monotonic()
+    outcome, _ = _supervise(out, tasks, task_script, timeout_s=2, max_retries=3)
+    assert time.monotonic() - started < 25
+    assert outcome.succeeded == ["org/model-0"]
+    assert outcome.failed == {"org/model-1": "worker/timeout"}
+    (script,) = (out / "slurm").glob("*/job.sbatch")      # not resubmitted
+    text = script.read_text()
+    assert "#SBATCH --time=3" in text.splitlines()       # ceil(2 s / 60) + 2 minutes
+    assert "exec timeout --kill-after=30 2 " in text
+
+
+@pytest.mark.slurm
+def test_slurm_task_without_progress_is_stopped_as_stalled(slurm_cluster, tmp_path, task_script):
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 1, {0: ("--sleep", "60")})
+    started = time.monotonic()
+    outcome, _ = _supervise(out, tasks, task_script, stall_timeout_s=3)
+    assert time.monotonic() - started < 40
+    assert outcome.failed == {"org/model-0": "worker/stalled"}
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+    assert not [line for line in listed.splitlines() if "RUNNING" in line and "esd-test" in line]
+
+
+# ---------------------------------------------------------------------------- hostile paths
+
+HOSTILE = ["x; touch PWNED", "$(touch PWNED2)", "`touch PWNED3`", "it's \"quoted\"", "a\\b", "--help"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_script_with_hostile_paths_parses_and_runs_only_the_worker(tmp_path, name):
+    fake_python = tmp_path / name / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text('#!/bin/sh\nfor a in "$@"; do printf "[%s]\\n" "$a"; done\n')
+    fake_python.chmod(0o755)
+    out = tmp_path / name / "results"
+    script = render_script(n_tasks=2, settings=SlurmSettings(partition="gpu"),
+                           manifest_path=out / "slurm" / "ts" / "manifest.json", output_dir=out,
+                           workdir=tmp_path / name, worker_script=tmp_path / name / "esd_worker.py",
+                           python=str(fake_python), script_path=out / "slurm" / "ts" / "job.sbatch",
+                           timeout_s=5)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "9"}
+    proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1:] == [
+        f"[{tmp_path / name / 'esd_worker.py'}]", "[--manifest]",
+        f"[{out / 'slurm' / 'ts' / 'manifest.json'}]", "[--task_index]", "[1]"]
+    assert not list(tmp_path.rglob("PWNED*"))
+    for line in script.splitlines():   # every #SBATCH value is one shell word
+        if line.startswith("#SBATCH "):
+            assert len(shlex.split(line[len("#SBATCH "):])) == 1
+
+
+@pytest.mark.parametrize("where", ["output_dir", "workdir"])
+def test_a_line_break_in_the_output_or_working_directory_is_refused(tmp_path, where):
+    bad = tmp_path / "a\ntouch PWNED"
+    dirs = {"output_dir": tmp_path / "out", "workdir": tmp_path}
+    dirs[where] = bad
+    with pytest.raises(SlurmError, match="line break"):
+        render_script(n_tasks=1, settings=SlurmSettings(), manifest_path=dirs["output_dir"] / "m.json",
+                      output_dir=dirs["output_dir"], workdir=dirs["workdir"],
+                      worker_script=tmp_path / "w.py", python="python", script_path=tmp_path / "j.sbatch")
+
+
+def test_a_line_break_in_the_python_or_worker_path_stays_inside_one_quoted_word(tmp_path):
+    odd = tmp_path / "bin\ntouch PWNED"
+    odd.mkdir()
+    (odd / "python").write_text('#!/bin/sh\necho "[$1]"\n')
+    (odd / "python").chmod(0o755)
+    script = render_script(n_tasks=1, settings=SlurmSettings(), manifest_path=tmp_path / "m.json",
+                           output_dir=tmp_path / "out", workdir=tmp_path, worker_script=odd / "w.py",
+                           python=str(odd / "python"), script_path=tmp_path / "j.sbatch")
+    assert all(not line.startswith("touch") for line in script.splitlines())
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})
+    assert proc.returncode == 0 and proc.stdout.endswith(f"\n[{odd / 'w.py'}]\n")
+    assert not list(tmp_path.rglob("PWNED*"))

@@ -28,6 +28,7 @@ import torch
 
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import FileCheckpoint, TensorSource, read_json
+from esd.loading.hub import open_weights, plan_reads
 from esd.loading.layers import (KeyMatcher, build_model, load_config, module_layer_type,
                                 plan_layers, rule_layer_type)
 from esd.loading.log import logger
@@ -291,8 +292,9 @@ def iter_adapter_layers(resolved: ResolvedModel):
             yield from _merge_with_peft(resolved)
             return
         base = resolved.base
-        base_ckpt = FileCheckpoint(base.weight_files)
+        base_ckpt = open_weights(base.weight_files)     # streamed with --stream
         modules, keys = plan_layers(base, base_ckpt)
+        plan_reads(base_ckpt, (keys[name] for name, _, _ in modules))
         updates, replacements, overrides = _plan_adapter(resolved, adapter, modules, keys,
                                                          base_ckpt)
         done: set[str] = set()
@@ -362,7 +364,7 @@ def _filled_base_model(resolved: ResolvedModel) -> torch.nn.Module:
     except Exception as exc:  # noqa: BLE001
         raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: cannot build base "
                          f"{base.model_id} for peft's merge: {str(exc)[:300]}") from None
-    with FileCheckpoint(base.weight_files) as ckpt:
+    with open_weights(base.weight_files) as ckpt:
         sources = _base_sources(resolved, model, ckpt)
         with torch.no_grad():
             for target, key in sources:

@@ -1,11 +1,13 @@
-"""Run worker tasks as one Slurm job array: freeze the tasks, write a readable sbatch
-script, submit it, and (optionally) follow it until every task has ended.
+"""The Slurm backend: worker tasks as Slurm job arrays. Freeze the tasks, write a readable
+sbatch script, submit it, and (with `wait`) follow it until every task has ended, reporting
+each start and end to the supervisor; retries it hands back go out as a follow-up array.
 
-Owns: `SlurmSettings`, `SlurmTask`, `SlurmOutcome`, `SlurmError`, `run_array`, and the files
-under `<output_dir>/slurm/<timestamp>/` (`manifest.json`, `job.sbatch`, `submitted.json`).
-Knows Slurm (sbatch, squeue, scontrol) and nothing about models or metrics: a task is a
-key, the worker's arguments and the file whose existence means the task succeeded. Deep
-code: never reads `sys.argv`; the orchestrator decides which tasks still need to run.
+Owns: `SlurmSettings`, `SlurmBackend`, `SlurmOutcome` (one array's ending), `SlurmError`,
+`run_array`, and the files under `<output_dir>/slurm/<timestamp>/` (`manifest.json`,
+`job.sbatch`, `submitted.json`). Knows Slurm (sbatch, squeue, scontrol, scancel) and
+nothing about models or metrics: a task is a `Task` (key, the worker's arguments, the file
+whose existence means success, its log). Decides nothing: the supervisor above it says
+what an ending means and what to retry. Never reads `sys.argv`.
 
 Why plain `sbatch` and not submitit: the job is a short generated bash script a user can
 read, test and resubmit by hand (`sbatch <output_dir>/slurm/<ts>/job.sbatch`), and each
@@ -24,6 +26,7 @@ cannot answer) and, above all, the result files themselves: a task is done when 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shlex
@@ -31,12 +34,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
 from esd.atomic_files import atomic_path
+from esd.backends.base import Backend, BackendError, Hooks, Task, TaskResult
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_WORKER_SCRIPT = REPO_DIR / "esd_worker.py"
@@ -66,7 +70,7 @@ _MANAGED_OPTIONS = {
 _MAX_SQUEUE_FAILURES = 12  # consecutive failed polls (about a minute at 5 s) before giving up
 
 
-class SlurmError(RuntimeError):
+class SlurmError(BackendError):
     """Slurm cannot be used or refused the job; the message says why and what to do."""
 
 
@@ -78,6 +82,7 @@ class SlurmSettings:
     array_parallelism: int | None = None  # the %K of --array=0-N%K: tasks running at once
     extra: tuple[str, ...] = ()         # more sbatch arguments, already split ("--mem=8G", ...)
     job_name: str = "esd"
+    begin_delay_s: float = 0.0          # --begin=now+N: a follow-up array's retry backoff
 
     def validate(self) -> "SlurmSettings":
         """Raise SlurmError naming the bad value; `run_array` calls this before anything,
@@ -88,7 +93,7 @@ class SlurmSettings:
                              f"got {self.array_parallelism!r}")
         if isinstance(self.extra, str):
             raise SlurmError("extra must be a tuple of arguments; split a string with "
-                             "slurm_backend.split_extra()")
+                             "esd.backends.slurm.split_extra()")
         for value in self.extra:
             option = value.split("=", 1)[0]
             if option in _MANAGED_OPTIONS or (
@@ -119,14 +124,8 @@ class SlurmSettings:
 
 
 @dataclass(frozen=True)
-class SlurmTask:
-    key: str                      # what the task is for (the model key); unique in an array
-    worker_argv: tuple[str, ...]  # the worker's arguments (after the worker script)
-    result_path: Path             # exists ⇔ the task succeeded (written atomically)
-
-
-@dataclass(frozen=True)
 class SlurmOutcome:
+    """How one array ended (the states Slurm gave); `SlurmBackend` turns it into TaskResults."""
     job_id: str | None            # None when nothing was submitted
     n_tasks: int
     done: tuple[str, ...] = ()    # keys whose result_path exists
@@ -136,6 +135,7 @@ class SlurmOutcome:
     finished: bool = False        # the array ended while we followed it (wait=True)
     manifest_path: Path | None = None
     script_path: Path | None = None
+    exit_codes: dict[str, int] = field(default_factory=dict)  # key → exit status (scontrol)
 
 
 def split_extra(values: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -171,29 +171,34 @@ def _new_submission_dir(output_dir: Path) -> Path:
     raise SlurmError(f"cannot create a new submission directory under {base}")
 
 
-def manifest_data(tasks: Sequence[SlurmTask], created: str | None = None) -> dict:
-    """The manifest: `tasks[i]` is what array task i runs (`argv` follows the worker script).
+def manifest_data(tasks: Sequence[Task], created: str | None = None) -> dict:
+    """The manifest: `tasks[i]` is what array task i runs (`argv` follows the worker script;
+    the worker sends its output to `log_path`). Read by `esd_worker.read_manifest_task`.
 
     {"version": 1, "created": ISO time, "n_tasks": n,
-     "tasks": [{"key": ..., "argv": [...], "result_path": absolute path}, ...]}
+     "tasks": [{"key": ..., "argv": [...], "result_path": absolute path,
+                "log_path": absolute path or null}, ...]}
     """
     return {
         "version": 1,
         "created": created or datetime.now().isoformat(timespec="seconds"),
         "n_tasks": len(tasks),
-        "tasks": [{"key": t.key, "argv": [str(a) for a in t.worker_argv],
-                   "result_path": str(Path(t.result_path).absolute())} for t in tasks],
+        "tasks": [{"key": t.key, "argv": [str(a) for a in t.argv],
+                   "result_path": str(Path(t.result_path).absolute()),
+                   "log_path": str(Path(t.log_path).absolute()) if t.log_path else None}
+                  for t in tasks],
     }
 
 
-def read_manifest_task(manifest_path: str | os.PathLike, task_index: int | str) -> dict:
-    """Row `task_index` of a manifest: {"key", "argv", "result_path"} (for the worker)."""
-    rows = json.loads(Path(manifest_path).read_text(encoding="utf-8"))["tasks"]
-    index = int(task_index)
-    if not 0 <= index < len(rows):
-        raise IndexError(f"task index {index} out of range: {manifest_path} has "
-                         f"{len(rows)} task(s)")
-    return rows[index]
+def time_limit(settings: SlurmSettings, timeout_s: float | None) -> str | None:
+    """sbatch --time: `--slurm_time` when given, else derived from the per-model --timeout
+    (whole minutes, rounded up, plus two for starting Python and loading; Slurm counts in
+    minutes). The exact limit is the script's own `timeout` of the worker."""
+    if settings.time:
+        return settings.time
+    if not timeout_s:
+        return None
+    return str(math.ceil(timeout_s / 60) + 2)
 
 
 def array_spec(n_tasks: int, parallelism: int | None) -> str:
@@ -204,23 +209,52 @@ def array_spec(n_tasks: int, parallelism: int | None) -> str:
 
 def sbatch_command(script_path: Path, settings: SlurmSettings) -> list[str]:
     """The exact argv used to submit (no shell): extra args go on sbatch's command line."""
-    return ["sbatch", "--parsable", *settings.extra, str(script_path)]
+    begin = [f"--begin=now+{math.ceil(settings.begin_delay_s)}"] if settings.begin_delay_s > 0 else []
+    return ["sbatch", "--parsable", *begin, *settings.extra, str(script_path)]
+
+
+def _quote(value: str) -> str:
+    """One bash word for `value`: shlex.quote, or `$'...'` escapes when it holds a control
+    character (a newline inside quotes would be safe, yet read like a line of its own)."""
+    if not re.search(r"[\x00-\x1f\x7f]", value):
+        return shlex.quote(value)
+    escaped = "".join(c if c.isprintable() and c not in "\\'" else
+                      "\\" + c if c in "\\'" else f"\\x{ord(c):02x}" for c in value)
+    return f"$'{escaped}'"
+
+
+def _comment(text: str) -> str:
+    """A value shown in a `#` comment line: one line, whatever it holds (a newline in a path
+    must not end the comment and become a command)."""
+    return text.encode("unicode_escape").decode("ascii")
 
 
 def render_script(*, n_tasks: int, settings: SlurmSettings, manifest_path: Path,
                   output_dir: Path, workdir: Path, worker_script: Path, python: str,
-                  script_path: Path, created: str | None = None) -> str:
-    """The sbatch script: a comment header, #SBATCH lines, one `exec` of the worker."""
-    q = shlex.quote
+                  script_path: Path, created: str | None = None,
+                  timeout_s: float | None = None) -> str:
+    """The sbatch script: a comment header, #SBATCH lines, one `exec` of the worker (under
+    coreutils `timeout` when there is a per-model limit). Every value is quoted; a value
+    that an #SBATCH line cannot carry (a newline) is refused."""
+    q = _quote
     log_pattern = output_dir / "logs" / "slurm" / "%A_%a.log"
     submit = shlex.join(sbatch_command(script_path, settings))
     created = created or datetime.now().isoformat(timespec="seconds")
+    for what, value in (("--output_dir", str(output_dir)), ("the working directory", str(workdir))):
+        if "\n" in value or "\r" in value:
+            raise SlurmError(f"{what} {value!r} holds a line break, which an #SBATCH line cannot "
+                             f"carry; use a directory without one")
+    limit = time_limit(settings, timeout_s)
+    run_worker = f"{q(python)} {q(str(worker_script))} --manifest {q(str(manifest_path))} " \
+                 f'--task_index "$SLURM_ARRAY_TASK_ID"'
+    if timeout_s:  # exit 124 when the limit is reached (SIGKILL 30 s after SIGTERM)
+        run_worker = f"timeout --kill-after=30 {timeout_s:g} {run_worker}"
     lines = [
         "#!/bin/bash",
         "# ESD experiment as a Slurm job array: one task per model, task i runs row i of",
-        f"# {manifest_path}",
-        f"# Generated by slurm_backend.py on {created} for {n_tasks} task(s).",
-        f"# Submitted with: {submit}",
+        f"# {_comment(str(manifest_path))}",
+        f"# Generated by esd/backends/slurm.py on {created} for {n_tasks} task(s).",
+        f"# Submitted with: {_comment(submit)}",
         "# Resubmitting this file by hand reruns the same tasks; rerunning the experiment",
         "# command instead submits only the models that have no result yet.",
         f"#SBATCH --job-name={q(settings.job_name)}",
@@ -228,8 +262,8 @@ def render_script(*, n_tasks: int, settings: SlurmSettings, manifest_path: Path,
     ]
     if settings.partition:
         lines.append(f"#SBATCH --partition={q(settings.partition)}")
-    if settings.time:
-        lines.append(f"#SBATCH --time={q(settings.time)}")
+    if limit:
+        lines.append(f"#SBATCH --time={q(limit)}")
     if settings.gres:
         lines.append(f"#SBATCH --gres={q(settings.gres)}")
     lines += [
@@ -238,8 +272,7 @@ def render_script(*, n_tasks: int, settings: SlurmSettings, manifest_path: Path,
         "",
         'echo "[esd] job ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} on $(hostname)'
         ' at $(date -Is), CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-}"',
-        f"exec {q(python)} {q(str(worker_script))} --manifest {q(str(manifest_path))} "
-        f'--task_index "$SLURM_ARRAY_TASK_ID"',
+        f"exec {run_worker}",
         "",
     ]
     return "\n".join(lines)
@@ -337,22 +370,42 @@ def _parse_squeue(text: str, job_id: str) -> dict[int, str]:
     return states
 
 
-def scontrol_states(job_id: str) -> dict[int, str] | None:
-    """Same as `squeue_states` from `scontrol -o show job` (used when squeue cannot say)."""
+def _scontrol_lines(job_id: str) -> list[dict[str, str]] | None:
+    """`scontrol -o show job`: one {field: value} per array task line (None: job purged)."""
     argv = [_require("scontrol"), "-o", "show", "job", job_id]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
             return None
         raise SlurmError(f"scontrol failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    states: dict[int, str] = {}
-    for line in proc.stdout.splitlines():
-        found = dict(re.findall(r"(\w+)=(\S*)", line))
-        if found.get("ArrayJobId") != job_id or "JobState" not in found:
+    lines = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in proc.stdout.splitlines()]
+    return [found for found in lines if found.get("ArrayJobId") == job_id and "JobState" in found]
+
+
+def scontrol_states(job_id: str) -> dict[int, str] | None:
+    """Same as `squeue_states` from `scontrol -o show job` (used when squeue cannot say)."""
+    found = _scontrol_lines(job_id)
+    if found is None:
+        return None
+    return {i: line["JobState"] for line in found for i in _expand_indices(line.get("ArrayTaskId", ""))}
+
+
+def exit_codes(job_id: str) -> dict[int, int]:
+    """Task index → exit status of ended tasks (`ExitCode=status:signal`; a signal gives
+    -signal), while the controller still knows the job ({} when it cannot say)."""
+    try:
+        found = _scontrol_lines(job_id) or []
+    except (SlurmError, subprocess.TimeoutExpired):
+        return {}
+    codes: dict[int, int] = {}
+    for line in found:
+        status, _, sig = line.get("ExitCode", "").partition(":")
+        if not status.isdigit() or line["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"):
             continue
-        for i in _expand_indices(found.get("ArrayTaskId", "")):
-            states[i] = found["JobState"]
-    return states
+        code = -int(sig) if sig.isdigit() and int(sig) else int(status)
+        for i in _expand_indices(line.get("ArrayTaskId", "")):
+            codes[i] = code
+    return codes
 
 
 def _poll_states(job_id: str) -> dict[int, str] | None:
@@ -369,7 +422,7 @@ class _Watched:
     """One array task being followed: its job, its index in that job's manifest, the task."""
     job_id: str
     index: int
-    task: SlurmTask
+    task: Task
 
 
 def _is_active(state: str | None) -> bool:
@@ -442,8 +495,10 @@ class _Progress:
 
 
 def follow(watch: Sequence[_Watched], *, poll_interval_s: float = 5.0,
-           log: Callable[[str], None] = print) -> tuple[dict[int, str], bool]:
-    """Poll until no watched task is pending or running.
+           log: Callable[[str], None] = print,
+           on_poll: Callable[[dict[int, str]], None] | None = None) -> tuple[dict[int, str], bool]:
+    """Poll until no watched task is pending or running; `on_poll(states)` after each poll
+    (states by position in `watch`).
 
     Returns (last Slurm state by position in `watch`, finished). `finished` is False when
     interrupted with Ctrl-C: we stop watching and say how to cancel, but the arrays keep
@@ -485,6 +540,8 @@ def follow(watch: Sequence[_Watched], *, poll_interval_s: float = 5.0,
             ended = sum(1 for n, w in enumerate(watch)
                         if _has_result(w) or not _is_active(states.get(n)))
             progress.update(_counts(watch, states), ended, final=not active)
+            if on_poll is not None:
+                on_poll(states)
             if not active:
                 return states, True
             time.sleep(poll_interval_s)
@@ -551,17 +608,20 @@ def queued_tasks(output_dir: Path, recent: int = 50) -> dict[str, _Watched]:
         for i in active:
             if i < len(rows):
                 row = rows[i]
-                task = SlurmTask(row["key"], tuple(row["argv"]), Path(row["result_path"]))
+                task = Task(row["key"], tuple(row["argv"]), Path(row["result_path"]),
+                            Path(row["log_path"]) if row.get("log_path") else None)
                 queued[task.key] = _Watched(job_id, i, task)
     return queued
 
 
 # --------------------------------------------------------------------------- entry point
 
-def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings, *,
+def run_array(tasks: list[Task], output_dir: Path, settings: SlurmSettings, *,
               wait: bool, worker_script: Path = DEFAULT_WORKER_SCRIPT,
               python: str = sys.executable, poll_interval_s: float = 5.0,
-              skip_queued: bool = True, log: Callable[[str], None] = print) -> SlurmOutcome:
+              skip_queued: bool = True, log: Callable[[str], None] = print,
+              on_poll: Callable[[Sequence[_Watched], dict[int, str]], None] | None = None
+              ) -> SlurmOutcome:
     """Submit `tasks` as one job array (task i runs manifest row i) and optionally follow it.
 
     Writes `<output_dir>/slurm/<timestamp>/{manifest.json, job.sbatch, submitted.json}`
@@ -606,13 +666,16 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
     if not wait:
         return SlurmOutcome(**outcome)
 
-    states, finished = follow(watch, poll_interval_s=poll_interval_s, log=log)
+    states, finished = follow(watch, poll_interval_s=poll_interval_s, log=log,
+                              on_poll=None if on_poll is None else lambda st: on_poll(watch, st))
     by_key = {watch[n].task.key: state for n, state in states.items()}
     if not finished:
         done = tuple(w.task.key for w in watch if _has_result(w))
         return SlurmOutcome(**outcome, done=done, states=by_key, finished=False)
     _resolve_unknown(watch, states)
     by_key = {watch[n].task.key: state for n, state in states.items()}
+    codes = {job_id: exit_codes(job_id) for job_id in {w.job_id for w in watch}}
+    by_key_codes = {w.task.key: codes[w.job_id][w.index] for w in watch if w.index in codes[w.job_id]}
     done, failed, missing = _classify(watch, states)
     label = ",".join(sorted({w.job_id for w in watch}, key=int))
     log(f"slurm: job {label} ended: {len(done)} done, {len(failed)} failed, "
@@ -625,10 +688,10 @@ def run_array(tasks: list[SlurmTask], output_dir: Path, settings: SlurmSettings,
         log(f"  see the task logs: {output_dir / 'logs' / 'slurm'}/<job>_<task>.log "
             f"(task numbers are rows of {output_dir / 'slurm'}/<timestamp>/{MANIFEST_NAME})")
     return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
-                        states=by_key, finished=True)
+                        states=by_key, finished=True, exit_codes=by_key_codes)
 
 
-def _submit_array(tasks: Sequence[SlurmTask], output_dir: Path, settings: SlurmSettings, *,
+def _submit_array(tasks: Sequence[Task], output_dir: Path, settings: SlurmSettings, *,
                   worker_script: Path, python: str, log: Callable[[str], None]) -> dict:
     """Write manifest + script, submit, say how to follow; returns SlurmOutcome fields."""
     (output_dir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
@@ -639,7 +702,7 @@ def _submit_array(tasks: Sequence[SlurmTask], output_dir: Path, settings: SlurmS
     script = render_script(n_tasks=len(tasks), settings=settings,
                            manifest_path=manifest_path, output_dir=output_dir,
                            workdir=Path.cwd(), worker_script=Path(worker_script).absolute(),
-                           python=python, script_path=script_path)
+                           python=python, script_path=script_path, timeout_s=_one_timeout(tasks))
     _write_atomic(script_path, script, mode=0o755)
 
     job_id = submit(script_path, settings)
@@ -656,3 +719,77 @@ def _submit_array(tasks: Sequence[SlurmTask], output_dir: Path, settings: SlurmS
     log("  resume:     rerun the same command; only models without a result are submitted")
     return dict(job_id=job_id, n_tasks=len(tasks), manifest_path=manifest_path,
                 script_path=script_path)
+
+
+def _one_timeout(tasks: Sequence[Task]) -> float | None:
+    """The per-attempt limit of an array (one script for all its tasks: the longest)."""
+    limits = [t.timeout_s for t in tasks if t.timeout_s]
+    return max(limits) if limits else None
+
+
+# --------------------------------------------------------------------------- the backend
+
+class SlurmBackend(Backend):
+    """Tasks as job arrays. With `wait`, follows each array, reports starts and ends, and
+    submits the retries the supervisor hands back as one follow-up array (delayed by their
+    backoff with `--begin`); without `wait`, submits and returns (retries then happen when
+    the command is run again)."""
+    name = "slurm"
+
+    def __init__(self, settings: SlurmSettings, output_dir: Path, *, wait: bool,
+                 worker_script: Path = DEFAULT_WORKER_SCRIPT, python: str = sys.executable,
+                 poll_interval_s: float = 5.0, log: Callable[[str], None] = print):
+        self.settings = settings.validate()
+        self.output_dir = Path(output_dir).absolute()
+        self.wait, self.worker_script, self.python = wait, worker_script, python
+        self.poll_interval_s, self.log = poll_interval_s, log
+        self._live: dict[str, _Watched] = {}     # key -> where it runs now
+        self._cancelled: set[str] = set()
+
+    @property
+    def waits(self) -> bool:
+        return self.wait
+
+    def run(self, tasks: Sequence[Task], hooks: Hooks) -> None:
+        pending = list(tasks)
+        if not pending:
+            self.log("slurm: nothing to submit")
+        while pending:
+            settings = replace(self.settings, begin_delay_s=max(t.delay_s for t in pending))
+            submitted_at = time.time()
+            seen: dict[str, str] = {}  # key -> last state reported
+            started: dict[str, float] = {}
+
+            def on_poll(watch, states, seen=seen, started=started):
+                for n, w in enumerate(watch):
+                    self._live[w.task.key] = w
+                    state = states.get(n)
+                    if state in ("RUNNING", "COMPLETING") and w.task.key not in started:
+                        started[w.task.key] = time.time()
+                        hooks.on_start(w.task, started[w.task.key])
+                hooks.on_tick()
+
+            outcome = run_array(pending, self.output_dir, settings, wait=self.wait,
+                                worker_script=self.worker_script, python=self.python,
+                                poll_interval_s=self.poll_interval_s, log=self.log, on_poll=on_poll)
+            if not self.wait or not outcome.finished:
+                return  # submitted only, or the user stopped following (the arrays keep running)
+            follow_ups: list[Task] = []
+            for task in pending:
+                state = outcome.states.get(task.key)
+                cancelled = task.key in self._cancelled
+                self._cancelled.discard(task.key)
+                self._live.pop(task.key, None)
+                result = TaskResult(task, outcome.exit_codes.get(task.key),
+                                    started.get(task.key, submitted_at), time.time(), state=state,
+                                    cancelled=cancelled)
+                follow_ups += hooks.on_end(result)
+            pending = follow_ups
+
+    def cancel(self, key: str) -> None:
+        watched = self._live.get(key)
+        if watched is None or watched.job_id is None:
+            return
+        self._cancelled.add(key)
+        subprocess.run([_require("scancel"), f"{watched.job_id}_{watched.index}"],
+                       capture_output=True, timeout=60)

@@ -1,0 +1,156 @@
+"""Which files of a results directory are results, read into one per-layer table.
+
+Owns: recognising the run's own per-model CSVs (a regular file `<safe_id>.csv` whose one
+model id maps back onto that very name, so copies, truncated backups and merged exports
+are ignored and listed, never merged into a model), the per-layer table, layer selection,
+and the one atomic CSV write of the analysis. Never opens anything but regular files (a
+FIFO named `x.csv` would block a reader forever) and computes no statistic.
+"""
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from esd.atomic_files import atomic_path
+from esd.model_list import ModelEntry, parse_model_id, result_csv_path
+
+PER_MODEL_KEY_COLUMNS = ("model_id", "longname", "alpha")   # what makes a CSV a per-model CSV
+LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
+# files of the run and of the analysis itself: never results, never listed as ignored
+OWN_OUTPUTS = ("summary.csv", "summary_filtered.csv", "over_steps.csv", "over_steps_layers.csv",
+               "runs.csv")
+
+
+class AnalysisError(ValueError):
+    """The request cannot be answered; the message says why and what would work."""
+
+
+@dataclass
+class ResultScan:
+    """The per-layer table of a results directory and the `*.csv` entries left out of it."""
+    per_layer: pd.DataFrame
+    ignored: list[tuple[Path, str]] = field(default_factory=list)   # (path, why)
+
+    def ignored_lines(self) -> list[str]:
+        return [f"ignored: {path.name}: {why}" for path, why in self.ignored]
+
+
+def scan_results(results_dir) -> ResultScan:
+    """The run's per-model CSVs of `results_dir`, concatenated in file-name order.
+
+    A per-model CSV is a regular file `<name>.csv` with the columns model_id, longname and
+    alpha, holding one model whose result file is that very name (as the worker writes it:
+    `result_csv_path`). Anything else named `*.csv` (directories, dangling links, FIFOs,
+    copies such as `org--a (1).csv`, merged exports, model lists) is left out and listed in
+    `ignored` with the reason; the run's and the analysis' own files are skipped silently.
+    Added columns: `layer_index` (position in its model, 0 = first = shallowest) and
+    `result_file` (the CSV's stem, i.e. the model's safe id; `eigs/<result_file>.npz` holds
+    its eigenvalues when the run used --save_eigs).
+    """
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise AnalysisError(f"results directory {results_dir} does not exist")
+    frames, ignored = [], []
+    for path in sorted(results_dir.glob("*.csv")):
+        if path.name in OWN_OUTPUTS:
+            continue
+        frame, why = _read_per_model_csv(path)
+        if why:
+            ignored.append((path, why))
+        elif len(frame):
+            frames.append(frame)
+    if not frames:
+        empty = pd.DataFrame(columns=[*PER_MODEL_KEY_COLUMNS, "layer_index", "result_file"])
+        return ResultScan(empty, ignored)
+    return ResultScan(pd.concat(frames, ignore_index=True), ignored)
+
+
+def load_per_layer(results_dir) -> pd.DataFrame:
+    """`scan_results(results_dir).per_layer`: the per-layer table of the run's own CSVs."""
+    return scan_results(results_dir).per_layer
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)   # follows links; a dangling one raises
+    except OSError:
+        return False
+
+
+def _own_result_names(model_id: str) -> set[str]:
+    """The file names the worker gives the result of `model_id` (the CSV's model_id column:
+    `org/name@rev` or a local path, split or not at `@` since the path may not exist here)."""
+    names = {result_csv_path(".", ModelEntry(model_id)).name}
+    base, _, revision = str(model_id).rpartition("@")
+    if base and revision:
+        names.add(result_csv_path(".", ModelEntry(base, revision)).name)
+    split = parse_model_id(str(model_id))
+    names.add(result_csv_path(".", ModelEntry(*split)).name)
+    return names
+
+
+def _read_per_model_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
+    """(frame, None) for a result file of the run, else (None, why it is not one)."""
+    if not _is_regular_file(path):
+        kind = ("a directory" if path.is_dir() else "a dangling link" if path.is_symlink()
+                and not path.exists() else "not a regular file")
+        return None, kind
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        if not set(PER_MODEL_KEY_COLUMNS) <= set(header):
+            return None, "not a per-model result (no model_id, longname and alpha columns)"
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return None, "empty"
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
+        return None, f"unreadable CSV ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
+    ids = frame["model_id"].dropna().astype(str).unique()
+    if len(ids) != 1:
+        return None, f"holds {len(ids)} model ids, not one model's result"
+    if path.name not in _own_result_names(ids[0]):
+        expected = sorted(_own_result_names(ids[0]))[0]
+        return None, (f"a copy? it holds {ids[0]!r}, whose result file is {expected}; "
+                      f"only the run's own result files are read")
+    frame["layer_index"] = np.arange(len(frame))
+    frame["result_file"] = path.stem
+    return frame, None
+
+
+def select_layers(per_layer: pd.DataFrame, layer_types=None, exclude_patterns=None) -> pd.DataFrame:
+    """The rows of the chosen layer types whose longname matches no exclude pattern."""
+    selected = per_layer
+    if layer_types:
+        unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+        if unknown:
+            raise AnalysisError(f"unknown layer type(s) {unknown}; choose from {list(LAYER_TYPES)}")
+        selected = selected[selected["layer_type"].isin(list(layer_types))]
+    for pattern in exclude_patterns or ():
+        try:
+            regex = re.compile(pattern)
+        except re.error as error:
+            raise AnalysisError(f"--exclude {pattern!r} is not a regular expression ({error}); "
+                                f"e.g. use 'embed' or '.*embed.*', not '*embed*'") from None
+        names = selected["longname"].astype(str)
+        selected = selected[~names.map(lambda name: bool(regex.search(name)))]
+    return selected
+
+
+
+def require_results(per_layer: pd.DataFrame, results_dir) -> pd.DataFrame:
+    if per_layer.empty:
+        raise AnalysisError(f"no per-model result CSVs (with columns model_id, longname, alpha) "
+                            f"in {results_dir}")
+    return per_layer
+
+
+def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
