@@ -34,6 +34,7 @@ from esd.loading.layers import (KeyMatcher, build_model, load_config, module_lay
 from esd.loading.log import logger
 from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel
 from esd.model_list import parse_model_id
+from esd.schema import LAYER_MODES
 
 
 # --------------------------------------------------------------------------- the base
@@ -431,3 +432,37 @@ def _base_sources(resolved: ResolvedModel, model: torch.nn.Module,
                          "merge into random weights: " + "; ".join(problems[:5]) +
                          (f"; … ({len(problems)} problems)" if len(problems) > 5 else ""))
     return sources
+
+
+def iter_adapter_updates(resolved: ResolvedModel):
+    """The scaled LoRA update (α/r)·B·A of every layer the adapter changes, alone, shaped as
+    the base weight is stored, as `(longname + ".adapter_update", layer_type, tensor)`. Only
+    plain LoRA has such an update; the base is read for its shapes only."""
+    suffix = LAYER_MODES["adapter_update"]
+    adapter = FileCheckpoint(resolved.weight_files)
+    base_ckpt = None
+    try:
+        reason = _streaming_unsupported(resolved.adapter_config or {}, adapter)
+        if reason is not None:
+            raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: "
+                             f"adapter_update analyses plain LoRA updates; this adapter has "
+                             f"{reason}")
+        base_ckpt = open_weights(resolved.base.weight_files)
+        modules, keys = plan_layers(resolved.base, base_ckpt)
+        plan = _plan_adapter(resolved, adapter, modules, keys, base_ckpt)
+        if not plan.updates:
+            raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id}: the adapter "
+                             "holds no LoRA update (only saved modules)")
+        done: set[str] = set()
+        for name, kind, _ in modules:
+            key = keys[name]
+            if key in done or key not in plan.updates:
+                continue
+            done.add(key)
+            update = torch.zeros(base_ckpt.shapes[key], dtype=torch.float32)
+            yield name + suffix, kind, _apply_updates(update, plan.updates[key], adapter)
+            del update
+    finally:
+        adapter.close()
+        if base_ckpt is not None:
+            base_ckpt.close()
