@@ -256,3 +256,19 @@ def test_enospc_while_downloading_is_a_retryable_disk_full_and_earlier_results_s
     assert (record["reason"], record["retryable"]) == ("disk_full", True), record
     assert "no space left" in record["message"]
     assert len(list(out.glob("*gpt2*.csv"))) == 1          # the local model's result is there
+
+
+def test_the_setup_doctor_says_whether_the_hub_answers(hub, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import test_setup
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    (check,) = test_setup.check_hf_hub_reachable(timeout_s=2)
+    assert (check.status, check.details["reachable"]) == ("OK", True)
+    assert [r.method for r in hub.requests("hub")] == ["HEAD"]
+    hub.stop()
+    (check,) = test_setup.check_hf_hub_reachable(timeout_s=2)
+    assert check.status == "WARN" and "HF_HUB_OFFLINE=1" in check.hint
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (check,) = test_setup.check_hf_hub_reachable(timeout_s=2)
+    assert check.status == "OK" and check.details["reachable"] is None
