@@ -359,7 +359,8 @@ def check_esd_settings(config: ExperimentConfig) -> None:
     """Refuse to mix results computed with different ESD settings in one directory: claimed
     atomically and held for the run's life (esd/run_lock.py)."""
     try:
-        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite)
+        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite,
+                                defaults=asdict(ESDSettings()))
     except run_lock.SettingsConflict as exc:
         raise ConfigError(str(exc)) from None
 
