@@ -30,6 +30,7 @@ Decisions:
 """
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Iterator
 
@@ -39,6 +40,7 @@ from esd.failures import ESDFailure
 from esd.loading.checkpoint import (FileCheckpoint, check_not_quantized, find_weights,
                                     is_adapter_dir)
 from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_cache,
+                             open_weights, plan_reads, remote_weights,
                              looks_like_hub_id)
 from esd.loading.layers import plan_layers
 from esd.loading.lora import iter_adapter_layers, resolve_adapter
@@ -63,24 +65,52 @@ def resolve_model(model_id: "str | ModelEntry", revision: str | None = None, sou
         model_id, revision = entry.local_dir or entry.model_id, entry.revision
         source_model, base_model_relation = entry.source_model, entry.base_model_relation
     with warnings_to(warn):
+        resolved = _resolve(model_id, revision, source_model, base_model_relation,
+                            trust_remote_code, cache_dir, as_base=False)
+    resolved.warn = warn
+    return resolved
+
+
+def _resolve(model_id: str, revision: str | None, source_model: str | None,
+             base_model_relation: str | None, trust_remote_code: bool, cache_dir: str | None,
+             as_base: bool) -> ResolvedModel:
+    """resolve_model's work; as the base of an adapter (`as_base`), an adapter directory is
+    returned unresolved (marked `is_adapter`) instead of resolving its own base."""
+    try:
         resolved = _locate(model_id, revision, trust_remote_code, cache_dir)
-        resolved.warn = warn
         hint_adapter = relation_says_adapter(base_model_relation)
         if is_adapter_dir(resolved.local_dir):
+            if as_base:
+                resolved.is_adapter = True
+                return resolved
             if base_model_relation and not hint_adapter:
                 logger.warning(f"{resolved.model_id}: base_model_relation="
                                f"{base_model_relation!r} but the files are an adapter "
                                "(adapter_config.json); merging it into its base")
 
             def resolve_base(base_id: str, base_revision: str | None) -> ResolvedModel:
-                return resolve_model(base_id, base_revision, trust_remote_code=trust_remote_code,
-                                     cache_dir=cache_dir)
+                return _resolve(base_id, base_revision, None, None, trust_remote_code,
+                                cache_dir, as_base=True)
             return resolve_adapter(resolved, source_model, resolve_base)
         if hint_adapter:
             logger.warning(f"{resolved.model_id}: base_model_relation={base_model_relation!r} "
                            "but there is no adapter_config.json + adapter_model.*; analysing it "
                            "as a full model")
         return _with_weights(resolved, source_model)
+    except OSError as exc:      # unreadable folders (/proc, permissions), over-long names
+        raise _os_failure(exc, model_id) from None
+
+
+def _os_failure(exc: OSError, model_id) -> ESDFailure:
+    where = exc.filename or model_id
+    if exc.errno == errno.ENAMETOOLONG:
+        return ESDFailure("resolve", "invalid_id", f"{model_id!r}: a name in it is too long "
+                          f"for the file system ({len(str(where))} characters)")
+    if isinstance(exc, PermissionError):
+        return ESDFailure("load", "permission_denied", f"{model_id}: cannot read {where}: "
+                          "permission denied")
+    return ESDFailure("load", "unreadable", f"{model_id}: cannot read {where}: "
+                      f"{exc.strerror or exc}")
 
 
 def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
@@ -116,7 +146,8 @@ def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
 def _with_weights(resolved: ResolvedModel, source_model: str | None) -> ResolvedModel:
     """A full model: its weight files and config.json (refusing quantized checkpoints)."""
     resolved.source_model = source_model or None
-    resolved.weights_dir, files = find_weights(resolved.local_dir)
+    resolved.weights_dir, files = remote_weights(resolved.local_dir) or \
+        find_weights(resolved.local_dir)    # remote: weights streamed (--stream)
     resolved.weight_files = tuple(files)
     for candidate in (resolved.weights_dir / CONFIG_FILE, resolved.local_dir / CONFIG_FILE):
         if candidate.is_file():
@@ -136,9 +167,10 @@ def iter_layers(resolved: ResolvedModel, *,
 
 
 def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:
-    ckpt = FileCheckpoint(resolved.weight_files)
+    ckpt = open_weights(resolved.weight_files)
     try:
         modules, keys = plan_layers(resolved, ckpt)
+        plan_reads(ckpt, (keys[name] for name, _, _ in modules))
         done: set[str] = set()
         for name, kind, _ in modules:
             if keys[name] in done:

@@ -11,8 +11,9 @@ layers are prefetched and spread over devices (`esd/pipeline.py`), nor how GPUs 
 between processes (`gputracker/`).
 
 Public API: `ESD_COLUMNS`, `FIX_FINGERS_METHODS`, `normalize_fix_fingers`,
-`ESDSettings`, `layer_eigenvalues`, `fit_power_law`, `layer_metrics`, `matrix_esd_metrics`,
-`analyze_layers`, `net_esd_estimator` (the compatibility entry), `iter_model_layers`.
+`ESDSettings`, `layer_eigenvalues`, `fit_power_law`, `spectrum_metrics`, `layer_metrics`,
+`matrix_esd_metrics`, `analyze_layers`, `net_esd_estimator` (the compatibility entry),
+`iter_model_layers`.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ _KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
 _GRAM_CHUNK_ELEMENTS = 4 * 1024 * 1024
 # column blocks of the Gram product; only blocks on or below the diagonal are computed
 _GRAM_COLUMN_BLOCKS = 4
+_GRAM_MIN_BLOCKED_COLUMNS = 512
 
 
 def normalize_fix_fingers(method) -> str:
@@ -156,8 +158,9 @@ class NonFiniteWeightsError(ValueError):
 
 
 def _column_blocks(c: int) -> list[tuple[int, int]]:
-    """Column ranges splitting c columns into _GRAM_COLUMN_BLOCKS nearly equal blocks."""
-    k = min(_GRAM_COLUMN_BLOCKS, c)
+    """Column ranges splitting c columns into _GRAM_COLUMN_BLOCKS nearly equal blocks; one
+    block below _GRAM_MIN_BLOCKED_COLUMNS, where the saved flops cost more in calls."""
+    k = min(_GRAM_COLUMN_BLOCKS, c) if c >= _GRAM_MIN_BLOCKED_COLUMNS else 1
     edges = [round(i * c / k) for i in range(k + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -501,12 +504,20 @@ def layer_metrics(weight: torch.Tensor, layer_type: str, longname: str = "",
     weight = weight.detach()
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
-    shape_columns = _shape_columns(weight, layer_type)
     try:
         evals = layer_eigenvalues(weight, layer_type, settings.conv_norm, device,
                                   evals_thresh=settings.evals_thresh)
     except NonFiniteWeightsError:
+        shape_columns = _shape_columns(weight, layer_type)
         return _empty_row(longname, layer_type, shape_columns, "non_finite_weights"), np.empty(0)
+    return spectrum_metrics(evals, weight.shape, layer_type, settings, longname, device), evals
+
+
+def spectrum_metrics(evals: np.ndarray, shape, layer_type: str, settings: ESDSettings = ESDSettings(),
+                     longname: str = "", device="cpu") -> dict:
+    """The metrics row of a weight of `shape` whose ascending eigenvalues (σ², conv slices
+    scaled and pooled) are `evals`: the fit and the derived metrics, nothing else."""
+    shape_columns = _shape_columns(torch.empty(tuple(shape), device="meta"), layer_type)
     kept = _kept_eigenvalues(evals, settings.evals_thresh, settings.filter_zeros)
     if kept.size == 0:
         fit = PowerLawFit(status="no_eigenvalue_above_threshold")
@@ -521,7 +532,7 @@ def layer_metrics(weight: torch.Tensor, layer_type: str, longname: str = "",
     if settings.fix_fingers == "clip_xmax":
         row.update(num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha)
     row.update(_norm_columns(evals, kept, shape_columns["N"], fit.alpha))
-    return row, evals
+    return row
 
 
 def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = "", *,

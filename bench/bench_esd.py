@@ -1,30 +1,51 @@
-"""Benchmark: net_esd vs WeightWatcher 0.7.7 vs the float32 Gram floor, on a local Llama.
+"""Benchmark: the whole worker process vs WeightWatcher 0.7.7 vs the float32 arithmetic floor.
 
-    python bench/bench_esd.py [--work_dir bench/_work] [--num_layers 4] [--skip_ww]
+    python bench/bench_esd.py [--work_dir bench/_work] [--num_layers 4] [--dtype float32]
+                              [--repeats 3] [--skip_ww]
 
-Times, in one run and on the same weights (bench/llama_fixture.py, TinyLlama shapes):
- 1. WeightWatcher analyze(), including loading the model with transformers;
- 2. ours: model_loader streaming the checkpoint into net_esd_estimator, reading included;
- 3. the arithmetic floor: the smaller float32 Gram matrix (M×M, M = min dim) of every analysed
-    matrix. The smaller Gram costs N·M² flops against N²·M for the larger one and is the one
-    whose eigenvalues we need (the larger has the same nonzero eigenvalues plus zeros).
-Prints seconds, ratios and the largest relative alpha difference (fix_fingers DKS) on the
-layers both tools fit. No asserts: timings on a shared 2-core machine are noisy.
+On one local Llama checkpoint (bench/llama_fixture.py: TinyLlama shapes, hidden 2048,
+intermediate 5632, vocab 32000; 4 layers in float32 = the 1.2 GB anchor of issue 11), each
+repeat measures, interleaved so that the load of a shared machine hits all of them alike:
+ 1. floor: float32 Gram WᵀW (M×M, M = min dim) + float32 eigvalsh of every analysed matrix,
+    the matrices already in memory (no accuracy guarantee: the arithmetic floor);
+ 2. ours: `python esd_worker.py --fix_fingers DKS --device cpu` as a user runs it (process
+    start, imports, reading, computing, writing the CSV);
+ 3. WW: a process running WeightWatcher's analyze() (loading with transformers included);
+ 4. start-up: `esd_worker.py` on a 2-layer GPT-2 against `python -c "import torch"`.
+Then once: where ours spends its time (stage breakdown, in-process) and the largest relative
+difference of every metric both tools define alike, on the layers with ≥ 20 eigenvalues.
+Prints ranges over the repeats (min–max) and the goals. No asserts: timings on a shared
+machine are noisy; read the ratios, which are measured side by side.
 """
 
 import argparse
-import logging
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import net_esd  # noqa: E402
 from llama_fixture import DEFAULT_WORK_DIR, build_llama_checkpoint  # noqa: E402
+
+SAME_DEFINITION = ["alpha", "D", "xmin", "xmax", "sigma", "num_pl_spikes", "spectral_norm",
+                   "log_spectral_norm", "norm", "log_norm", "stable_rank", "alpha_weighted",
+                   "log_alpha_norm"]
+WW_SCRIPT = """
+import logging, sys, torch, weightwatcher
+from transformers import AutoModelForCausalLM
+logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+df = weightwatcher.WeightWatcher(model=model).analyze(
+    fix_fingers=None, min_evals=1, max_evals=10**6, max_N=10**6, plot=False)
+df.to_csv(sys.argv[2], index=False)
+"""
 
 
 def model_layers(model_dir: Path):
@@ -33,95 +54,137 @@ def model_layers(model_dir: Path):
     return iter_layers(resolve_model(str(model_dir)))
 
 
-def time_ours(model_dir: Path):
+def load_matrices(model_dir: Path) -> tuple[list, float]:
+    """(every analysed matrix in memory as (r, c) float32 with r ≥ c, seconds to read them)."""
     start = time.perf_counter()
-    df = net_esd.net_esd_estimator(model_layers(model_dir), fix_fingers="DKS")
-    return time.perf_counter() - start, df
-
-
-def time_weightwatcher(model_dir: Path):
-    import weightwatcher
-    from transformers import AutoModelForCausalLM
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    df = weightwatcher.WeightWatcher(model=model).analyze(
-        fix_fingers=None, min_evals=1, max_evals=10**6, max_N=10**6, plot=False)
-    return time.perf_counter() - start, df
-
-
-def time_gram_floor(model_dir: Path):
-    """(seconds of the bare float32 smaller-Gram products, seconds spent reading + converting)."""
-    gram_seconds, read_seconds = 0.0, 0.0
-    start = time.perf_counter()
+    mats = []
     for _, _, weight in model_layers(model_dir):
         w = weight.float()
-        if w.shape[0] < w.shape[1]:
-            w = w.T
-        read_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-        w.T @ w  # (M, M)
-        gram_seconds += time.perf_counter() - start
-        start = time.perf_counter()
-    return gram_seconds, read_seconds
+        mats.append(w.T.contiguous() if w.shape[0] < w.shape[1] else w)
+    return mats, time.perf_counter() - start
 
 
-def time_eigensolver_floor(model_dir: Path):
-    """Seconds of float32 Gram + float32 eigvalsh (no accuracy guarantee): what a float32-only
-    pipeline would cost."""
-    total = 0.0
-    for _, _, weight in model_layers(model_dir):
-        w = weight.float()
-        w = w.T if w.shape[0] < w.shape[1] else w
+def time_floor(mats: list) -> tuple[float, float]:
+    """(seconds of the float32 Gram products, seconds of float32 eigvalsh) over all matrices."""
+    gram_s = eig_s = 0.0
+    for w in mats:
         start = time.perf_counter()
-        torch.linalg.eigvalsh(w.T @ w)
-        total += time.perf_counter() - start
-    return total
-
-
-def time_float64_stages(model_dir: Path):
-    """(seconds of our float64 lower-triangle Gram, seconds of float64 eigvalsh): where the
-    time of ours goes, apart from reading and the fit."""
-    gram_s, eig_s = 0.0, 0.0
-    cpu = torch.device("cpu")
-    for _, _, weight in model_layers(model_dir):
-        start = time.perf_counter()
-        gram = net_esd._gram_matrices(weight.unsqueeze(0), torch.float64, cpu)
-        gram_s += time.perf_counter() - start
-        start = time.perf_counter()
-        torch.linalg.eigvalsh(gram, UPLO="L")
-        eig_s += time.perf_counter() - start
+        gram = w.T @ w  # (M, M)
+        mid = time.perf_counter()
+        torch.linalg.eigvalsh(gram)
+        gram_s += mid - start
+        eig_s += time.perf_counter() - mid
     return gram_s, eig_s
 
 
+def run_process(argv: list, **kwargs) -> float:
+    """Wall seconds of a subprocess that must succeed."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def worker_argv(model_dir: Path, out_dir: Path, *extra) -> list:
+    return [sys.executable, str(ROOT / "esd_worker.py"), f"--model_id={model_dir}", "--output_dir",
+            str(out_dir), "--device", "cpu", "--overwrite", *extra]
+
+
+def stage_breakdown(mats: list, read_s: float) -> dict:
+    """Seconds per stage of ours, in-process, on the matrices in memory."""
+    cpu = torch.device("cpu")
+    stages = {"read + convert (loader)": read_s, "float64 Gram (lower half)": 0.0,
+              "float64 eigvalsh": 0.0, "fit + derived metrics": 0.0}
+    for w in mats:
+        start = time.perf_counter()
+        gram = net_esd._gram_matrices(w.unsqueeze(0), torch.float64, cpu)
+        mid = time.perf_counter()
+        evals = torch.linalg.eigvalsh(gram, UPLO="L")[0].numpy()
+        end = time.perf_counter()
+        kept = evals[evals > 1e-5]
+        net_esd.fit_power_law(kept, "DKS")
+        net_esd._norm_columns(evals, kept, w.shape[0], 2.0)
+        stages["float64 Gram (lower half)"] += mid - start
+        stages["float64 eigvalsh"] += end - mid
+        stages["fit + derived metrics"] += time.perf_counter() - end
+    return stages
+
+
+def metric_differences(ours_csv: Path, ww_csv: Path) -> dict:
+    """column -> largest relative difference on the layers both analyse with ≥ 20 eigenvalues."""
+    import pandas as pd
+    ours = pd.read_csv(ours_csv).set_index("longname")
+    ww = pd.read_csv(ww_csv).set_index("longname")
+    layers = [n for n in ours.index.intersection(ww.index) if ours.loc[n, "num_evals"] >= 20]
+    out = {"layers compared": len(layers)}
+    for column in SAME_DEFINITION:
+        a = ours.loc[layers, column].astype(float).to_numpy()
+        b = ww.loc[layers, column].astype(float).to_numpy()
+        out[column] = float(np.max(np.abs(a - b) / np.abs(b)))
+    return out
+
+
+def span(values: list) -> str:
+    return f"{min(values):7.2f} – {max(values):7.2f}"
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--work_dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--num_layers", type=int, default=4)
-    parser.add_argument("--skip_ww", action="store_true", help="skip the (slow) WeightWatcher run")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_ww", action="store_true", help="skip the (slow) WeightWatcher runs")
     args = parser.parse_args()
 
-    model_dir = build_llama_checkpoint(args.work_dir / f"llama_{args.num_layers}l", num_layers=args.num_layers)
-    print(f"checkpoint {model_dir}  torch threads {torch.get_num_threads()}")
-    torch.linalg.eigvalsh(torch.eye(8, dtype=torch.float64))  # load LAPACK before timing
+    model_dir = build_llama_checkpoint(args.work_dir / f"llama_{args.num_layers}l_{args.dtype}",
+                                       num_layers=args.num_layers, dtype=getattr(torch, args.dtype))
+    gpt2_dir = args.work_dir / "gpt2_2l"
+    if not (gpt2_dir / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import save_gpt2
+        save_gpt2(gpt2_dir)
+    size_gb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 1e9
+    print(f"checkpoint {model_dir} ({size_gb:.2f} GB {args.dtype})  torch threads {torch.get_num_threads()}")
+    torch.linalg.eigvalsh(torch.eye(8))  # load LAPACK before timing
+    mats, read_s = load_matrices(model_dir)
 
-    gram_s, read_s = time_gram_floor(model_dir)
-    eig32_s = time_eigensolver_floor(model_dir)
-    gram64_s, eig64_s = time_float64_stages(model_dir)
-    ours_s, ours = time_ours(model_dir)
-    print(f"layers analysed: {len(ours)}  fit_status: {ours['fit_status'].value_counts().to_dict()}")
-    print(f"floor  float32 smaller Gram W^T W : {gram_s:8.2f} s   (reading+bf16->f32 {read_s:.2f} s)")
-    print(f"       float32 Gram + eigvalsh    : {eig32_s:8.2f} s   (no accuracy guarantee)")
-    print(f"stages float64 Gram (lower half)  : {gram64_s:8.2f} s   float64 eigvalsh {eig64_s:.2f} s")
-    print(f"ours   net_esd, reading included  : {ours_s:8.2f} s   ours/floor = {ours_s / gram_s:.2f}")
-    if args.skip_ww:
-        return
-    ww_s, ww = time_weightwatcher(model_dir)
-    print(f"WW     analyze, loading included  : {ww_s:8.2f} s   WW/ours = {ww_s / ours_s:.2f}")
-    both = ours.set_index("longname").join(ww.set_index("longname")[["alpha"]], rsuffix="_ww", how="inner")
-    both = both[both["num_evals"] >= 20]
-    rel = np.abs(both["alpha"] - both["alpha_ww"]) / np.abs(both["alpha_ww"])
-    print(f"alpha (DKS) on {len(both)} common layers: max relative difference {rel.max():.2e}")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_esd_"))
+    runs = {"floor": [], "floor Gram": [], "floor eigvalsh": [], "ours": [], "WW": [],
+            "import torch": [], "worker GPT-2": []}
+    for repeat in range(args.repeats):
+        gram_s, eig_s = time_floor(mats)
+        runs["floor Gram"].append(gram_s)
+        runs["floor eigvalsh"].append(eig_s)
+        runs["floor"].append(gram_s + eig_s)
+        runs["ours"].append(run_process(worker_argv(model_dir, tmp / "ours", "--fix_fingers", "DKS")))
+        if not args.skip_ww:
+            runs["WW"].append(run_process([sys.executable, "-c", WW_SCRIPT, str(model_dir), str(tmp / "ww.csv")]))
+        runs["import torch"].append(run_process([sys.executable, "-c", "import torch"]))
+        runs["worker GPT-2"].append(run_process(worker_argv(gpt2_dir, tmp / "gpt2")))
+        print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in runs.items() if v), flush=True)
+
+    print(f"\n{len(mats)} matrices, {args.repeats} repeats (min – max seconds)")
+    for name, values in runs.items():
+        if values:
+            print(f"  {name:16s} {span(values)}")
+    ratio = lambda a, b: [x / y for x, y in zip(runs[a], runs[b])]  # noqa: E731 - same repeat
+    print("\ngoals (ratios within each repeat)")
+    print(f"  ours / floor          {span(ratio('ours', 'floor'))}   goal <= 1.3")
+    if runs["WW"]:
+        print(f"  WW / ours             {span(ratio('WW', 'ours'))}   goal >= 5")
+    print(f"  start-up GPT-2/torch  {span(ratio('worker GPT-2', 'import torch'))}   goal <= 1.5")
+
+    print("\nstage breakdown of ours (in-process, seconds)")
+    for stage, seconds in stage_breakdown(mats, read_s).items():
+        print(f"  {stage:28s} {seconds:7.2f}")
+    if runs["WW"]:
+        ours_csv = next((tmp / "ours").glob("*.csv"))
+        print("\nlargest relative difference, ours vs WeightWatcher (DKS)")
+        for column, value in metric_differences(ours_csv, tmp / "ww.csv").items():
+            print(f"  {column:18s} {value:.2e}" if isinstance(value, float) else f"  {column:18s} {value}")
 
 
 if __name__ == "__main__":

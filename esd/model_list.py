@@ -294,7 +294,7 @@ def _entries(reader: csv.DictReader, path: Path, warn, base_dir: Path) -> list[M
             text, _clean(row.get("source_model")), _clean(row.get("revision"))))) if u), None)
         if unsafe:
             warn(f"model list {path}, row {line_number}: control characters ({unsafe}) in "
-                 f"{text.encode('unicode_escape').decode('ascii')!r}; row skipped")
+                 f"'{text.encode('unicode_escape').decode('ascii')}'; row skipped")
             continue
         try:
             entry = make_entry(text, _clean(row.get("revision")), _clean(row.get("source_model")),

@@ -111,6 +111,10 @@ class LocalBackend(Backend):
             self._cancelled.add(key)
             dispatcher.cancel(key)
 
+    def waiting_reasons(self) -> list[str]:
+        dispatcher = self._dispatcher
+        return dispatcher.waiting_reasons() if dispatcher is not None else []
+
     def write_metrics(self, path: Path) -> None:
         if self._ran_any:
             from gputracker.metrics import write_json_atomic

@@ -18,14 +18,17 @@ or approximate a merge peft would do differently.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import FileCheckpoint, TensorSource, read_json
+from esd.loading.hub import open_weights, plan_reads
 from esd.loading.layers import (KeyMatcher, build_model, load_config, module_layer_type,
                                 plan_layers, rule_layer_type)
 from esd.loading.log import logger
@@ -38,26 +41,15 @@ from esd.model_list import parse_model_id
 def resolve_adapter(resolved: ResolvedModel, source_model: str | None,
                     resolve_base: Callable[[str, str | None], ResolvedModel]) -> ResolvedModel:
     """Mark `resolved` (a directory with adapter files) as an adapter and resolve its base
-    with `resolve_base(base_id, revision)`."""
+    with `resolve_base(base_id, revision)`, which must not resolve adapters in turn: a base
+    that is an adapter (itself, a stack, a cycle A→B→A) is `adapter_unsupported`."""
     adapter_config = read_json(resolved.local_dir / ADAPTER_CONFIG_FILE, stage="resolve")
     resolved.is_adapter = True
     resolved.adapter_config = adapter_config
     resolved.weight_files = tuple(resolved.local_dir / n for n in ADAPTER_WEIGHT_FILES
                                   if (resolved.local_dir / n).is_file())[:1]
     resolved.weights_dir = resolved.local_dir
-    config_base = adapter_config.get("base_model_name_or_path") or None
-    if source_model:
-        base_id, base_revision = source_model, None
-        if config_base and parse_model_id(source_model)[0] != config_base:
-            logger.warning(f"{resolved.model_id}: source_model {source_model!r} differs from the "
-                           f"adapter's base_model_name_or_path {config_base!r}; using "
-                           f"{source_model!r}")
-    elif config_base:
-        base_id, base_revision = config_base, adapter_config.get("revision") or None
-    else:
-        raise ESDFailure("resolve", "adapter_base_unresolved",
-                         f"{resolved.model_id}: adapter without a base: no source_model given and "
-                         "no base_model_name_or_path in adapter_config.json")
+    base_id, base_revision = _base_id(resolved, source_model)
     try:
         base = resolve_base(base_id, base_revision)
     except ESDFailure as failure:
@@ -67,14 +59,40 @@ def resolve_adapter(resolved: ResolvedModel, source_model: str | None,
         raise ESDFailure("resolve", "adapter_base_unresolved",
                          f"{resolved.model_id}: base model {base_id!r} cannot be resolved: "
                          f"{failure.reason}: {failure.message}") from None
+    if base.local_dir.resolve() == resolved.local_dir.resolve():
+        raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
+                         f"{base_id!r} is the adapter itself")
     if base.is_adapter:
         raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
-                         f"{base_id!r} is itself an adapter (stacked adapters are not merged)")
+                         f"{base_id!r} is an adapter too (stacked adapters are not merged)")
     resolved.base = base
     resolved.source_model = base.model_id if base.revision in (None, "main") \
         else f"{base.model_id}@{base.revision}"
     return resolved
 
+
+def _base_id(resolved: ResolvedModel, source_model: str | None) -> tuple[str, str | None]:
+    """(base id, revision): the `source_model` argument, else adapter_config.json's
+    `base_model_name_or_path` (a relative path taken against the adapter's directory)."""
+    config = resolved.adapter_config or {}
+    config_base = config.get("base_model_name_or_path") or None
+    if config_base is not None and not isinstance(config_base, str):
+        raise ESDFailure("resolve", "corrupt_file", f"{resolved.model_id}: "
+                         f"{ADAPTER_CONFIG_FILE}: base_model_name_or_path is not text")
+    if source_model:
+        if config_base and parse_model_id(source_model)[0] != config_base:
+            logger.warning(f"{resolved.model_id}: source_model {source_model!r} differs from the "
+                           f"adapter's base_model_name_or_path {config_base!r}; using "
+                           f"{source_model!r}")
+        return source_model, None
+    if not config_base:
+        raise ESDFailure("resolve", "adapter_base_unresolved",
+                         f"{resolved.model_id}: adapter without a base: no source_model given and "
+                         "no base_model_name_or_path in adapter_config.json")
+    beside = Path(config_base).expanduser()
+    if not beside.is_absolute() and (resolved.local_dir / beside).is_dir():
+        config_base = os.path.normpath(resolved.local_dir / beside)
+    return config_base, config.get("revision") or None
 
 
 # --------------------------------------------------------------------------- planning
@@ -274,8 +292,9 @@ def iter_adapter_layers(resolved: ResolvedModel):
             yield from _merge_with_peft(resolved)
             return
         base = resolved.base
-        base_ckpt = FileCheckpoint(base.weight_files)
+        base_ckpt = open_weights(base.weight_files)     # streamed with --stream
         modules, keys = plan_layers(base, base_ckpt)
+        plan_reads(base_ckpt, (keys[name] for name, _, _ in modules))
         updates, replacements, overrides = _plan_adapter(resolved, adapter, modules, keys,
                                                          base_ckpt)
         done: set[str] = set()
@@ -345,7 +364,7 @@ def _filled_base_model(resolved: ResolvedModel) -> torch.nn.Module:
     except Exception as exc:  # noqa: BLE001
         raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: cannot build base "
                          f"{base.model_id} for peft's merge: {str(exc)[:300]}") from None
-    with FileCheckpoint(base.weight_files) as ckpt:
+    with open_weights(base.weight_files) as ckpt:
         sources = _base_sources(resolved, model, ckpt)
         with torch.no_grad():
             for target, key in sources:
