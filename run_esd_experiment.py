@@ -564,9 +564,6 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
-    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
-    if disk_full:
-        log.warning(disk_full)
     if page is not None:
         log.info("report:   %s  (open it in a browser: %s)", page, page.resolve().as_uri())
     if summary is not None:
