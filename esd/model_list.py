@@ -30,10 +30,12 @@ ADAPTER_RELATIONS = frozenset({"adapter", "lora", "peft", "qlora"})
 
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._@+=-]")
 _MAX_NAME_CHARS = 180
-# Names of the files the run itself writes beside the result CSVs (`<stem>.csv` and the
-# others): a model whose readable name is one of these gets a hash instead.
-RESERVED_STEMS = frozenset({"summary", "runs", "failed_models", "failures", "gpu_metrics",
+# Names of the files the run and the analysis write beside the result CSVs (`summary.csv`,
+# `summary_filtered.csv`, `over_steps_layers.csv`, ...): a model whose readable name is one
+# of these, or starts with a reserved prefix, gets a hash instead.
+RESERVED_STEMS = frozenset({"runs", "failed_models", "failures", "gpu_metrics",
                             "esd_settings", "report", "models", "model_list"})
+RESERVED_PREFIXES = ("summary", "over_steps")
 
 
 class ModelListError(ValueError):
@@ -81,6 +83,8 @@ class ModelEntry:
         absolute spelling, symlinks), a hub id by id and revision."""
         if self.local_dir is not None:
             return ("local", self.local_dir)
+        if _looks_like_path(self.model_id):  # not here (yet): by its normalised spelling
+            return ("local", os.path.abspath(os.path.expanduser(self.model_id)))
         return ("hub", self.model_id, self.revision)
 
     @property
@@ -151,7 +155,7 @@ def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = 
     characters outside `[A-Za-z0-9._@+=-]`, a component holding `--` or `@` or
     starting/ending with `-` (`/x/a--b` vs `/x/a/b`), a local directory named
     like a hub id's file (`org--name`, or absolute `/org/name`), a name over 180 characters,
-    and names of the run's own files (`summary`, `runs`, ...). Plain hub ids never collide
+    and names of the run's own files (`summary*`, `over_steps*`, `runs`, ...). Plain hub ids never collide
     (the hub forbids `--` in ids), so they keep the readable form.
     """
     original = f"{model_id}@{revision}" if revision else model_id
@@ -165,6 +169,7 @@ def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = 
     ambiguous = (cleaned != name or len(cleaned) > _MAX_NAME_CHARS
                  or any("--" in p or p.startswith("-") or p.endswith("-") for p in parts)
                  or cleaned.split("@")[0].lower() in RESERVED_STEMS
+                 or cleaned.lower().startswith(RESERVED_PREFIXES)
                  or (local and ("@" in path or len(parts) == 1 and "--" in name
                                 or model_id.strip().startswith("/") and len(parts) == 2)))
     if ambiguous:

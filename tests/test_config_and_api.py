@@ -205,7 +205,8 @@ def test_both_spellings_of_a_local_directory_are_one_model(tmp_path, monkeypatch
     assert sum("duplicate of row 2" in w for w in warnings) == 2
 
 
-@pytest.mark.parametrize("name", ["summary", "runs", "failed_models", "gpu_metrics", "esd_settings", "Summary"])
+@pytest.mark.parametrize("name", ["summary", "runs", "failed_models", "gpu_metrics", "esd_settings", "Summary",
+                                  "summary_filtered", "over_steps_layers"])
 def test_no_model_is_named_like_a_file_the_run_owns(tmp_path, name):
     (tmp_path / name).mkdir()
     entry = model_list.make_entry(str(tmp_path / name))
