@@ -192,11 +192,15 @@ def _trainer_state_step(directory: Path) -> int | None:
 
 def deduplicate(entries, extra, keep_duplicates: bool, origin: str):
     """Keep the first row of each (model_id, revision); empty fields are filled from later
-    duplicates. With keep_duplicates the rows are left as they are, with a warning."""
+    duplicates, and one line says how many rows were dropped. With keep_duplicates the rows
+    are left as they are, with one warning line for all of them."""
     first: dict[tuple, int] = {}
     kept, kept_extra = [], {name: [] for name in extra}
+    repeats = []
     for i, entry in enumerate(entries):
         identity = (entry.model_id, entry.revision)
+        if identity in first:
+            repeats.append(entry.key)
         if identity in first and not keep_duplicates:
             j = first[identity]
             kept[j] = replace(kept[j],
@@ -204,14 +208,17 @@ def deduplicate(entries, extra, keep_duplicates: bool, origin: str):
                               base_model_relation=kept[j].base_model_relation
                               or entry.base_model_relation)
             continue
-        if identity in first:
-            _warn(f"{origin}: {entry.key} appears more than once (kept; the experiment "
-                  f"analyses it once; pass --deduplicate to drop repeats)")
-        else:
+        if identity not in first:
             first[identity] = len(kept)
         kept.append(entry)
         for name, values in extra.items():
             kept_extra[name].append(values[i])
+    if repeats and keep_duplicates:
+        _warn(f"{origin}: {len(repeats)} repeated row(s), first: {repeats[0]} (kept; the "
+              f"experiment analyses each id once; pass --deduplicate to drop repeats)")
+    elif repeats:
+        print(f"{origin}: dropped {len(repeats)} duplicate row(s) (first: {repeats[0]}); "
+              f"{len(kept)} models left", file=sys.stderr)
     return kept, kept_extra
 
 

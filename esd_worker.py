@@ -8,7 +8,8 @@ run the estimator, write `<output_dir>/<safe_id>.csv` atomically.
 Owns: the flags of the ESD settings (derived from `net_esd.ESDSettings`, shared with the
 orchestrator), the per-model CSV and eigenvalue files, turning any failure into a typed
 record in `failed_models.txt` / `failures.jsonl`. Exit status: 0 done, 1 failed (final),
-75 failed (a retry can help). The loader and whatever it needs (transformers, peft) are
+75 failed (a retry can help), 74 the disk is full and not even the failure could be recorded
+(the orchestrator records it as `disk_full`). The loader and whatever it needs (transformers, peft) are
 imported inside functions, only when a model needs them.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ from filelock import FileLock, Timeout
 from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd.disk_budget import gigabytes
 from esd.failures import ESDFailure, clear_failure, failure_recorded_since, record_failure
+from esd.loading.hub import hub_session
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args, unsafe_characters)
 from net_esd import ESDSettings  # noqa: F401 - re-exported: the settings' home is net_esd
@@ -78,16 +81,20 @@ class WorkerConfig:
     save_eigs: bool = False
     trust_remote_code: bool = False
     log_path: Path | None = None   # Slurm manifest task: send our output there
+    disk_budget: float | None = None   # GB: delete what this run downloads when done (esd/disk_budget.py)
+    stream: bool = False           # hub safetensors weights read by HTTP ranges, never written to disk
 
 
 def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
-                overwrite=False, save_eigs=False, trust_remote_code=False) -> list[str]:
+                overwrite=False, save_eigs=False, trust_remote_code=False,
+                disk_budget: float | None = None, stream: bool = False) -> list[str]:
     """The worker's arguments for one model (after the script path); no shell involved.
     The model's part is `model_list.entry_argv` (read back by `entry_from_args`)."""
     argv = entry_argv(entry) + ["--output_dir", str(output_dir)]
     argv += esd_argv(esd) + ["--device", device]
     argv += ["--overwrite"] * overwrite + ["--save_eigs"] * save_eigs
     argv += ["--trust_remote_code"] * trust_remote_code
+    argv += ["--disk_budget", repr(disk_budget)] * (disk_budget is not None) + ["--stream"] * stream
     return argv
 
 
@@ -101,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "overwrite", action="store_true", help="recompute even if the CSV exists")
     add_flag(parser, "save_eigs", action="store_true", help="also keep eigenvalues in eigs/<safe_id>.npz")
     add_flag(parser, "trust_remote_code", action="store_true", help="allow the model's own code (off by default)")
+    add_flag(parser, "disk_budget", type=gigabytes, metavar="GB",
+             help="delete what this run downloads once it is analysed; refuse a model larger than GB")
+    add_flag(parser, "stream", action="store_true",
+             help="read hub safetensors weights by HTTP ranges (nothing of them written to disk)")
     add_flag(parser, "manifest", help="run task --task_index of a Slurm manifest instead")
     add_flag(parser, "task_index", type=int, help="index into --manifest (Slurm: $SLURM_ARRAY_TASK_ID)")
     return parser
@@ -185,7 +196,7 @@ def parse_config(argv: list[str]) -> WorkerConfig:
     except ValueError as exc:
         parser.error(str(exc))
     return WorkerConfig(entry, Path(args.output_dir), esd, args.device, args.overwrite,
-                        args.save_eigs, args.trust_remote_code, log_path)
+                        args.save_eigs, args.trust_remote_code, log_path, args.disk_budget, args.stream)
 
 
 def pick_device(requested: str):
@@ -313,10 +324,11 @@ def run_worker(config: WorkerConfig) -> int:
         started = time.time()
         try:
             eigs = {} if config.save_eigs else None
-            frame = compute_model_metrics(entry, config.esd, device=config.device,
-                                          trust_remote_code=config.trust_remote_code, eigs_out=eigs,
-                                          progress=_print_layer_done)
-            save_results(config, frame, eigs)
+            with hub_session(config.output_dir, entry.key, config.disk_budget, config.stream):
+                frame = compute_model_metrics(entry, config.esd, device=config.device,
+                                              trust_remote_code=config.trust_remote_code, eigs_out=eigs,
+                                              progress=_print_layer_done)
+                save_results(config, frame, eigs)
         except ESDFailure as failure:
             record = record_failure(config.output_dir, entry.key, failure)
             print(f"{entry.key}: FAILED {failure} (retryable: {record.retryable})", flush=True)

@@ -31,8 +31,10 @@ from filelock import FileLock
 from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd.progress import PlainCpuNotice, RunProgress
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import Backend, BackendError, Task
+from esd.disk_budget import gigabytes
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
 from esd.model_list import ModelEntry, ModelListError, read_model_list
@@ -72,8 +74,11 @@ class ExperimentConfig:
     retry_backoff: float = 10.0              # seconds before the first retry, doubling
     timeout: float | None = None             # seconds per model
     stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
+    status_interval: float = 60.0            # seconds between status lines when not on a terminal
     save_eigs: bool = False
     trust_remote_code: bool = False
+    disk_budget: float | None = None         # GB (esd/budget_supervisor.py)
+    stream: bool = False                     # hub safetensors weights by HTTP ranges
     backend: str = "local"
     slurm_partition: str | None = None
     slurm_time: str | None = None
@@ -92,6 +97,8 @@ class ExperimentConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {value}")
         if not 0 < self.poll_interval < math.inf:
             raise ConfigError(f"--poll_interval must be a number of seconds > 0, got {self.poll_interval}")
+        if not 0 < self.status_interval < math.inf:
+            raise ConfigError(f"--status_interval must be a number of seconds > 0, got {self.status_interval}")
         non_negative = {"gpu_memory_threshold": self.gpu_memory_threshold, "max_retries": self.max_retries,
                         "retry_backoff": self.retry_backoff}
         for name, value in non_negative.items():
@@ -164,8 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "stall_timeout", type=_optional_number(float), default=1800.0,
              help="a worker whose log shows no progress for this many seconds is stopped as "
                   "'stalled' (%(default)s; 0 or none: never)")
+    add_flag(p, "status_interval", type=float, default=60.0,
+             help="not on a terminal (nohup): seconds between status lines in the log (%(default)s)")
     add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
     add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
+    add_flag(p, "disk_budget", type=gigabytes, metavar="GB", default=None,
+             help="bounded disk: delete what the run downloads once analysed, start a model only "
+                  "when its download fits beside the running ones (off: the cache keeps everything)")
+    add_bool_flag(p, "stream", False, "read hub safetensors weights by HTTP ranges while analysing; "
+                  "nothing of them is written to disk")
     add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
     add_flag(p, "slurm_partition", help="sbatch --partition")
     add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
@@ -390,40 +404,11 @@ def setup_logging(output_dir: Path) -> Path:
     quiet_console = _ConsoleHandler(sys.stdout)
     quiet_console.setLevel(logging.WARNING)
     quiet_console.setFormatter(console.formatter)
+    quiet_console.addFilter(PlainCpuNotice())  # "no GPU can be used (…): running on CPU", once
     dispatch_log.addHandler(file_handler)
     dispatch_log.addHandler(quiet_console)
     safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks
     return log_path
-
-
-class Progress:
-    """tqdm on a terminal; plain log lines (every 10% or minute) under nohup."""
-
-    def __init__(self, total: int):
-        self.total, self.finished, self.failed = total, 0, 0
-        self.started = self.last_line = time.monotonic()
-        self.bar = None
-        if total and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="model", desc="models")
-
-    def update(self, ok: bool) -> None:
-        self.finished += 1
-        self.failed += not ok
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(failed=self.failed)
-            return
-        now = time.monotonic()
-        step = max(1, self.total // 10)
-        if self.finished == self.total or self.finished % step == 0 or now - self.last_line > 60:
-            self.last_line = now
-            log.info("progress: %d/%d models finished (%d failed), %.0fs elapsed",
-                     self.finished, self.total, self.failed, now - self.started)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---------------------------------------------------------------- tasks and backends
@@ -435,7 +420,8 @@ def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
     return [Task(key=entry.key,
                  argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
                                         save_eigs=config.save_eigs,
-                                        trust_remote_code=config.trust_remote_code)),
+                                        trust_remote_code=config.trust_remote_code,
+                                        disk_budget=config.disk_budget, stream=config.stream)),
                  result_path=entry.paths(output_dir).result_csv,
                  log_path=entry.paths(output_dir).worker_log,
                  env=env)
@@ -465,15 +451,26 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
     backend = make_backend(config)
     policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
                     timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
-    progress = Progress(len(plan.pending)) if backend.waits else None
+    progress = (RunProgress(len(plan.pending), done_before=len(plan.done), log=log,
+                            status_every_s=config.status_interval) if backend.waits else None)
     try:
-        return Supervisor(backend, config.output_dir, policy, progress).run(plan_tasks(plan, config))
+        if config.disk_budget is not None and backend.waits:
+            from esd.budget_supervisor import BudgetedSupervisor
+            supervisor = BudgetedSupervisor(backend, config.output_dir, policy, progress,
+                                            budget_gb=config.disk_budget, entries=plan.pending,
+                                            stream=config.stream,
+                                            trust_remote_code=config.trust_remote_code)
+        else:
+            supervisor = Supervisor(backend, config.output_dir, policy, progress)
+        if progress is not None:  # the bar ticks, names running models and why others wait
+            progress.follow(running=supervisor.running_tasks, waiting=backend.waiting_reasons)
+        return supervisor.run(plan_tasks(plan, config))
     except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
         raise ConfigError(f"{config.backend}: {exc}") from exc
     finally:
         if progress is not None:
             progress.close()
-        backend.write_metrics(config.output_dir / "gpu_metrics.json")
+        diskfull.tolerate(backend.write_metrics, config.output_dir / "gpu_metrics.json")
 
 
 # ---------------------------------------------------------------- records of the run
@@ -543,12 +540,22 @@ def write_summary(config: ExperimentConfig) -> Path | None:
         return None
 
 
-def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig) -> None:
+def write_demo_report(config: ExperimentConfig) -> Path | None:
+    from analyze_results import write_report
+    try:
+        return write_report(config.output_dir)
+    except Exception as exc:  # noqa: BLE001 - the results are safe; say why there is no report
+        log.warning("could not write report.html: %s", exc)
+        return None
+
+
+def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, config: ExperimentConfig,
+           page: Path | None = None) -> None:
     log.info("")
     if outcome.interrupted:
         log.info("interrupted: run the same command again to resume")
-    log.info("finished in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
-             "%d beyond --limit", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
+    log.info("%s in %.1fs: %d done now, %d already done, %d failed, %d skipped (failed before), "
+             "%d beyond --limit", "interrupted" if outcome.interrupted else "finished", elapsed, len(outcome.succeeded), len(plan.done), len(outcome.failed),
              len(plan.skipped_failed), len(plan.beyond_limit))
     by_reason: dict[str, int] = {}
     for reason in outcome.failed.values():
@@ -557,12 +564,14 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
-    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
-    if disk_full:
-        log.warning(disk_full)
+    if page is not None:
+        log.info("report:   %s  (open it in a browser: %s)", page, page.resolve().as_uri())
     if summary is not None:
         log.info("summary:  %s", summary)
         log.info("next:     python analyze_results.py --results_dir %s --verbose", config.output_dir)
+    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
+    if disk_full:  # the last line: what to free
+        log.warning(disk_full)
 
 
 # ---------------------------------------------------------------- main
@@ -583,7 +592,9 @@ def prepare_demo() -> None:
 def read_entries(config: ExperimentConfig) -> tuple[list[ModelEntry], list[str]]:
     """The model list's entries and its warnings, read before anything is written."""
     warnings: list[str] = []
-    entries = read_model_list(config.model_list, warn=warnings.append)
+    # the demo list names its adapter relative to the project (works from any directory)
+    entries = read_model_list(config.model_list, warn=warnings.append,
+                              base_dir=PROJECT_DIR if config.is_demo else None)
     if not entries:
         raise ModelListError(f"model list {config.model_list} has no models (no row with a model id)")
     return entries, warnings
@@ -602,7 +613,7 @@ def run(config: ExperimentConfig) -> int:
     entries, list_warnings = read_entries(config)
     make_output_dir(config.output_dir)
     setup_logging(config.output_dir)
-    for warning in list_warnings:
+    for warning in safe_output.summarised(list_warnings):  # 212 duplicates: a few lines, not 212
         log.warning(warning)
     check_esd_settings(config)
     remove_stale_temp_files(config.output_dir)  # left by writers killed mid-write
@@ -623,14 +634,17 @@ def run(config: ExperimentConfig) -> int:
     except ConfigError:  # e.g. sbatch missing or rejecting the job: said by main, recorded here
         status = "error"
         raise
-    finally:
-        compact_failures(config.output_dir)
-        record_run(config, run_id, started, plan, outcome, status)
-    summary = write_summary(config) if status == "completed" else None
-    report(plan, outcome, time.time() - started, summary, config)
+    finally:  # a full disk here is said by the report's last line, not a traceback
+        diskfull.tolerate(compact_failures, config.output_dir)
+        diskfull.tolerate(record_run, config, run_id, started, plan, outcome, status)
+    # interrupted too: the summary of what is done (the rerun completes it)
+    summary = write_summary(config) if status in ("completed", "interrupted") else None
+    # the demo ends with what it found, in a browser
+    page = write_demo_report(config) if summary is not None and config.is_demo else None
+    report(plan, outcome, time.time() - started, summary, config, page)
     if status == "interrupted":
         return EXIT_INTERRUPTED
-    return 0 if status in ("completed", "submitted") and not outcome.failed else 1
+    return 0 if status in ("completed", "submitted") and not outcome.failed and not diskfull.seen() else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if not diskfull.is_disk_full(exc):
             raise
-        print(f"error: {diskfull.run_message(None, exc.filename)}", file=sys.stderr)
+        print(f"error: {diskfull.run_message(None, exc.filename or next(iter(diskfull.seen()), None))}",
+              file=sys.stderr)
         return 1
 
 

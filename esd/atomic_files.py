@@ -36,6 +36,10 @@ def atomic_path(path, suffix: str = ""):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one we meant
+            exc.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

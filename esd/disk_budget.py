@@ -15,8 +15,8 @@ still needs (a planned adapter's base included) or that a worker is reading.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -52,13 +52,15 @@ def cached_files(cache: Path, repo_id: str, commit: str) -> set[str]:
             if p.is_file() or p.is_symlink() and p.exists()}
 
 
-def disk_full_failure(exc: OSError, stage: str, what: str) -> ESDFailure | None:
-    """ENOSPC (or EDQUOT) as the typed, retryable `disk_full`; None for other errors."""
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return ESDFailure(stage, "disk_full", f"{what}: no space left on device "
-                          f"({exc.filename or ''}); free space or lower --disk_budget, then "
-                          "rerun (earlier results are intact)", retryable=True)
-    return None
+def gigabytes(text) -> float:
+    """`--disk_budget GB`: a number of gigabytes (10^9 bytes) > 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {text!r}")
+    return value
 
 
 @dataclass
@@ -250,19 +252,28 @@ class DownloadLedger:
 
 @dataclass
 class BudgetGate:
-    """The orchestrator's rule: start a model only if its download fits in what the budget
-    leaves beside the models running; one larger than the whole budget never starts."""
+    """The orchestrator's rule: start a model only if what it downloads fits in what the
+    budget leaves beside what is on disk for the models running (and the bases kept for
+    adapters still to come). Sizes are by `repo@commit`, so a base shared by two running
+    adapters counts once. With nothing running, a model that fits the budget alone starts."""
     budget_bytes: int
-    reserved: dict[str, int] = field(default_factory=dict)   # model key -> bytes
+    reserved: dict[str, dict[str, int]] = field(default_factory=dict)   # model key -> parts
 
-    def too_large(self, size: int) -> bool:
-        return size > self.budget_bytes
+    def used(self, kept: dict[str, int] | None = None) -> dict[str, int]:
+        parts = dict(kept or {})
+        for model_parts in self.reserved.values():
+            parts.update(model_parts)
+        return parts
 
-    def fits(self, size: int) -> bool:
-        return not self.reserved or sum(self.reserved.values()) + size <= self.budget_bytes
+    def fits(self, parts: dict[str, int], kept: dict[str, int] | None = None) -> bool:
+        if not self.reserved:
+            return sum(parts.values()) <= self.budget_bytes
+        used = self.used(kept)
+        extra = sum(size for key, size in parts.items() if key not in used)
+        return sum(used.values()) + extra <= self.budget_bytes
 
-    def take(self, key: str, size: int) -> None:
-        self.reserved[key] = size
+    def take(self, key: str, parts: dict[str, int]) -> None:
+        self.reserved[key] = dict(parts)
 
     def give_back(self, key: str) -> None:
         self.reserved.pop(key, None)
@@ -273,3 +284,44 @@ def exceeded_failure(key: str, size: int, budget_bytes: int, parts: str = "") ->
                       f"{key}: its download is {size / GB:.3f} GB{parts}, more than the whole "
                       f"--disk_budget {budget_bytes / GB:g} GB (raise the budget or use --stream)",
                       retryable=False)
+
+
+def download_parts(model_id: str, revision: str | None, source_model: str | None, *,
+                   stream: bool, trust_remote_code: bool, cache: Path) -> dict[str, int]:
+    """Bytes a worker would download for one model (and an adapter's base), by
+    `repo@commit`, from the tree listing; files already in the cache count 0. A local
+    directory is {}. Raises what `hub_listing` raises."""
+    from esd.loading import hub
+    if Path(model_id).expanduser().is_dir() or not hub.looks_like_hub_id(model_id):
+        return {}
+    listing = hub.hub_listing(model_id, revision or "main")
+    names = listing.sizes
+    parts: dict[str, int] = {}
+    files = hub.needed_files(names, trust_remote_code)
+    if hub.ADAPTER_CONFIG_FILE in names:
+        base = source_model or _adapter_base(model_id, listing.commit)
+        if base:
+            from esd.model_list import parse_model_id
+            base_id, base_rev = parse_model_id(base)
+            parts.update(download_parts(base_id, base_rev, None, stream=stream,
+                                        trust_remote_code=trust_remote_code, cache=cache))
+    elif stream:
+        streamed = set(hub.streamable(names))
+        files = [f for f in files if f not in streamed]
+    have = cached_files(cache, model_id, listing.commit)
+    parts[f"{model_id}@{listing.commit}"] = sum(names.get(f, 0) for f in files if f not in have)
+    return parts
+
+
+def _adapter_base(repo_id: str, commit: str) -> str | None:
+    """`base_model_name_or_path` of a hub adapter, read over HTTP (nothing written)."""
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session
+    try:
+        response = get_session().get(hf_hub_url(repo_id, "adapter_config.json", revision=commit),
+                                     headers=build_hf_headers(), follow_redirects=True,
+                                     timeout=30)
+        response.raise_for_status()
+        return response.json().get("base_model_name_or_path") or None
+    except Exception:  # noqa: BLE001 - unknown base: the worker will say what is wrong
+        return None

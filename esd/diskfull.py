@@ -101,3 +101,15 @@ def worker_exit(output_dir, model_id: str, exc: OSError, retryable_code: int) ->
         return EXIT_DISK_FULL
     print(f"{model_id}: FAILED {failure} (retryable: True)", file=sys.stderr, flush=True)
     return retryable_code
+
+
+def tolerate(call, *args, **kwargs):
+    """`call(...)`, except that a full disk is remembered (for the run's last line) instead
+    of raised: for the run's own records, which must not hide the report of what happened."""
+    try:
+        return call(*args, **kwargs)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        note(getattr(exc, "filename", None) or "the output directory")
+        return None

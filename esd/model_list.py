@@ -30,10 +30,12 @@ ADAPTER_RELATIONS = frozenset({"adapter", "lora", "peft", "qlora"})
 
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._@+=-]")
 _MAX_NAME_CHARS = 180
-# Names of the files the run itself writes beside the result CSVs (`<stem>.csv` and the
-# others): a model whose readable name is one of these gets a hash instead.
-RESERVED_STEMS = frozenset({"summary", "runs", "failed_models", "failures", "gpu_metrics",
+# Names of the files the run and the analysis write beside the result CSVs (`summary.csv`,
+# `summary_filtered.csv`, `over_steps_layers.csv`, ...): a model whose readable name is one
+# of these, or starts with a reserved prefix, gets a hash instead.
+RESERVED_STEMS = frozenset({"runs", "failed_models", "failures", "gpu_metrics",
                             "esd_settings", "report", "models", "model_list"})
+RESERVED_PREFIXES = ("summary", "over_steps")
 
 
 class ModelListError(ValueError):
@@ -81,6 +83,8 @@ class ModelEntry:
         absolute spelling, symlinks), a hub id by id and revision."""
         if self.local_dir is not None:
             return ("local", self.local_dir)
+        if _looks_like_path(self.model_id):  # not here (yet): by its normalised spelling
+            return ("local", os.path.abspath(os.path.expanduser(self.model_id)))
         return ("hub", self.model_id, self.revision)
 
     @property
@@ -147,11 +151,11 @@ def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = 
     """File-name-safe, injective form of an id: `org/name` → `org--name`, a revision adds
     `@rev`; a local path's components are joined with `--` the same way.
 
-    Where that readable form could stand for two ids, an 8-hex hash of the id (and whether
-    it is local) is appended: characters outside `[A-Za-z0-9._@+=-]`, a component holding
-    `--` or `@` or starting/ending with `-` (`/x/a--b` vs `/x/a/b`), a local directory named
+    Where that readable form could stand for two ids, an 8-hex hash of the id is appended:
+    characters outside `[A-Za-z0-9._@+=-]`, a component holding `--` or `@` or
+    starting/ending with `-` (`/x/a--b` vs `/x/a/b`), a local directory named
     like a hub id's file (`org--name`, or absolute `/org/name`), a name over 180 characters,
-    and names of the run's own files (`summary`, `runs`, ...). Plain hub ids never collide
+    and names of the run's own files (`summary*`, `over_steps*`, `runs`, ...). Plain hub ids never collide
     (the hub forbids `--` in ids), so they keep the readable form.
     """
     original = f"{model_id}@{revision}" if revision else model_id
@@ -165,10 +169,11 @@ def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = 
     ambiguous = (cleaned != name or len(cleaned) > _MAX_NAME_CHARS
                  or any("--" in p or p.startswith("-") or p.endswith("-") for p in parts)
                  or cleaned.split("@")[0].lower() in RESERVED_STEMS
+                 or cleaned.lower().startswith(RESERVED_PREFIXES)
                  or (local and ("@" in path or len(parts) == 1 and "--" in name
                                 or model_id.strip().startswith("/") and len(parts) == 2)))
     if ambiguous:
-        digest = hashlib.sha1(f"{'local' if local else 'hub'}:{original}".encode("utf-8")).hexdigest()[:8]
+        digest = hashlib.sha1(original.encode("utf-8")).hexdigest()[:8]
         cleaned = f"{cleaned[:_MAX_NAME_CHARS]}~{digest}"
     return cleaned
 
@@ -221,19 +226,22 @@ def _clean(value: object) -> str | None:
     return text or None
 
 
-def read_model_list(path: str | os.PathLike, warn=print) -> list[ModelEntry]:
+def read_model_list(path: str | os.PathLike, warn=print, base_dir: str | os.PathLike | None = None
+                    ) -> list[ModelEntry]:
     """Read and validate a model list; duplicates are kept once (with a warning naming rows).
 
     Raises ModelListError for a missing file, a directory, a spreadsheet, a file that is not
     UTF-8 or not CSV, a file with no id column, or a row whose `@rev` disagrees with its
     `revision` column. Ids that share a result file (`dir` and `dir/`) are duplicates. Rows with an empty id are skipped with a
     warning naming the row, so one bad row does not stop an experiment over hundreds.
+    Relative local paths are read against `base_dir`, by default the list's own folder
+    (then the current directory).
     """
     path = Path(path)
     text = _model_list_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
-        return _entries(reader, path, warn)
+        return _entries(reader, path, warn, path.parent if base_dir is None else Path(base_dir))
     except csv.Error as exc:
         row = reader.line_num + 1  # the row being read when it failed
         raise ModelListError(f"model list {path}, row {row}: not readable as CSV: {exc}") from None
@@ -265,7 +273,7 @@ def _model_list_text(path: Path) -> str:
     return text
 
 
-def _entries(reader: csv.DictReader, path: Path, warn) -> list[ModelEntry]:
+def _entries(reader: csv.DictReader, path: Path, warn, base_dir: Path) -> list[ModelEntry]:
     """The rows of an opened model list, checked and de-duplicated (see `read_model_list`)."""
     columns = [c.strip() for c in (reader.fieldnames or [])]
     id_column = next((c for c in ID_COLUMNS if c in columns), None)
@@ -286,14 +294,17 @@ def _entries(reader: csv.DictReader, path: Path, warn) -> list[ModelEntry]:
             text, _clean(row.get("source_model")), _clean(row.get("revision"))))) if u), None)
         if unsafe:
             warn(f"model list {path}, row {line_number}: control characters ({unsafe}) in "
-                 f"{text.encode('unicode_escape').decode('ascii')!r}; row skipped")
+                 f"'{text.encode('unicode_escape').decode('ascii')}'; row skipped")
             continue
         try:
             entry = make_entry(text, _clean(row.get("revision")), _clean(row.get("source_model")),
                                _clean(row.get("base_model_relation")), row=line_number,
-                               base_dir=path.parent)
+                               base_dir=base_dir)
         except RevisionConflict as exc:
             raise ModelListError(f"model list {path}, row {line_number}: {exc}") from None
+        hint = _local_path_hint(entry, base_dir)
+        if hint:
+            warn(f"model list {path}, row {line_number}: {hint}")
         identity = entry.identity  # same directory or same hub id and revision: same model
         if identity in first_row:
             warn(f"model list {path}, row {line_number}: duplicate of row "
@@ -302,6 +313,18 @@ def _entries(reader: csv.DictReader, path: Path, warn) -> list[ModelEntry]:
         first_row[identity] = line_number
         entries.append(entry)
     return entries
+
+
+def _local_path_hint(entry: ModelEntry, base_dir: Path) -> str | None:
+    """'a local path?' for an id read as a hub id whose first folder exists here."""
+    if entry.local_dir is not None or entry.model_id.count("/") != 1:
+        return None
+    first = entry.model_id.split("/")[0]
+    for folder in (base_dir, Path.cwd()):
+        if (folder / first).is_dir():
+            return (f"{entry.model_id!r} is no directory in {base_dir} (where relative paths are read) "
+                    f"nor here, so it is taken as a hub id, yet {folder / first} exists: a local path?")
+    return None
 
 
 def write_model_list(entries, path: str | os.PathLike, extra_columns=None) -> Path:

@@ -14,6 +14,7 @@ import errno
 import io
 import logging
 import os
+import re
 import sys
 
 from esd import diskfull
@@ -141,3 +142,33 @@ def stop_on_hangup() -> None:
     import threading
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, signal.default_int_handler)
+
+
+_ROW_WARNING = re.compile(r"^(?P<where>model list .*?), row (?P<row>\d+): "
+                          r"(?P<kind>duplicate of row|empty \w+|control characters)")
+
+
+def summarised(warnings: list[str], show: int = 3) -> list[str]:
+    """Model-list warnings with each kind (duplicate rows, empty ids, control characters)
+    shown `show` times, then one line counting the rest: 500 rows give a few lines, not 288."""
+    kinds: dict[tuple[str, str], list[int]] = {}
+    out: list[str] = []
+    for warning in warnings:
+        match = _ROW_WARNING.match(warning)
+        if match is None:
+            out.append(warning)
+            continue
+        rows = kinds.setdefault((match["where"], match["kind"]), [])
+        rows.append(int(match["row"]))
+        if len(rows) <= show:
+            out.append(warning)
+    names = {"duplicate of row": "duplicate rows (analysed once)", "control characters": "rows with "
+             "control characters (skipped)"}
+    for (where, kind), rows in kinds.items():
+        if len(rows) > show:
+            name = names.get(kind, f"rows with an {kind} (skipped)" if kind.startswith("empty")
+                             else kind)
+            listed = ", ".join(map(str, rows[:10])) + (", …" if len(rows) > 10 else "")
+            out.append(f"{where}: {len(rows)} {name} in all, first: row {rows[0]} (rows {listed}); "
+                       f"the first {show} are shown above")
+    return out

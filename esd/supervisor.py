@@ -135,6 +135,11 @@ class Supervisor:
         self.outcome.followed = self.backend.waits
         return self.outcome
 
+    def running_tasks(self) -> list[tuple[str, float, Path | None]]:
+        """(key, start time, worker log) of each running task; safe from any thread (progress)."""
+        with self._lock:
+            return [(key, started, task.log_path) for key, (task, started) in self._running.items()]
+
     # ------------------------------------------------------------------ the hooks
     def on_start(self, task: Task, when: float) -> None:
         with self._lock:

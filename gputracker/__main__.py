@@ -143,5 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK if all(r.succeeded for r in results) else EXIT_FAILED
 
 
+def _main_closed_pipe_safe() -> int:
+    """`python -m gputracker cmds.txt | head`: a closed stdout is not a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit must not fail again
+        return EXIT_FAILED
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_main_closed_pipe_safe())

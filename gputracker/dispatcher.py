@@ -313,9 +313,10 @@ class Dispatcher:
         if not queued:
             return []
         reasons = []
-        if any(job.not_before <= now for job in queued):
+        ready = sum(job.not_before <= now for job in queued)
+        if ready:
             if self.mode == "cpu":
-                reasons.append(f"CPU: all {self.cpu_slots} slot(s) busy")
+                reasons.append(f"{ready} queued: all {self.cpu_slots} CPU slot(s) busy")
             else:
                 reasons += [self._gpu_reason(gpu, state) for gpu, state in list(self._gpu_state.items())]
         for job in queued:

@@ -525,3 +525,123 @@ def test_hub_revisions_named_step_n_form_one_run_ordered_by_step():
     table = ar.checkpoint_table(per_layer)
     assert list(table["step"]) == [1000, 3000]
     assert set(table["run"]) == {"EleutherAI/pythia-70m"}
+
+
+# ---------------------------------------------------------------- what counts as a result
+
+def test_filtered_summary_goes_to_its_own_file_naming_the_filter_and_summary_csv_stays_whole(tmp_path):
+    write_layers(tmp_path, "org/a", [{"longname": "embed_tokens", "layer_type": "embedding",
+                                      "alpha": 9.0}, {"alpha": 3.0}])
+    result = analyze("--results_dir", tmp_path, "--exclude", "embed")
+    assert result.returncode == 0, result.stderr
+    whole = pd.read_csv(tmp_path / "summary.csv")
+    assert list(whole.columns) == CONTRACT_SUMMARY
+    assert whole["num_layers"].tolist() == [2] and whole["alpha_mean"].tolist() == [6.0]
+    filtered = pd.read_csv(tmp_path / "summary_filtered.csv")
+    assert filtered["num_layers"].tolist() == [1] and filtered["alpha_mean"].tolist() == [3.0]
+    assert filtered["layer_filter"].tolist() == ["exclude=embed"]
+    assert "exclude=embed" in result.stderr and "summary_filtered.csv" in result.stderr
+    typed = analyze("--results_dir", tmp_path, "--layer_types", "embedding", "--output", tmp_path / "e.csv")
+    assert pd.read_csv(tmp_path / "e.csv")["layer_filter"].tolist() == ["layer_types=embedding"]
+    assert pd.read_csv(tmp_path / "summary.csv")["num_layers"].tolist() == [2]
+    assert typed.returncode == 0
+
+
+def test_copies_directories_links_and_fifos_named_csv_are_ignored_and_listed(tmp_path):
+    original = write_layers(tmp_path, "org/a", [{}] * 10)
+    text = original.read_text()
+    (tmp_path / "org--a (copy).csv").write_text(text)                       # a full copy
+    lines = text.splitlines(keepends=True)
+    (tmp_path / "org--a.bak.csv").write_text("".join(lines[:6]))             # a truncated copy
+    (tmp_path / "folder.csv").mkdir()
+    (tmp_path / "dangling.csv").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(tmp_path / "pipe.csv")                                         # would block a reader
+    result = analyze("--results_dir", tmp_path, "--show", "model_id", "num_layers")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert pd.read_csv(tmp_path / "summary.csv")["num_layers"].tolist() == [10]
+    for name in ("org--a (copy).csv", "org--a.bak.csv", "folder.csv", "dangling.csv", "pipe.csv"):
+        assert f"ignored: {name}: " in result.stderr, result.stderr
+    assert "whose result file is org--a.csv" in result.stderr
+    scan = ar.scan_results(tmp_path)
+    assert sorted(p.name for p, _ in scan.ignored) == sorted(
+        ["dangling.csv", "folder.csv", "org--a (copy).csv", "org--a.bak.csv", "pipe.csv"])
+
+
+def test_metric_error_lists_only_numeric_measurement_columns(three_models):
+    result = analyze("--results_dir", three_models, "--plots", "--metric", "model_id")
+    assert_clean_error(result, "--metric 'model_id'", "alpha_mean")
+    listed = result.stderr.split("choose from", 1)[1]
+    for column in ("is_adapter", "source_model", "model_id"):
+        assert column not in listed
+
+
+def test_final_checkpoint_step_is_read_from_trainer_state_or_marked_placed(tmp_path):
+    run = tmp_path / "run1"
+    (run / "final_checkpoint").mkdir(parents=True)
+    per_layer = pd.DataFrame({"model_id": [str(run / "checkpoint_2"), str(run / "checkpoint_4"),
+                                           str(run / "final_checkpoint")],
+                              "result_file": ["c2", "c4", "final"]})
+    placed = ar.checkpoint_table(per_layer)
+    assert placed["step_source"].tolist() == ["id", "id", "placed"]
+    (run / "final_checkpoint" / "trainer_state.json").write_text('{"global_step": 5}')
+    read = ar.checkpoint_table(per_layer)
+    assert read["step"].tolist() == [2, 4, 5]
+    assert read["step_source"].tolist() == ["id", "id", "trainer_state.json"]
+
+
+def test_report_says_how_it_was_made_and_shows_adapter_minus_base(tmp_path):
+    import json
+    write_layers(tmp_path, "org/base", [{"alpha": 3.0}, {"alpha": 4.0}])
+    write_layers(tmp_path, "org/lora", [{"alpha": 3.0001, "is_adapter": True, "source_model": "org/base"},
+                                        {"alpha": 4.0, "is_adapter": True, "source_model": "org/base"}])
+    (tmp_path / "esd_settings.json").write_text(json.dumps({"fix_fingers": "xmin_mid", "bins": 100}))
+    (tmp_path / "runs.csv").write_text("run_id,status,start_time,duration_s,backend,done,failed\n"
+                                       "20261201-1,completed,2026-12-01T10:00:00,12.5,local,2,0\n")
+    (tmp_path / "runs" / "20261201-1").mkdir(parents=True)
+    (tmp_path / "runs" / "20261201-1" / "run.json").write_text(json.dumps(
+        {"versions": {"torch": "2.13.0", "peft": None}, "command": ["run_esd_experiment.py", "--gpus", "none"]}))
+    page = ar.write_report(tmp_path).read_text(encoding="utf-8")
+    made = page.split("How these results were made", 1)[1].split("<section>", 1)[0]
+    for fragment in ("fix_fingers", "xmin_mid", "20261201-1", "completed", "torch", "2.13.0",
+                     "not installed", "--gpus none", "What the columns mean", "stable_rank"):
+        assert fragment in made, fragment
+    adapters = page.split("Adapter minus base", 1)[1].split("<section>", 1)[0]
+    assert "org/lora" in adapters and "0.0001" in adapters and "5e-05" in adapters   # max, mean |Δalpha|
+    assert (tmp_path / "plots" / "adapter_minus_base.png").exists()
+    assert_valid_png(tmp_path / "plots" / "adapter_minus_base.png")
+    assert page.count("data:image/png;base64,") == len(png_files(tmp_path / "plots"))
+
+
+def test_comparison_labels_carry_the_digits_that_tell_close_models_apart():
+    from esd.analysis.plots import _digits_to_tell_apart
+    assert f"{3.0001:.{_digits_to_tell_apart(np.array([3.0001, 3.0]))}g}" == "3.0001"
+    assert _digits_to_tell_apart(np.array([2.0, 5.0])) == 4
+
+
+@pytest.mark.parametrize("low, high", [(0.5, 3.0), (1e-7, 30.0), (2.0, 2.6)])
+def test_every_esd_panel_has_labelled_ticks_on_both_axes(low, high):
+    plt = ar.plot_esds.__globals__["_pyplot"]()
+    eigenvalues = np.geomspace(low, high, 300)
+    layer = pd.Series({"longname": "x", "alpha": 2.5, "xmin": float(np.median(eigenvalues)),
+                       "xmax": high, "fit_status": "ok"})
+    fig, ax = plt.subplots()
+    try:
+        ar.plot_esd(eigenvalues, layer, ax)
+        fig.canvas.draw()
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = sorted((lo, hi))
+            shown = [t.get_text() for t in axis.get_majorticklabels()
+                     if lo <= t.get_position()[axis is ax.yaxis] <= hi and t.get_text()]
+            assert len(shown) >= 2, (low, high, axis.axis_name, shown)
+    finally:
+        plt.close(fig)
+
+
+def test_a_local_model_whose_name_carries_a_hash_is_read_even_where_its_path_is_absent(tmp_path):
+    from esd.model_list import safe_id as name_of
+    model_id = "/elsewhere/run/a--b"            # its worker named it with local=True (a hash)
+    path = write_layers(tmp_path, model_id, [{}, {}])
+    path.rename(tmp_path / f"{name_of(model_id, local=True)}.csv")
+    scan = ar.scan_results(tmp_path)
+    assert scan.ignored == [] and scan.per_layer["model_id"].unique().tolist() == [model_id]

@@ -205,7 +205,8 @@ def test_both_spellings_of_a_local_directory_are_one_model(tmp_path, monkeypatch
     assert sum("duplicate of row 2" in w for w in warnings) == 2
 
 
-@pytest.mark.parametrize("name", ["summary", "runs", "failed_models", "gpu_metrics", "esd_settings", "Summary"])
+@pytest.mark.parametrize("name", ["summary", "runs", "failed_models", "gpu_metrics", "esd_settings", "Summary",
+                                  "summary_filtered", "over_steps_layers"])
 def test_no_model_is_named_like_a_file_the_run_owns(tmp_path, name):
     (tmp_path / name).mkdir()
     entry = model_list.make_entry(str(tmp_path / name))
@@ -234,3 +235,22 @@ def test_relative_paths_in_a_model_list_resolve_against_its_folder(tmp_path, mon
     monkeypatch.chdir(tmp_path)       # not the list's folder
     (entry,) = model_list.read_model_list(tmp_path / "lists" / "models.csv")
     assert entry.local_dir == str(tmp_path / "lists" / "m1") and entry.is_local
+
+
+def test_the_demo_list_finds_its_adapter_from_any_directory(tmp_path, monkeypatch):
+    import run_esd_experiment
+    monkeypatch.chdir(tmp_path)
+    entries, warnings = run_esd_experiment.read_entries(run_esd_experiment.parse_config([]))
+    adapter = [e for e in entries if "lora" in e.model_id][0]
+    assert adapter.key == "examples/minilm-lora-demo" and adapter.safe_id == "examples--minilm-lora-demo"
+    assert adapter.local_dir == str(ROOT / "examples" / "minilm-lora-demo") and not warnings
+
+
+def test_an_id_read_as_a_hub_id_whose_folder_exists_hints_a_local_path(tmp_path, monkeypatch):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "lists" / "models.csv").write_text("model_id\nsaved/run-1\n")
+    monkeypatch.chdir(tmp_path)
+    warnings = []
+    model_list.read_model_list(tmp_path / "lists" / "models.csv", warn=warnings.append)
+    assert len(warnings) == 1 and "row 2" in warnings[0] and "a local path?" in warnings[0]

@@ -189,3 +189,16 @@ def test_write_model_list_extra_columns_round_trip_and_are_ignored_by_read_model
                             extra_columns={"step": [3, None]})
     assert [r["step"] for r in rows_of(path)] == ["3", ""]
     assert read_model_list(path) == [ModelEntry("a/b"), ModelEntry("c", revision="r")]
+
+
+def test_deduplicate_says_how_many_rows_it_dropped_and_repeats_are_one_warning(tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_text("model_id\norg/x\norg/y\n")
+    b = tmp_path / "b.txt"
+    b.write_text("org/x\norg/y\norg/x\norg/z\n")
+    dropped = run(["merge", a, b, "--deduplicate", "--output", tmp_path / "m.csv"], tmp_path)
+    assert dropped.returncode == 0
+    assert "dropped 3 duplicate row(s) (first: org/x); 3 models left" in dropped.stderr
+    kept = run(["merge", a, b, "--output", tmp_path / "k.csv"], tmp_path)
+    warnings = [line for line in kept.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "3 repeated row(s), first: org/x" in warnings[0]

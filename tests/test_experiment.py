@@ -274,3 +274,76 @@ def test_sigterm_stops_the_run_leaves_no_worker_and_a_rerun_finishes(slow_models
     rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert len(result_csvs(out)) == 4
+
+
+# ---------------------------------------------------------------- GPUs asked for that are not there
+
+def _fake_nvml_env(env, tmp_path, n_gpus):
+    fake = ROOT / "tests" / "fake_nvml"
+    environment = dict(env, PYTHONPATH=os.pathsep.join([str(fake), str(ROOT)]))
+    environment.pop("FAKE_NVML_SCRIPT", None)
+    if n_gpus is not None:
+        script = tmp_path / "fake_nvml.json"
+        script.write_text(json.dumps({"gpus": [{"used_mb": 0}] * n_gpus}))
+        environment["FAKE_NVML_SCRIPT"] = str(script)
+    return environment
+
+
+@pytest.mark.parametrize("n_gpus, says", [(2, "GPU index(es) [7] not found: NVML sees GPUs 0..1"),
+                                          (None, "no GPU can be used here")])
+def test_gpus_that_do_not_exist_are_a_clear_error_not_a_cpu_run(models, tmp_path, env, n_gpus, says):
+    out = tmp_path / "out"
+    model_list = write_model_list(tmp_path / "models.csv", [{"model_id": str(models / "gpt2-a")}])
+    result = run(["--model_list", str(model_list), "--output_dir", str(out), "--gpus", "7",
+                  "--poll_interval", "0.05", "--max_check", "1"], _fake_nvml_env(env, tmp_path, n_gpus), tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr and "Traceback" not in result.stdout + result.stderr
+    assert not result_csvs(out)
+    assert pd.read_csv(out / "runs.csv")["status"].tolist() == ["error"]
+
+
+def test_ctrl_c_says_interrupted_writes_the_summary_and_the_rerun_counts_from_what_is_done(
+        slow_models, tmp_path, env):
+    out = tmp_path / "out"
+    model_list = write_model_list(tmp_path / "models.csv",
+                                  [{"model_id": str(slow_models / f"llama-{i}")} for i in range(4)])
+    args = RUN + ["--model_list", str(model_list), "--output_dir", str(out)] + FAST
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert _wait_for(lambda: len(result_csvs(out)) >= 1 and _worker_pids(out)), "no progress before Ctrl-C"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "interrupted in" in output and "finished in" not in output
+    done = len(result_csvs(out))
+    assert len(pd.read_csv(out / "summary.csv")) == done
+    rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"progress: {done + 1}/4 models finished" in rerun.stdout
+    assert "progress: 1/" not in rerun.stdout   # not counted from zero
+
+
+# ---------------------------------------------------------------- the stall watchdog (local backend)
+
+def test_local_worker_without_progress_is_stopped_as_stalled_and_a_talking_one_is_not(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from esd.backends.base import Task
+    from esd.backends.local import LocalBackend, LocalSettings
+    from esd.failures import read_failures
+    from esd.supervisor import Policy, Supervisor
+    worker = tmp_path / "worker.py"   # silent for 60 s, or a line every 0.5 s for 6 s, then done
+    worker.write_text("import sys, time\nmode, result = sys.argv[1:3]\nprint('started', flush=True)\n"
+                      "if mode == 'silent':\n    time.sleep(60)\n"
+                      "for i in range(12):\n    print(f'layer {i}/12', flush=True); time.sleep(0.5)\n"
+                      "open(result, 'w').write('done')\n")
+    out = tmp_path / "out"
+    tasks = [Task(mode, (mode, str(out / f"{mode}.csv")), out / f"{mode}.csv", out / "logs" / f"{mode}.log")
+             for mode in ("silent", "talking")]
+    out.mkdir()
+    backend = LocalBackend(LocalSettings(gpus=(), cpu_workers=2, poll_interval_s=0.05, max_check=1),
+                           worker_script=worker)
+    started = time.monotonic()
+    outcome = Supervisor(backend, out, Policy(stall_timeout_s=3, retry_backoff_s=0), tick_interval_s=0.2).run(tasks)
+    assert time.monotonic() - started < 30
+    assert outcome.failed == {"silent": "worker/stalled"} and outcome.succeeded == ["talking"]
+    assert read_failures(out)["silent"].reason == "stalled"

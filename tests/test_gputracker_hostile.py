@@ -73,3 +73,20 @@ def test_metrics_temp_file_names_its_writer_so_a_later_run_can_remove_it(tmp_pat
     assert remove_stale_temp_files(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.json"]
     assert json.loads((tmp_path / "live.json").read_text()) == {"b": 2}
+
+
+def test_cli_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    jobs = JobFactory(tmp_path)
+    commands = tmp_path / "commands.txt"
+    commands.write_text(jobs.command_line("quick", sleep_s=0.0) + "\n")
+    reader, writer = os.pipe()
+    os.close(reader)  # like `| head` having exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "gputracker", str(commands), "--gpus", "none",
+                                 "--poll_interval", "0.05", "--max_check", "1", "--log_dir", str(tmp_path / "logs"),
+                                 "--lock_dir", str(tmp_path / "locks")], env=subprocess_env(None), stdout=writer,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(writer)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert jobs.records()["quick"]["end"] is not None

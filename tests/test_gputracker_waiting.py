@@ -58,7 +58,7 @@ def test_cpu_slots_and_retry_backoff_are_named(tmp_path, factory):
                 Job("c", factory.argv("c"), None, not_before=later)]
         samples = sample_reasons(dispatcher, jobs)
     seen = {line for sample in samples for line in sample}
-    assert "CPU: all 1 slot(s) busy" in seen
+    assert "1 queued: all 1 CPU slot(s) busy" in seen
     assert any(line.startswith("c: retry in ") and line.endswith(" s") for line in seen)
 
 

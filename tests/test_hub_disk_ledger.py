@@ -3,12 +3,11 @@ the real client from the stand-in Hub: only what the run downloaded is deleted, 
 huggingface_hub's cache API; never what was there before, never what another worker reads."""
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import pytest
 
-from esd.disk_budget import BudgetGate, DownloadLedger, disk_full_failure
+from esd.disk_budget import BudgetGate, DownloadLedger, gigabytes
 from hub_server import hub  # noqa: F401  (fixture)
 from tiny_models import save_model
 
@@ -103,17 +102,20 @@ def test_deleting_one_revision_keeps_the_blobs_another_revision_shares(hub, tmp_
     assert main != v2
 
 
-def test_the_gate_admits_what_fits_beside_the_running_models():
+def test_the_gate_admits_what_fits_beside_the_running_models_counting_a_shared_base_once():
     gate = BudgetGate(100)
-    assert gate.fits(80) and not gate.too_large(100) and gate.too_large(101)
-    gate.take("a", 80)
-    assert not gate.fits(30) and gate.fits(20)
+    assert gate.fits({"m@1": 100}) and not gate.fits({"m@1": 101})
+    gate.take("a", {"a@1": 50, "base@1": 30})
+    assert not gate.fits({"b@1": 30}) and gate.fits({"b@1": 20})
+    assert gate.fits({"c@1": 20, "base@1": 30})          # the base is on disk already
+    assert not gate.fits({"b@1": 10}, kept={"kept@1": 20})
     gate.give_back("a")
-    assert gate.fits(100)
+    assert gate.fits({"m@1": 100})
 
 
-def test_enospc_is_a_retryable_disk_full_failure_and_other_errors_are_not():
-    failure = disk_full_failure(OSError(errno.ENOSPC, "No space left on device", "/x"), "resolve",
-                                "org/a")
-    assert (failure.reason, failure.retryable) == ("disk_full", True)
-    assert disk_full_failure(OSError(errno.EACCES, "denied"), "resolve", "org/a") is None
+def test_disk_budget_takes_a_positive_number_of_gb():
+    import argparse
+    assert gigabytes("1.5") == 1.5
+    for bad in ("0", "-1", "x", "nan", "inf"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gigabytes(bad)

@@ -518,3 +518,61 @@ def test_slurm_task_without_progress_is_stopped_as_stalled(slurm_cluster, tmp_pa
     assert outcome.failed == {"org/model-0": "worker/stalled"}
     listed = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
     assert not [line for line in listed.splitlines() if "RUNNING" in line and "esd-test" in line]
+
+
+# ---------------------------------------------------------------------------- hostile paths
+
+HOSTILE = ["x; touch PWNED", "$(touch PWNED2)", "`touch PWNED3`", "it's \"quoted\"", "a\\b", "--help"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_script_with_hostile_paths_parses_and_runs_only_the_worker(tmp_path, name):
+    fake_python = tmp_path / name / "python"
+    fake_python.parent.mkdir(parents=True)
+    fake_python.write_text('#!/bin/sh\nfor a in "$@"; do printf "[%s]\\n" "$a"; done\n')
+    fake_python.chmod(0o755)
+    out = tmp_path / name / "results"
+    script = render_script(n_tasks=2, settings=SlurmSettings(partition="gpu"),
+                           manifest_path=out / "slurm" / "ts" / "manifest.json", output_dir=out,
+                           workdir=tmp_path / name, worker_script=tmp_path / name / "esd_worker.py",
+                           python=str(fake_python), script_path=out / "slurm" / "ts" / "job.sbatch",
+                           timeout_s=5)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "9"}
+    proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[1:] == [
+        f"[{tmp_path / name / 'esd_worker.py'}]", "[--manifest]",
+        f"[{out / 'slurm' / 'ts' / 'manifest.json'}]", "[--task_index]", "[1]"]
+    assert not list(tmp_path.rglob("PWNED*"))
+    for line in script.splitlines():   # every #SBATCH value is one shell word
+        if line.startswith("#SBATCH "):
+            assert len(shlex.split(line[len("#SBATCH "):])) == 1
+
+
+@pytest.mark.parametrize("where", ["output_dir", "workdir"])
+def test_a_line_break_in_the_output_or_working_directory_is_refused(tmp_path, where):
+    bad = tmp_path / "a\ntouch PWNED"
+    dirs = {"output_dir": tmp_path / "out", "workdir": tmp_path}
+    dirs[where] = bad
+    with pytest.raises(SlurmError, match="line break"):
+        render_script(n_tasks=1, settings=SlurmSettings(), manifest_path=dirs["output_dir"] / "m.json",
+                      output_dir=dirs["output_dir"], workdir=dirs["workdir"],
+                      worker_script=tmp_path / "w.py", python="python", script_path=tmp_path / "j.sbatch")
+
+
+def test_a_line_break_in_the_python_or_worker_path_stays_inside_one_quoted_word(tmp_path):
+    odd = tmp_path / "bin\ntouch PWNED"
+    odd.mkdir()
+    (odd / "python").write_text('#!/bin/sh\necho "[$1]"\n')
+    (odd / "python").chmod(0o755)
+    script = render_script(n_tasks=1, settings=SlurmSettings(), manifest_path=tmp_path / "m.json",
+                           output_dir=tmp_path / "out", workdir=tmp_path, worker_script=odd / "w.py",
+                           python=str(odd / "python"), script_path=tmp_path / "j.sbatch")
+    assert all(not line.startswith("touch") for line in script.splitlines())
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})
+    assert proc.returncode == 0 and proc.stdout.endswith(f"\n[{odd / 'w.py'}]\n")
+    assert not list(tmp_path.rglob("PWNED*"))

@@ -95,21 +95,46 @@ def plot_alpha_by_depth(per_layer, summary, path) -> Path:
 
 
 def plot_metric_comparison(summary, metric, path) -> Path:
-    """Horizontal bars of one summary metric, one bar per model, sorted."""
+    """One dot per model on an axis fitted to the values (sorted), each value written beside
+    its dot: bars from 0 would hide a difference of 1e-4 between an adapter and its base."""
     plt = _pyplot()
     if metric not in numeric_columns(summary):
         raise AnalysisError(f"--metric {metric!r} is not a numeric summary column; choose from "
                             f"{', '.join(numeric_columns(summary))}")
     ids, note = pick_models(summary, metric, MAX_MODELS_PER_PLOT)
-    values = summary.set_index("model_id").loc[ids, metric]
-    fig, ax = plt.subplots(figsize=(10, 1.5 + 0.3 * len(ids)))
-    ax.barh(range(len(ids)), values.fillna(0).to_numpy(), color="tab:blue")
-    ax.set_yticks(range(len(ids)), [_short(m) for m in ids], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel(metric)
+    values = summary.set_index("model_id").loc[ids, metric].astype(float)
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.32 * len(ids)))
+    positions = np.arange(len(ids))
+    finite = values[np.isfinite(values)]
+    ax.hlines(positions, finite.min() if len(finite) else 0, values.fillna(np.nan), color="#ccc", lw=1)
+    ax.plot(values.to_numpy(), positions, "o", color="tab:blue")
+    if len(finite):
+        low, high = float(finite.min()), float(finite.max())
+        pad = (high - low) * 0.25 or abs(high) * 0.01 or 1.0
+        ax.set_xlim(low - pad, high + pad)
+        digits = _digits_to_tell_apart(finite.to_numpy())
+        for y, value in zip(positions, values):
+            label = f"{value:.{digits}g}" if np.isfinite(value) else "NaN"
+            ax.annotate(label, (value if np.isfinite(value) else low, y), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=7)
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.set_yticks(positions, [_short(m) for m in ids], fontsize=8)
+    ax.set_ylim(len(ids) - 0.5, -0.5)
+    ax.set_xlabel(f"{metric} (axis fitted to the values, not from 0)")
     ax.set_title(f"{metric} by model{note}", fontsize=10)
+    ax.grid(axis="x", color="#eee")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _digits_to_tell_apart(values: np.ndarray) -> int:
+    """Significant digits that show the smallest difference between distinct values."""
+    distinct = np.unique(values)
+    if len(distinct) < 2:
+        return 4
+    gap = float(np.min(np.diff(distinct)))
+    scale = float(np.max(np.abs(distinct))) or 1.0
+    return int(min(12, max(4, np.ceil(np.log10(scale / gap)) + 2)))
 
 
 def esd_layers(per_layer: pd.DataFrame, model_id, esd_layer=None) -> pd.DataFrame:
@@ -129,7 +154,6 @@ def plot_esd(eigenvalues: np.ndarray, layer: pd.Series, ax) -> None:
     """Log-log histogram density of one layer's eigenvalues, the fitted power law
     p(x) ∝ x^-alpha over [xmin, xmax] (scaled to the tail's share of the eigenvalues),
     and xmin marked."""
-    from matplotlib.ticker import NullFormatter
     x = np.asarray(eigenvalues, dtype=float)
     x = x[np.isfinite(x) & (x > 0)]
     if len(x) < 2:
@@ -147,13 +171,28 @@ def plot_esd(eigenvalues: np.ndarray, layer: pd.Series, ax) -> None:
         ax.axvline(xmin, color="black", ls="--", lw=1, label=f"xmin={xmin:.3g}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    _label_log_axes(ax)
     ax.set_xlabel("eigenvalue λ", fontsize=8)
     ax.set_ylabel("density", fontsize=8)
     ax.set_title(f"{_short(str(layer['longname']), 45)} ({layer.get('fit_status', '')})", fontsize=8)
     ax.legend(fontsize=7)
     ax.tick_params(labelsize=7)
+
+
+def _label_log_axes(ax) -> None:
+    """Labelled ticks on both log axes of every panel: decades on a wide range, 1-2-5 steps
+    within a decade or two (where matplotlib's default may label nothing)."""
+    from matplotlib.ticker import LogFormatterSciNotation, LogLocator, NullFormatter
+    for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+        low, high = sorted(limits)
+        decades = np.log10(high / low) if low > 0 and high > 0 else 0.0
+        if decades > 2.5:
+            axis.set_major_locator(LogLocator(base=10, numticks=12))
+            axis.set_major_formatter(LogFormatterSciNotation())
+        else:
+            axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+            axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False))
+        axis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
 
 
 def plot_esds(results_dir, per_layer, summary, esd_layer=None) -> list[Path]:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from esd.analysis.plots import write_plots
-from esd.analysis.results import load_per_layer, select_layers
+from esd.analysis.adapters import delta_summary, plot_deltas
+from esd.analysis.results import scan_results, select_layers
 from esd.analysis.steps import DEFAULT_STEP_METRICS, _names_checkpoint, write_over_steps
-from esd.analysis.summary import build_summary
+from esd.analysis.summary import build_summary, describe_layer_filter
 from esd.atomic_files import write_text_atomic
 from esd.failures import FAILED_MODELS_TXT, read_failures
 
@@ -39,15 +40,38 @@ def read_failure_table(results_dir) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values("model_id", kind="stable")
 
 
+# One line of meaning per column, for the reader of the report (definitions: docs of the metrics).
+METRIC_MEANINGS = (
+    ("alpha", "power-law exponent of the tail of the layer's eigenvalue density (ESD of WᵀW); "
+              "smaller = heavier tail = more correlation learned. With DKS, 2–6 is the usual "
+              "well-trained range; xmin_mid gives 2–3.5 even on random matrices, so compare "
+              "models with each other, not with that range"),
+    ("alpha_weighted", "alpha · log10(λ_max): alpha weighted by the layer's scale"),
+    ("spectral_norm", "λ_max, the largest eigenvalue of WᵀW (the squared largest singular value)"),
+    ("log_spectral_norm", "log10(λ_max)"),
+    ("stable_rank", "‖W‖_F² / λ_max: how many directions carry the layer's energy"),
+    ("entropy", "spectral entropy of the eigenvalues, normalised to 0–1 by ln(rank); "
+                "1 = energy spread evenly"),
+    ("D", "Kolmogorov–Smirnov distance of the power-law fit (smaller = better fit)"),
+    ("num_pl_spikes", "eigenvalues in the fitted tail (from xmin to λ_max)"),
+    ("fit_status", "ok, or why no alpha was fitted (too_few_eigenvalues, no_candidate, …); "
+                   "a failed fit is NaN and left out of the alpha statistics"),
+)
+
+
 def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="alpha_mean",
                  esd_layer=None, model_list=None, metrics=DEFAULT_STEP_METRICS) -> Path:
-    """`results_dir/report.html`: one file with every plot embedded (base64 PNG), the
-    summary, layer fit statuses and failed models; opens in a browser without a server.
-    Adds the over-steps section when some model is a training checkpoint."""
+    """`results_dir/report.html`: one file with every plot embedded (base64 PNG), how the
+    results were made (ESD settings, runs, versions, what each metric means), failed
+    models, adapter-minus-base, the summary and layer fit statuses; opens in a browser
+    without a server. Adds the over-steps section when some model is a training checkpoint."""
     results_dir = Path(results_dir)
-    per_layer = load_per_layer(results_dir)
+    scan = scan_results(results_dir)
+    per_layer = scan.per_layer
     failures = read_failure_table(results_dir)
-    sections = [_overview_html(results_dir, per_layer, failures)]
+    sections = [_overview_html(results_dir, per_layer, failures, scan.ignored,
+                               describe_layer_filter(layer_types, exclude_patterns)),
+                _provenance_html(results_dir)]
     if not failures.empty:
         sections.append(_section("Failed models", _table_html(failures, scroll=True)))
     if not per_layer.empty:
@@ -56,6 +80,11 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
         plots = write_plots(results_dir, per_layer, summary, metric, esd_layer,
                             layer_types, exclude_patterns)
         sections.append(_section("Models", "".join(_img_html(p) for p in plots[:3])))
+        deltas = delta_summary(selected)
+        if not deltas.empty:
+            figure = plot_deltas(selected, results_dir / "plots" / "adapter_minus_base.png")
+            sections.append(_section("Adapter minus base", _ADAPTER_NOTE + _table_html(deltas, scroll=True, digits=3)
+                                     + (_img_html(figure) if figure else "")))
         if plots[3:]:
             sections.append(_section("Empirical spectral densities",
                                      "".join(_img_html(p) for p in plots[3:])))
@@ -75,26 +104,89 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
     return write_text_atomic(results_dir / "report.html", page)
 
 
-def _overview_html(results_dir, per_layer, failures) -> str:
+_ADAPTER_NOTE = ("<p>Each model whose base (<code>source_model</code>) is in these results, "
+                 "layer by layer (matched by name): Δ = model − base. A LoRA adapter moves a "
+                 "layer by a low-rank update, so small differences are expected; the plot's "
+                 "axes are fitted to them.</p>")
+
+
+def _overview_html(results_dir, per_layer, failures, ignored, selection) -> str:
     models = per_layer["model_id"].nunique() if not per_layer.empty else 0
     failed_fits = int(per_layer["alpha"].isna().sum()) if not per_layer.empty else 0
     items = [("results directory", str(Path(results_dir).resolve())),
              ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
              ("models with results", models), ("layers", len(per_layer)),
              ("layers whose fit failed (NaN alpha)", failed_fits),
-             ("failed models", len(failures))]
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+             ("failed models", len(failures)),
+             ("layers selected", selection or "all")]
+    if ignored:
+        names = ", ".join(p.name for p, _ in ignored[:5]) + (" …" if len(ignored) > 5 else "")
+        items.append(("files ignored (not the run's own results)", f"{len(ignored)}: {names}"))
+    return _section("Overview", _pairs_html(items))
+
+
+def _provenance_html(results_dir: Path) -> str:
+    """ESD settings, the runs that wrote the directory (latest last), versions, meanings."""
+    parts = []
+    settings = _read_json(results_dir / "esd_settings.json")
+    if isinstance(settings, dict):
+        values = settings.get("settings", settings)
+        parts.append("<h3>ESD settings</h3>" + _pairs_html(
+            [(k, v) for k, v in values.items() if not isinstance(v, (dict, list))]))
+    else:
+        parts.append("<p>No esd_settings.json: these results were not written by "
+                     "run_esd_experiment.py, so their ESD settings are unknown.</p>")
+    runs = _read_runs(results_dir)
+    if runs is not None and len(runs):
+        shown = [c for c in ("run_id", "status", "start_time", "duration_s", "backend", "attempted",
+                             "done", "failed", "already_done", "model_list") if c in runs]
+        parts.append(f"<h3>Runs ({len(runs)}, latest last)</h3>" + _table_html(runs[shown].tail(10)))
+        record = _read_json(results_dir / "runs" / str(runs["run_id"].iloc[-1]) / "run.json")
+        if isinstance(record, dict) and isinstance(record.get("versions"), dict):
+            parts.append("<h3>Versions (latest run)</h3>" + _pairs_html(
+                [(k, v if v is not None else "not installed") for k, v in record["versions"].items()]))
+            if record.get("command"):
+                parts.append("<p>Command: <code>" + html.escape(" ".join(map(str, record["command"])))
+                             + "</code></p>")
+    meanings = "".join(f"<dt><code>{html.escape(name)}</code></dt><dd>{html.escape(text)}</dd>"
+                       for name, text in METRIC_MEANINGS)
+    parts.append(f'<h3>What the columns mean</h3><dl class="meanings">{meanings}</dl>'
+                 "<p>Summary columns are statistics of these over a model's layers "
+                 "(<code>alpha_mean</code>, <code>stable_rank_median</code>, …).</p>")
+    return _section("How these results were made", "".join(parts))
+
+
+def _read_json(path: Path):
+    import json
+    try:
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _read_runs(results_dir: Path):
+    path = results_dir / "runs.csv"
+    try:
+        return pd.read_csv(path) if path.is_file() else None
+    except (OSError, ValueError, pd.errors.ParserError):
+        return None
+
+
+def _pairs_html(items) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in items)
-    return _section("Overview", f'<table class="overview">{rows}</table>')
+    return f'<table class="overview">{rows}</table>'
 
 
 def _section(title, body) -> str:
     return f"<section><h2>{html.escape(title)}</h2>\n{body}\n</section>"
 
 
-def _table_html(frame: pd.DataFrame, scroll=False) -> str:
+def _table_html(frame: pd.DataFrame, scroll=False, digits=4) -> str:
     table = frame.to_html(index=False, na_rep="", border=0, classes="data",
-                          float_format=lambda x: f"{x:.4g}")
+                          float_format=lambda x: f"{x:.{digits}g}")
     return f'<div class="scroll">{table}</div>' if scroll else table
 
 
@@ -118,6 +210,9 @@ table.data th {{ background: #f0f0f0; position: sticky; top: 0; }}
 div.scroll {{ max-height: 40em; overflow: auto; }}
 figure {{ margin: 0.5em 0 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ font-size: 0.75em; color: #666; }}
+h3 {{ font-size: 1em; margin: 1em 0 0.3em 0; }}
+dl.meanings {{ font-size: 0.85em; display: grid; grid-template-columns: max-content 1fr;
+  gap: 2px 12px; }} dl.meanings dd {{ margin: 0; }}
 </style></head>
 <body><h1>{title}</h1>
 {body}

@@ -82,8 +82,10 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
     """One row per checkpoint model: model_id, result_file, run, step, step_label.
 
     The step comes from the model list's `step` column, else from `checkpoint_<step>` in
-    the id; `final_checkpoint` without a step is placed one typical interval after its
-    run's last step and labelled `final`. With a model list only its models are kept;
+    the id, else from the checkpoint's own `trainer_state.json` (`global_step`). A
+    `final_checkpoint` whose step none of these gives is only *placed* one typical interval
+    after its run's last step, labelled `final`, and its `step_source` says `placed`
+    (never passed off as a real step). With a model list only its models are kept;
     without one, every model whose id names a checkpoint.
     """
     models = per_layer.drop_duplicates("model_id")[["model_id", "result_file"]].copy()
@@ -97,7 +99,11 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
         if np.isnan(path_step) and not is_final:   # a revision may be in the file name only
             path_step, _ = step_of_model_id(result_file)
         step = listed.get(result_file, np.nan) if listed is not None else np.nan
-        step = path_step if np.isnan(step) else step
+        source = "model list"
+        if np.isnan(step):
+            step, source = path_step, "id"
+        if np.isnan(step):
+            step, source = _trainer_state_step(model_id), "trainer_state.json"
         if np.isnan(step) and not is_final:
             continue
         if by_revision:     # org/name@step3000: the run is the hub model
@@ -105,8 +111,10 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
         else:               # saved_models/<run_id>/checkpoint_<step>: the run is the directory
             run = os.path.dirname(str(model_id).rstrip("/\\")) or "."
         rows.append({"model_id": model_id, "result_file": result_file, "run": run,
-                     "step": step, "is_final": is_final})
-    table = pd.DataFrame(rows, columns=["model_id", "result_file", "run", "step", "is_final"])
+                     "step": step, "is_final": is_final,
+                     "step_source": "placed" if np.isnan(step) else source})
+    table = pd.DataFrame(rows, columns=["model_id", "result_file", "run", "step", "is_final",
+                                        "step_source"])
     if listed is not None:
         missing = len(listed) - len(table)
         if missing > 0:
@@ -126,6 +134,16 @@ def checkpoint_table(per_layer: pd.DataFrame, model_list=None) -> pd.DataFrame:
     table["step_label"] = [("final" if final else f"{step:g}")
                            for step, final in zip(table["step"], table["is_final"])]
     return table.sort_values(["run", "step", "is_final"], kind="stable").reset_index(drop=True)
+
+
+def _trainer_state_step(model_id) -> float:
+    """`global_step` of a HuggingFace Trainer checkpoint directory, else NaN."""
+    import json
+    try:
+        state = json.loads((Path(str(model_id)) / "trainer_state.json").read_text(encoding="utf-8"))
+        return float(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return np.nan
 
 
 def build_over_steps(per_layer, model_list=None, metrics=DEFAULT_STEP_METRICS):
@@ -148,7 +166,7 @@ def build_over_steps(per_layer, model_list=None, metrics=DEFAULT_STEP_METRICS):
     rows = []
     for _, checkpoint in checkpoints.iterrows():
         group = layers[layers["result_file"] == checkpoint["result_file"]]
-        row = {k: checkpoint[k] for k in ("run", "step", "step_label", "model_id")}
+        row = {k: checkpoint[k] for k in ("run", "step", "step_label", "step_source", "model_id")}
         row["num_layers"] = len(group)
         row["num_fit_failed"] = int(group["alpha"].isna().sum()) if "alpha" in group else 0
         for metric in metrics:

@@ -85,5 +85,10 @@ class Backend(abc.ABC):
     def cancel(self, key: str) -> None:
         """Stop the running task `key` (its end is then reported with `cancelled=True`)."""
 
+    def waiting_reasons(self) -> list[str]:
+        """Why tasks that could start have not, one short line each (for the progress display;
+        any thread). Empty by default."""
+        return []
+
     def write_metrics(self, path: Path) -> None:
         """Write what the backend measured (GPU waits, ...), if anything; a no-op by default."""

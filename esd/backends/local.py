@@ -84,6 +84,11 @@ class LocalBackend(Backend):
                 on_job_start=on_job_start, on_job_end=on_job_end)
         except ValueError as exc:  # e.g. --gpus 7 where NVML sees GPUs 0..1
             raise BackendError(str(exc)) from None
+        if s.gpus and dispatcher.mode == "cpu":  # GPUs asked for by number, none usable
+            why = getattr(dispatcher._nvml, "unavailable_reason", None) or "NVML sees no GPU"
+            dispatcher.close()
+            raise BackendError(f"--gpus {' '.join(map(str, s.gpus))}: no GPU can be used here ({why}); "
+                               f"use --gpus none to run on CPU")
         stop_ticking = threading.Event()
         ticker = threading.Thread(target=_tick, args=(hooks, stop_ticking), daemon=True,
                                   name="esd-watchdog")
@@ -105,6 +110,10 @@ class LocalBackend(Backend):
         if dispatcher is not None:
             self._cancelled.add(key)
             dispatcher.cancel(key)
+
+    def waiting_reasons(self) -> list[str]:
+        dispatcher = self._dispatcher
+        return dispatcher.waiting_reasons() if dispatcher is not None else []
 
     def write_metrics(self, path: Path) -> None:
         if self._ran_any:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -213,6 +212,16 @@ def sbatch_command(script_path: Path, settings: SlurmSettings) -> list[str]:
     return ["sbatch", "--parsable", *begin, *settings.extra, str(script_path)]
 
 
+def _quote(value: str) -> str:
+    """One bash word for `value`: shlex.quote, or `$'...'` escapes when it holds a control
+    character (a newline inside quotes would be safe, yet read like a line of its own)."""
+    if not re.search(r"[\x00-\x1f\x7f]", value):
+        return shlex.quote(value)
+    escaped = "".join(c if c.isprintable() and c not in "\\'" else
+                      "\\" + c if c in "\\'" else f"\\x{ord(c):02x}" for c in value)
+    return f"$'{escaped}'"
+
+
 def _comment(text: str) -> str:
     """A value shown in a `#` comment line: one line, whatever it holds (a newline in a path
     must not end the comment and become a command)."""
@@ -226,7 +235,7 @@ def render_script(*, n_tasks: int, settings: SlurmSettings, manifest_path: Path,
     """The sbatch script: a comment header, #SBATCH lines, one `exec` of the worker (under
     coreutils `timeout` when there is a per-model limit). Every value is quoted; a value
     that an #SBATCH line cannot carry (a newline) is refused."""
-    q = shlex.quote
+    q = _quote
     log_pattern = output_dir / "logs" / "slurm" / "%A_%a.log"
     submit = shlex.join(sbatch_command(script_path, settings))
     created = created or datetime.now().isoformat(timespec="seconds")

@@ -28,11 +28,13 @@ import json
 import math
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from esd.failures import ESDFailure
+from esd.loading.log import logger
 from esd.loading.resolved import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, BIN_INDEX,
                                   SAFETENSORS_INDEX)
 
@@ -46,10 +48,14 @@ UNSUPPORTED_WEIGHT_SUFFIXES = (".gguf", ".ggml", ".onnx", ".h5", ".msgpack", ".c
 # --------------------------------------------------------------------------- finding files
 
 def read_json(path: Path, stage: str = "load") -> dict:
+    """A JSON object file; anything else (unreadable, not JSON, nested too deep to parse,
+    not an object) is a `corrupt_file` failure naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ESDFailure(stage, "corrupt_file", f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ESDFailure(stage, "corrupt_file", f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ESDFailure(stage, "corrupt_file", f"{path}: expected a JSON object")
     return data
@@ -60,38 +66,58 @@ def is_adapter_dir(path: Path) -> bool:
         (path / name).is_file() for name in ADAPTER_WEIGHT_FILES)
 
 
+def _regular_files(path: Path, pattern: str) -> list[Path]:
+    """Model weight candidates matching `pattern` directly in `path`: regular files only (a
+    FIFO or device would block or stream forever), adapter and trainer files left out."""
+    found = []
+    for p in sorted(path.glob(pattern)):
+        if p.name.startswith("adapter_model") or NOT_WEIGHTS.search(p.name):
+            continue
+        if not p.is_file():
+            if not p.is_dir():
+                logger.warning(f"{p}: not a regular file; ignored")
+            continue
+        found.append(p)
+    return found
+
+
+def _shards_of(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, all inside its directory."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") or {}
+    if not isinstance(weight_map, dict):
+        raise ESDFailure("load", "corrupt_file", f"{index}: weight_map is not a mapping")
+    names = sorted(set(weight_map.values()))
+    if not names:
+        raise ESDFailure("load", "corrupt_file", f"{index}: empty weight_map")
+    folder = index.parent
+    outside = [n for n in names if not isinstance(n, str) or Path(n).is_absolute()
+               or ".." in Path(n).parts or "/" in n or "\\" in n]
+    if outside:
+        raise ESDFailure("load", "corrupt_file", f"{index} names shards outside its folder "
+                         f"(only file names are allowed): {', '.join(map(str, outside[:3]))}")
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise ESDFailure("load", "corrupt_file", f"{index} lists missing shards: "
+                         f"{', '.join(missing[:3])}")
+    return [folder / n for n in names]
+
+
 def weight_files_in(path: Path) -> list[Path]:
     """The model weight files directly in `path`, by the transformers preference order:
     safetensors index → model.safetensors → other *.safetensors → .bin index →
     pytorch_model.bin → other *.bin → *.pt/*.pth (raw state dicts). [] if none."""
-    def from_index(index: Path) -> list[Path]:
-        data = read_json(index)
-        names = sorted(set((data.get("weight_map") or {}).values()))
-        if not names:
-            raise ESDFailure("load", "corrupt_file", f"{index}: empty weight_map")
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise ESDFailure("load", "corrupt_file", f"{index} lists missing shards: "
-                             f"{', '.join(missing[:3])}")
-        return [path / n for n in names]
-
-    if (path / SAFETENSORS_INDEX).is_file():
-        return from_index(path / SAFETENSORS_INDEX)
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    found = sorted(p for p in path.glob("*.safetensors")
-                   if not p.name.startswith("adapter_model") and not NOT_WEIGHTS.search(p.name))
-    if found:
-        return found
-    if (path / BIN_INDEX).is_file():
-        return from_index(path / BIN_INDEX)
-    if (path / "pytorch_model.bin").is_file():
-        return [path / "pytorch_model.bin"]
-    for pattern in ("*.bin", "*.pt", "*.pth"):
-        found = sorted(p for p in path.glob(pattern)
-                       if not p.name.startswith("adapter_model") and not NOT_WEIGHTS.search(p.name))
-        if found:
-            return found
+    formats = ((SAFETENSORS_INDEX, "model.safetensors", ("*.safetensors",)),
+               (BIN_INDEX, "pytorch_model.bin", ("*.bin", "*.pt", "*.pth")))
+    for index, preferred, patterns in formats:
+        if (path / index).is_file():
+            return _shards_of(path / index)
+        for pattern in patterns:
+            found = _regular_files(path, pattern)
+            if path / preferred in found:
+                return [path / preferred]
+            if found:
+                return found
     return []
 
 
@@ -175,20 +201,22 @@ class TensorSource:
 
 
 class FileCheckpoint(TensorSource):
-    """The tensors of a set of weight files, read one at a time from memory maps.
+    """The tensors of a set of weight files (safetensors, PyTorch .bin/.pt), read one at a time.
 
     Keys are normalised (`module.` / `_orig_mod.` from DDP / torch.compile stripped, a raw
     `{"model": state_dict}` checkpoint unwrapped); `shapes` is known without reading data.
-    A safetensors file is mapped afresh for each tensor and unmapped right after the copy:
-    the pages a tensor touched count in the process's resident memory while mapped, so a
+    A safetensors header is parsed once per file, here; a tensor is then read with plain
+    file reads straight into its float32 output, in row chunks. Nothing is memory-mapped: the
+    pages a mapped tensor touched count in the process's resident memory while mapped, so a
     map held across tensors would grow to the whole file (measured: 0.9 GB after 60 tensors
-    of a 1.3 GB file, against 4 MB with a map per tensor). PyTorch `.bin` files are
-    unpickled once (mapped); at most `OPEN_FILES` of them stay open.
+    of a 1.3 GB file). PyTorch `.bin` files are unpickled once (mapped); at most
+    `OPEN_FILES` of them stay open.
     """
     OPEN_FILES = 2
 
     def __init__(self, files: tuple[Path, ...]):
         self._open: OrderedDict[Path, dict] = OrderedDict()  # unpickled .bin state dicts
+        self._headers: dict[Path, SafetensorsHeader] = {}
         self.key_file: dict[str, Path] = {}
         self.raw_key: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -210,28 +238,10 @@ class FileCheckpoint(TensorSource):
             self._open.popitem(last=False)
         return opened
 
-    @staticmethod
-    def _safe_open(path: Path):
-        from safetensors import safe_open
-        try:
-            return safe_open(str(path), framework="pt")
-        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, …
-            raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
-                             f"({type(exc).__name__}: {exc})") from None
-
     def _index(self, path: Path) -> None:
         if path.suffix == ".safetensors":
-            with self._safe_open(path) as opened:
-                try:
-                    entries = []
-                    for k in opened.keys():
-                        view = opened.get_slice(k)
-                        dtype = view.get_dtype()            # "F32", "BF16", "I8", "BOOL", …
-                        entries.append((k, tuple(view.get_shape()),
-                                        dtype.startswith("F") or dtype == "BF16"))
-                except Exception as exc:  # noqa: BLE001
-                    raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
-                                     f"header ({type(exc).__name__}: {exc})") from None
+            header = self._headers[path] = read_safetensors_header(path)
+            entries = [(k, e.shape, e.floating) for k, e in header.tensors.items()]
         else:
             entries = [(k, tuple(v.shape), v.is_floating_point())
                        for k, v in self._file(path).items()]
@@ -270,8 +280,11 @@ class FileCheckpoint(TensorSource):
         raw = self.raw_key[key]
         try:
             if path.suffix == ".safetensors":
-                with self._safe_open(path) as opened:  # mapped for this tensor only
-                    return float32_copy(opened.get_slice(raw))
+                header = self._headers[path]
+                entry = header.tensors[raw]
+                with open(path, "rb") as f:
+                    f.seek(header.data_start + entry.begin)
+                    return float32_tensor(entry, f.readinto)
             t = self._file(path)[raw]                  # a view of the memory map
             return t.to(torch.float32, copy=True).contiguous()
         except ESDFailure:
@@ -281,20 +294,120 @@ class FileCheckpoint(TensorSource):
                              f"({type(exc).__name__}: {exc})") from None
 
 
+# --------------------------------------------------------------------------- safetensors
+
+# safetensors dtype names → torch dtypes (https://github.com/huggingface/safetensors).
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size()
+             for name, dtype in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000     # the limit of the safetensors library itself
 CONVERT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
-def float32_copy(view) -> torch.Tensor:
-    """A float32 copy of a safetensors slice, converted in row chunks: a bf16/fp16 tensor
-    never sits in memory twice (stored dtype + float32) in full."""
-    shape = tuple(view.get_shape())
-    if view.get_dtype() == "F32" or len(shape) < 2:
-        return view[:].to(torch.float32)
-    out = torch.empty(shape, dtype=torch.float32)
-    rows = max(1, CONVERT_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
-    for start in range(0, shape[0], rows):
-        out[start:start + rows] = view[start:start + rows]  # (rows, …) stored dtype → float32
+@dataclass(frozen=True)
+class SafetensorEntry:
+    dtype: str                     # "F32", "BF16", "I8", "BOOL", …
+    shape: tuple[int, ...]
+    begin: int                     # byte offsets in the data section (after the header)
+    end: int
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype.startswith("F") or self.dtype == "BF16"
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, SafetensorEntry]
+    data_start: int                # byte offset of the data section in the file
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The parsed and checked header of a safetensors file (read once, never mapped)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {length} does not fit a {size}-byte file")
+            header = f.read(length)
+    except OSError as exc:
+        raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
+                         f"({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise ESDFailure("load", "corrupt_file", f"{path.name}: unreadable safetensors "
+                         f"header ({exc})") from None
+    return parse_safetensors_header(header, size - 8 - length, path.name)
+
+
+def parse_safetensors_header(header: bytes, data_bytes: int, name: str) -> SafetensorsHeader:
+    """Check a safetensors header (the JSON after the 8-byte length) against the size of the
+    data section that follows it; any inconsistency is a `corrupt_file` naming the file."""
+    try:
+        raw = json.loads(header)
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        tensors = {key: _safetensor_entry(key, value, data_bytes)
+                   for key, value in raw.items() if key != "__metadata__"}
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ESDFailure("load", "corrupt_file", f"{name}: unreadable safetensors header "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    return SafetensorsHeader(tensors, 8 + len(header))
+
+
+def _safetensor_entry(key: str, value, data_bytes: int) -> SafetensorEntry:
+    dtype, shape = value.get("dtype"), value.get("shape")
+    begin, end = value.get("data_offsets") or (None, None)
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{key}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        raise ValueError(f"{key}: bad shape {shape!r}")
+    if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_bytes):
+        raise ValueError(f"{key}: data_offsets {value.get('data_offsets')!r} outside the "
+                         f"{data_bytes}-byte data section")
+    if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
+        raise ValueError(f"{key}: {end - begin} bytes for shape {shape} of {dtype}")
+    return SafetensorEntry(dtype, tuple(shape), begin, end)
+
+
+def float32_tensor(entry: SafetensorEntry, read_into) -> torch.Tensor:
+    """A float32 copy of one stored tensor whose bytes `read_into(buffer)` delivers in order
+    (a file's `readinto`, or anything filling a writable buffer and returning the count).
+    Converted in row chunks: a bf16/fp16 tensor never sits in memory twice in full."""
+    out = torch.empty(entry.shape, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    stored = SAFETENSORS_DTYPES[entry.dtype]
+    flat = out.view(-1)
+    if stored == torch.float32:    # straight into the output
+        _fill(read_into, memoryview(flat.numpy()).cast("B"))
+        return out
+    row = max(1, math.prod(entry.shape[1:])) if len(entry.shape) >= 2 else flat.numel()
+    step = max(1, CONVERT_CHUNK_ELEMENTS // row) * row    # whole rows per chunk
+    itemsize = _ITEMSIZE[entry.dtype]
+    chunk = bytearray(min(step, flat.numel()) * itemsize)
+    for start in range(0, flat.numel(), step):
+        count = min(step, flat.numel() - start)
+        view = memoryview(chunk)[: count * itemsize]
+        _fill(read_into, view)
+        flat[start:start + count] = torch.frombuffer(view, dtype=stored)  # stored → float32
     return out
+
+
+def _fill(read_into, buffer: memoryview) -> None:
+    done = 0
+    while done < len(buffer):
+        got = read_into(buffer[done:])
+        if not got:
+            raise ValueError(f"data ends after {done} of {len(buffer)} bytes")
+        done += got
 
 
 def normalise_key(key: str) -> str:

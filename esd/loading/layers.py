@@ -164,57 +164,17 @@ class KeyMatcher:
 def plan_layers(resolved: ResolvedModel,
                 ckpt: TensorSource) -> tuple[list[tuple[str, str, bool]], dict[str, str]]:
     """The analysable modules in model order, as (longname, layer_type, transposed), and the
-    checkpoint key of each. Tied modules map to the same key."""
+    checkpoint key of each. Tied modules map to the same key. Linear in the number of
+    modules and tensors: each is looked at a fixed number of times."""
     check_index_complete(resolved.weight_files, ckpt)
-    config = load_config(resolved)
-    model = None
-    if config is not None:
-        try:
-            model = build_model(config, resolved.trust_remote_code, meta=True)
-        except Exception as exc:  # noqa: BLE001
-            logger.warning(f"{resolved.model_id}: transformers cannot build "
-                           f"{getattr(config, 'architectures', None)} ({str(exc)[:200]}); "
-                           "layers found by the name/shape rule")
-    weight_keys = {k: s for k, s in ckpt.shapes.items()}
+    model = _skeleton(resolved)
     modules: list[tuple[str, str, bool]] = []
     keys: dict[str, str] = {}
     claimed: set[str] = set()
     if model is not None:
-        match = KeyMatcher(weight_keys, getattr(model, "base_model_prefix", "") or "")
-        missing = []
-        for name, param in model.named_parameters(remove_duplicate=False):
-            key = match(name)
-            if key is not None:
-                claimed.add(key)
-        key_of_param: dict[int, str] = {}   # tied modules share one Parameter
-        for name, module in model.named_modules(remove_duplicate=False):
-            kind = module_layer_type(module)
-            if kind is None or getattr(module, "weight", None) is None:
-                continue
-            own_key = match(f"{name}.weight")
-            key = key_of_param.get(id(module.weight)) or own_key
-            if own_key is not None and key != own_key and not _same_values(ckpt, key, own_key):
-                # Tied in the config, but the checkpoint holds two different copies:
-                # transformers unties them on loading, so both are layers of the model.
-                logger.warning(f"{resolved.model_id}: {name} is tied to {key} in the config but "
-                               f"the checkpoint holds a different {own_key}; both are analysed")
-                key = own_key
-            if key is None:
-                key = _tied_source_key(model, name, match)
-            if key is not None:
-                key_of_param.setdefault(id(module.weight), key)
-            if key is None:
-                missing.append(name)
-                continue
-            modules.append((name, kind[0], kind[1]))
-            keys[name] = key
-            claimed.add(key)
-        if missing:
-            logger.warning(f"{resolved.model_id}: {len(missing)} module(s) not in the "
-                           "checkpoint, skipped (transformers would initialise them randomly): "
-                           f"{', '.join(missing[:5])}")
+        claimed = _skeleton_layers(resolved, model, ckpt, modules, keys)
         del model
-    leftovers = [k for k, s in weight_keys.items() if k not in claimed and k.endswith(".weight")
+    leftovers = [k for k, s in ckpt.shapes.items() if k not in claimed and k.endswith(".weight")
                  and rule_layer_type(k, len(s))]
     if leftovers and modules:
         logger.warning(f"{resolved.model_id}: {len(leftovers)} checkpoint weight(s) outside the "
@@ -222,8 +182,67 @@ def plan_layers(resolved: ResolvedModel,
                        f"{', '.join(leftovers[:5])}")
     for key in sorted(leftovers, key=natural_key):
         name = key[: -len(".weight")]
-        modules.append((name, rule_layer_type(key, len(weight_keys[key])), False))
+        modules.append((name, rule_layer_type(key, len(ckpt.shapes[key])), False))
         keys[name] = key
+    _check_plan(resolved, ckpt, modules, keys)
+    return modules, keys
+
+
+def _skeleton(resolved: ResolvedModel) -> nn.Module | None:
+    """The model built from config.json on the meta device, or None (with a warning)."""
+    config = load_config(resolved)
+    if config is None:
+        return None
+    try:
+        return build_model(config, resolved.trust_remote_code, meta=True)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning(f"{resolved.model_id}: transformers cannot build "
+                       f"{getattr(config, 'architectures', None)} ({str(exc)[:200]}); "
+                       "layers found by the name/shape rule")
+        return None
+
+
+def _skeleton_layers(resolved: ResolvedModel, model: nn.Module, ckpt: TensorSource,
+                     modules: list, keys: dict) -> set[str]:
+    """Append the skeleton's analysable modules found in the checkpoint to `modules` / `keys`;
+    returns every checkpoint key the skeleton accounts for (parameters included)."""
+    match = KeyMatcher(ckpt.shapes, getattr(model, "base_model_prefix", "") or "")
+    key_of_param: dict[int, str] = {}   # tied modules share one Parameter: its first key
+    claimed: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        key = match(name)
+        if key is not None:
+            key_of_param.setdefault(id(param), key)
+            claimed.add(key)
+    missing = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        kind = module_layer_type(module)
+        weight = getattr(module, "weight", None)
+        if kind is None or weight is None:
+            continue
+        own_key = match(f"{name}.weight")
+        key = key_of_param.get(id(weight)) or own_key
+        if own_key is not None and key != own_key and not _same_values(ckpt, key, own_key):
+            # Tied in the config, but the checkpoint holds two different copies:
+            # transformers unties them on loading, so both are layers of the model.
+            logger.warning(f"{resolved.model_id}: {name} is tied to {key} in the config but "
+                           f"the checkpoint holds a different {own_key}; both are analysed")
+            key = own_key
+        if key is None:
+            missing.append(name)
+            continue
+        modules.append((name, kind[0], kind[1]))
+        keys[name] = key
+        claimed.add(key)
+    if missing:
+        logger.warning(f"{resolved.model_id}: {len(missing)} module(s) not in the "
+                       "checkpoint, skipped (transformers would initialise them randomly): "
+                       f"{', '.join(missing[:5])}")
+    return claimed
+
+
+def _check_plan(resolved: ResolvedModel, ckpt: TensorSource, modules: list, keys: dict) -> None:
+    """No layer at all, or integer layers (quantized without saying so), is a typed failure."""
     not_float = [keys[name] for name, _, _ in modules if not ckpt.floating.get(keys[name], True)]
     if not_float:
         raise ESDFailure("load", "quantized_unsupported", f"{resolved.model_id}: integer/bool "
@@ -236,7 +255,6 @@ def plan_layers(resolved: ResolvedModel,
                              "trust_remote_code")
         raise ESDFailure("load", "no_weights", f"{resolved.model_id}: no analysable weight "
                          "(2-D/3-D/4-D `*.weight`) in the checkpoint")
-    return modules, keys
 
 
 def _same_values(ckpt: TensorSource, key: str, other: str) -> bool:
@@ -244,18 +262,6 @@ def _same_values(ckpt: TensorSource, key: str, other: str) -> bool:
     if ckpt.shapes[key] != ckpt.shapes[other]:
         return False
     return torch.equal(ckpt.tensor(key), ckpt.tensor(other))
-
-
-def _tied_source_key(model: nn.Module, name: str, match: KeyMatcher) -> str | None:
-    """For a module whose weight is tied to another parameter (lm_head ↔ embeddings), the
-    checkpoint key of the parameter it shares its tensor with."""
-    weight = model.get_submodule(name).weight
-    for other, param in model.named_parameters(remove_duplicate=False):
-        if param is weight and other != f"{name}.weight":
-            key = match(other)
-            if key is not None:
-                return key
-    return None
 
 
 def natural_key(text: str):

@@ -11,11 +11,13 @@ Must not: write weights to disk, compute metrics, or decide which tensors are la
 
 Retries (backoff doubling from `ESD_HUB_BACKOFF_S`, default 1 s, `ESD_HUB_RETRIES` tries,
 default 5): 429 (waiting `Retry-After`), 5xx, cut connections and wrong range answers.
-401/403/410 from the CDN mean an expired signed URL: a new HEAD refreshes it. When the
+401/403/410 from the CDN mean an expired signed URL: a new HEAD refreshes it (not counted
+as a try; at most `MAX_REFRESHES` per read). When the
 retries are spent the failure is typed: `rate_limited`, `hub_unavailable`,
 `download_interrupted` (all retryable by the orchestrator) or `bad_range_response`.
-Memory: at most `prefetch + 1` chunks of `chunk_bytes` (a tensor larger than a chunk is one
-chunk of its own) plus the float32 tensor handed out.
+Memory: the chunks read ahead stay under `PREFETCH_BYTES` (at least one is read ahead; a
+tensor larger than a chunk is one chunk of its own), plus the chunk in use and the float32
+tensor handed out.
 """
 from __future__ import annotations
 
@@ -31,12 +33,15 @@ from dataclasses import dataclass
 import torch
 
 from esd.failures import ESDFailure
+from esd.loading.checkpoint import TensorSource
 
-CHUNK_BYTES = 64 * 1024 * 1024
-PREFETCH_CHUNKS = 2
+CHUNK_BYTES = 16 * 1024 * 1024       # small chunks: the first layer waits for one only
+PREFETCH_CHUNKS = 4                   # chunks read ahead on threads …
+PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under this
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
 MAX_HEADER = 100 * 1000 * 1000    # what the safetensors crate accepts
 REFRESH_STATUSES = (401, 403, 410)
+MAX_REFRESHES = 3                 # fresh signed URLs per read before giving up
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -158,14 +163,21 @@ class RemoteFile:
         reason = "download_interrupted"
         delay = _backoff_s()
         tries = _retries()
-        for attempt in range(tries):
+        refreshes = 0
+        attempt = 0
+        while attempt < tries:
             wait = delay
             try:
                 response = call()
             except _Refreshed:
-                last, reason = "signed URL expired (refreshed)", "hub_unavailable"
+                # a fresh signed URL does not spend a try, but a CDN that refuses every
+                # fresh URL is not retried for ever
+                last, reason = "the CDN refused fresh signed URLs", "hub_unavailable"
+                refreshes += 1
                 self.stats.retries += 1
-                continue
+                if refreshes <= MAX_REFRESHES:
+                    continue
+                break
             except _WrongAnswer as exc:
                 last, reason = str(exc), "bad_range_response"
             except httpx2.TransportError as exc:
@@ -187,7 +199,8 @@ class RemoteFile:
                 else:
                     return response
             self.stats.retries += 1
-            if attempt + 1 < tries:
+            attempt += 1
+            if attempt < tries:
                 time.sleep(wait)
                 delay *= 2
         retryable = reason != "bad_range_response"
@@ -231,7 +244,7 @@ class _Entry:
     end: int
 
 
-class StreamedSafetensors:
+class StreamedSafetensors(TensorSource):
     """The tensors of remote safetensors files, with the local checkpoint's interface.
 
     `normalise` maps a raw key to the name the loader uses (the local checkpoint strips
@@ -292,7 +305,12 @@ class StreamedSafetensors:
             except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
                 future.set_exception(exc)
             self._pending[index] = future
+        ahead_bytes = 0
         for ahead in range(index + 1, min(len(self._chunks), index + 1 + self.prefetch)):
+            _, begin, end, _ = self._chunks[ahead]
+            if ahead_bytes and ahead_bytes + (end - begin) > PREFETCH_BYTES:
+                break                                   # bounded memory read ahead
+            ahead_bytes += end - begin
             if ahead not in self._pending and self._pool is not None:
                 self._pending[ahead] = self._pool.submit(self._fetch, ahead)
         return future

@@ -1,0 +1,16 @@
+"""After the run: the per-model CSVs of a results directory turned into answers.
+
+One module per job, so each is found by name (`analyze_results.py` is their command line):
+
+    results.py   which files are results (only the run's own `<safe_id>.csv`; others are
+                 listed as ignored; only regular files are opened), the per-layer table,
+                 layer selection
+    summary.py   summary.csv (always every layer) and summary_filtered.csv (selected layers)
+    queries.py   filter / sort / show / hide / limit, the extremes of --verbose
+    plots.py     the PNG figures under plots/
+    adapters.py  adapter (or fine-tune) minus its base, layer by layer
+    steps.py     metrics over training steps (over_steps.csv)
+    report.py    report.html, which also says how the results were made
+
+Nothing here loads a model or computes a spectral metric: it reads what the workers wrote.
+"""
