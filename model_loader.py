@@ -9,7 +9,10 @@ module named after it:
                                 reading one float32 CPU tensor at a time (safetensors, .bin).
 - `esd/loading/layers.py`     — which tensors are layers: meta-device skeleton, key matching,
                                 tied weights, the name/shape rule; walking an nn.Module.
-- `esd/loading/lora.py`       — adapters: the base, LoRA scaling, the streaming merge, peft's merge.
+- `esd/loading/lora.py`       — adapters: the base, LoRA scaling, the streaming merge,
+                                peft's merge, an adapter's update alone.
+- `esd/loading/deltas.py`     — a fine-tune as its difference from its base.
+- `esd/loading/log.py`        — the `model_loader` logger and `warn=` callbacks.
 
 Owns here: `resolve_model` (an id — local directory, `org/name`, `org/name@rev`, training
 checkpoint directory — to a `ResolvedModel`) and `iter_layers` (its layers, one at a time, as
@@ -37,21 +40,23 @@ from typing import Iterator
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.checkpoint import (FileCheckpoint, check_not_quantized, find_weights,
-                                    is_adapter_dir)
+from esd.loading.checkpoint import check_not_quantized, find_weights, is_adapter_dir
 from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_cache,
                              open_weights, plan_reads, remote_weights,
                              looks_like_hub_id)
+from esd.loading.deltas import iter_delta_layers
 from esd.loading.layers import plan_layers
-from esd.loading.lora import iter_adapter_layers, resolve_adapter
+from esd.loading.lora import iter_adapter_layers, iter_adapter_updates, resolve_adapter
 from esd.loading.log import Warn, iter_with_warnings_to, logger, warnings_to
 from esd.loading.resolved import CONFIG_FILE, ResolvedModel
 from esd.model_list import ModelEntry, RevisionConflict, relation_says_adapter, split_revision
+from esd.schema import LAYER_MODES
 
 __all__ = ["ResolvedModel", "install_into_hub_cache", "iter_layers", "resolve_model"]
 
 
-def resolve_model(model_id: "str | ModelEntry", revision: str | None = None, source_model: str | None = None,
+def resolve_model(model_id: "str | ModelEntry", revision: str | None = None,
+                  source_model: str | None = None,
                   base_model_relation: str | None = None, *, trust_remote_code: bool = False,
                   cache_dir: str | None = None, warn: Warn | None = None) -> ResolvedModel:
     """Resolve an id (local dir, `org/name`, `org/name@rev`) to files; for an adapter, also
@@ -157,13 +162,50 @@ def _with_weights(resolved: ResolvedModel, source_model: str | None) -> Resolved
     return resolved
 
 
-def iter_layers(resolved: ResolvedModel, *,
-                warn: Warn | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
+def iter_layers(resolved: ResolvedModel, *, warn: Warn | None = None,
+                mode: str = "weights") -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield `(longname, layer_type, tensor)` one layer at a time; `tensor` is a float32 CPU
     tensor the caller owns. Adapters are merged into their base on the way. Warnings go to
-    `warn`, else to the callback given to `resolve_model`, else to the `model_loader` logger."""
-    layers = iter_adapter_layers(resolved) if resolved.is_adapter else _full_model_layers(resolved)
+    `warn`, else to the callback given to `resolve_model`, else to the `model_loader` logger.
+
+    mode (`esd.schema.LAYER_MODES`): `weights` (the model's weights); `delta_from_base`
+    (W_ft − W_base, base = the model's `source_model`; names end in `.delta_from_base`);
+    `adapter_update` (a LoRA adapter's (α/r)·B·A alone; names end in `.adapter_update`)."""
+    if mode not in LAYER_MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(LAYER_MODES)}")
+    if mode == "adapter_update":
+        layers = _adapter_updates(resolved)
+    elif mode == "delta_from_base":
+        layers = _deltas_from_base(resolved)
+    else:
+        layers = iter_adapter_layers(resolved) if resolved.is_adapter \
+            else _full_model_layers(resolved)
     return iter_with_warnings_to(layers, warn or resolved.warn)
+
+
+def _adapter_updates(resolved: ResolvedModel):
+    if not resolved.is_adapter:
+        raise ESDFailure("load", "not_an_adapter", f"{resolved.model_id}: adapter_update needs "
+                         "an adapter (adapter_config.json + adapter_model.*)")
+    yield from iter_adapter_updates(resolved)
+
+
+def _deltas_from_base(resolved: ResolvedModel):
+    if resolved.is_adapter:
+        raise ESDFailure("load", "adapter_unsupported", f"{resolved.model_id}: an adapter's "
+                         "difference from its base is its update: use adapter_update")
+    if not resolved.source_model:
+        raise ESDFailure("resolve", "base_unresolved", f"{resolved.model_id}: delta_from_base "
+                         "needs the model's base (the model list's source_model column)")
+    try:
+        base = resolve_model(resolved.source_model, trust_remote_code=resolved.trust_remote_code)
+    except ESDFailure as failure:
+        failure.message = f"base {resolved.source_model} of {resolved.model_id}: {failure.message}"
+        raise
+    if base.is_adapter:
+        raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
+                         f"{resolved.source_model} is an adapter")
+    yield from iter_delta_layers(resolved, base)
 
 
 def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:

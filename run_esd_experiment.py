@@ -359,7 +359,8 @@ def check_esd_settings(config: ExperimentConfig) -> None:
     """Refuse to mix results computed with different ESD settings in one directory: claimed
     atomically and held for the run's life (esd/run_lock.py)."""
     try:
-        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite)
+        run_lock.claim_settings(config.output_dir, asdict(config.esd), overwrite=config.overwrite,
+                                defaults=asdict(ESDSettings()))
     except run_lock.SettingsConflict as exc:
         raise ConfigError(str(exc)) from None
 
@@ -573,9 +574,6 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         log.info("  failed %-40s %d", reason, count)
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
-    disk_full = diskfull.final_line(config.output_dir, outcome.failed.values())
-    if disk_full:
-        log.warning(disk_full)
     if page is not None:
         log.info("report:   %s  (open it in a browser: %s)", page, page.resolve().as_uri())
     if summary is not None:

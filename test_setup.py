@@ -372,6 +372,34 @@ def check_hf_offline() -> list[Check]:
                   details={"offline": False})]
 
 
+HUB_PROBE_ID = "sentence-transformers/all-MiniLM-L6-v2"   # the demo's model
+
+
+def check_hf_hub_reachable(timeout_s: float = 3.0) -> list[Check]:
+    """Whether the hub answers (one HEAD, short timeout): online runs ask it about every model;
+    when it does not answer, cached models are used at once and others fail (retryable)."""
+    from urllib import error, request
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+    if offline:
+        return [Check(OK, "hf hub reachable", f"not contacted (offline mode): {endpoint}",
+                      details={"endpoint": endpoint, "reachable": None})]
+    try:
+        request.urlopen(request.Request(f"{endpoint}/api/models/{HUB_PROBE_ID}", method="HEAD"),
+                        timeout=timeout_s).close()
+    except error.HTTPError:
+        pass  # any HTTP answer: the hub is there
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return [Check(WARN, "hf hub reachable", f"{endpoint} does not answer within "
+                      f"{timeout_s:g}s ({_first_line(reason)})",
+                      "models in the hub cache still run; on a machine without internet access "
+                      "set HF_HUB_OFFLINE=1 (no hub requests at all)",
+                      {"endpoint": endpoint, "reachable": False})]
+    return [Check(OK, "hf hub reachable", f"{endpoint} answers",
+                  details={"endpoint": endpoint, "reachable": True})]
+
+
 def check_hf_cache(min_free_gb: float = MIN_FREE_CACHE_GB) -> list[Check]:
     """Where models are downloaded (HF_HUB_CACHE, under HF_HOME) and the free disk there."""
     try:
@@ -532,6 +560,7 @@ def run_checks(output_dir: str | os.PathLike = "results", slurm: bool = False) -
     checks += _guarded(check_gpu_consistency, checks)
     checks += _guarded(check_hf_token)
     checks += _guarded(check_hf_offline)
+    checks += _guarded(check_hf_hub_reachable)
     checks += _guarded(check_hf_cache)
     checks += _guarded(check_output_dir, output_dir)
     if slurm:

@@ -52,16 +52,19 @@ def read_settings(output_dir) -> dict | None:
     return stored
 
 
-def differences(stored: dict, wanted: dict) -> dict:
-    """{setting: (stored, wanted)} for every setting of `wanted` the stored ones disagree on."""
-    return {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+def differences(stored: dict, wanted: dict, defaults: dict | None = None) -> dict:
+    """{setting: (stored, wanted)} for every setting of `wanted` the stored ones disagree on;
+    a setting missing from `stored` (newer than the file) counts as its value in `defaults`."""
+    defaults = defaults or {}
+    return {k: (stored.get(k, defaults.get(k)), v) for k, v in wanted.items()
+            if stored.get(k, defaults.get(k)) != v}
 
 
 def _said(diff: dict) -> str:
     return ", ".join(f"{k}: {old!r} there, {new!r} asked" for k, (old, new) in diff.items())
 
 
-def claim_settings(output_dir, wanted: dict, overwrite: bool = False) -> None:
+def claim_settings(output_dir, wanted: dict, overwrite: bool = False, defaults: dict | None = None) -> None:
     """Claim `output_dir` for results computed with `wanted`, and hold it until this process
     exits (or `release`). `overwrite`: the stored settings may be replaced, if no live run
     uses them. Raises SettingsConflict with the message for the user."""
@@ -76,7 +79,7 @@ def claim_settings(output_dir, wanted: dict, overwrite: bool = False) -> None:
                 if not overwrite:
                     raise
                 stored = {}
-            diff = differences(stored, wanted) if stored is not None else None
+            diff = differences(stored, wanted, defaults) if stored is not None else None
             if diff:  # other settings stored: only a run that may replace them, alone, can
                 if not _try_exclusive(fd):
                     raise SettingsConflict(

@@ -636,3 +636,12 @@ def test_every_esd_panel_has_labelled_ticks_on_both_axes(low, high):
             assert len(shown) >= 2, (low, high, axis.axis_name, shown)
     finally:
         plt.close(fig)
+
+
+def test_a_local_model_whose_name_carries_a_hash_is_read_even_where_its_path_is_absent(tmp_path):
+    from esd.model_list import safe_id as name_of
+    model_id = "/elsewhere/run/a--b"            # its worker named it with local=True (a hash)
+    path = write_layers(tmp_path, model_id, [{}, {}])
+    path.rename(tmp_path / f"{name_of(model_id, local=True)}.csv")
+    scan = ar.scan_results(tmp_path)
+    assert scan.ignored == [] and scan.per_layer["model_id"].unique().tolist() == [model_id]

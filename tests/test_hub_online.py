@@ -130,9 +130,14 @@ def test_hub_ids_download_online_and_match_the_same_weights_read_locally(hub, tm
     assert hub.requests("cdn") and not any("authorization" in r.headers for r in hub.requests("cdn"))
 
 
-def test_missing_repo_revision_and_gated_fail_typed_through_the_real_client(hub, tmp_path, repos):
+def test_missing_repo_revision_base_and_gated_fail_typed_through_the_real_client(hub, tmp_path,
+                                                                                built, repos):
+    from tiny_models import save_adapter
+    orphan = save_adapter("gpt2", built["base"], tmp_path / "orphan", base_id="org/absent-base",
+                          target_modules=["c_attn"], fan_in_fan_out=True)
+    hub.add_repo("org/orphan-lora", orphan)
     rows = [{"model_id": "nobody/missing"}, {"model_id": "org/tiny-gpt2@v9"},
-            {"model_id": "org/gated"}]
+            {"model_id": "org/gated"}, {"model_id": "org/orphan-lora"}]
     result, out = run_experiment(hub, tmp_path, rows, token="hf_wrong")
     assert result.returncode == 1
     records = failures(out)
@@ -140,8 +145,10 @@ def test_missing_repo_revision_and_gated_fail_typed_through_the_real_client(hub,
     # (the Hub answers 401 for a missing repo: with a token it may be private, without access)
     assert got == {"nobody/missing": ("unauthorized", False),
                    "org/tiny-gpt2@v9": ("revision_not_found", False),
-                   "org/gated": ("gated", False)}
+                   "org/gated": ("gated", False),
+                   "org/orphan-lora": ("adapter_base_unresolved", False)}
     assert "not found" in records["nobody/missing"]["message"]
+    assert "org/absent-base" in records["org/orphan-lora"]["message"]
     assert "no access" in records["org/gated"]["message"]
     assert "hf_wrong" not in (out / "failed_models.txt").read_text()
     # without a token: gated too, and the message says to set HF_TOKEN
@@ -256,3 +263,46 @@ def test_enospc_while_downloading_is_a_retryable_disk_full_and_earlier_results_s
     assert (record["reason"], record["retryable"]) == ("disk_full", True), record
     assert "no space left" in record["message"]
     assert len(list(out.glob("*gpt2*.csv"))) == 1          # the local model's result is there
+
+
+def test_the_setup_doctor_says_whether_the_hub_answers(hub, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import test_setup
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    (check,) = test_setup.check_hf_hub_reachable(timeout_s=2)
+    assert (check.status, check.details["reachable"]) == ("OK", True)
+    assert [r.method for r in hub.requests("hub")] == ["HEAD"]
+    hub.stop()
+    (check,) = test_setup.check_hf_hub_reachable(timeout_s=2)
+    assert check.status == "WARN" and "HF_HUB_OFFLINE=1" in check.hint
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (check,) = test_setup.check_hf_hub_reachable(timeout_s=2)
+    assert check.status == "OK" and check.details["reachable"] is None
+
+
+def test_kill_9_mid_download_then_the_same_command_completes(hub, tmp_path):
+    import os
+    import signal
+    big = save_model("llama", tmp_path / "big", config={
+        "hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 8000})
+    hub.add_repo("org/big", big)
+    hub.faults.bandwidth_bps = 1e6                    # ~4 s for the weights
+    model_list = write_model_list(tmp_path / "models.csv", [{"model_id": "org/big"}])
+    env = hub.subprocess_env(tmp_path / "hf_home", TOKEN)
+    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    argv = RUN + ["--model_list", str(model_list), "--output_dir", str(tmp_path / "out")] + FAST
+    run = subprocess.Popen(argv, env=env, cwd=tmp_path, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not hub.requests("cdn"):
+        time.sleep(0.05)
+    assert hub.requests("cdn"), "the download never started"
+    time.sleep(0.5)
+    os.killpg(run.pid, signal.SIGKILL)                # orchestrator and worker, mid-transfer
+    run.wait()
+    assert not (tmp_path / "out" / "org--big.csv").exists()
+    hub.faults.bandwidth_bps = None
+    result, out = run_experiment(hub, tmp_path, [{"model_id": "org/big"}])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "org--big.csv").exists() and not failures(out)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -19,26 +20,33 @@ from loader_models import (analysable_weights, load_model, offline_hub, save_ada
 from model_loader import iter_layers, resolve_model
 
 
+_UNBLOCKER = """
+import os, sys, time
+time.sleep(float(sys.argv[1]))
+while True:
+    for fifo in sys.argv[2:]:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            print(fifo, flush=True)
+        except OSError:          # no reader waiting: nothing to unblock
+            pass
+    time.sleep(0.2)
+"""
+
+
 @contextmanager
 def no_hang(*fifos, seconds: float = 20):
-    """Fail the test instead of blocking forever in open() of a FIFO: after `seconds`, a
-    writer opens each FIFO (which unblocks a reader, who then sees an empty file)."""
-    unblocked = []
-
-    def unblock():
-        for fifo in fifos:
-            try:
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-                unblocked.append(str(fifo))
-            except OSError:        # no reader waiting: nothing to unblock
-                pass
-    timer = threading.Timer(seconds, unblock)
-    timer.start()
+    """Fail the test instead of blocking forever in open() of a FIFO: after `seconds`, another
+    process keeps opening each FIFO for writing, which unblocks a reader (who then sees an
+    empty file). A process, since a reader blocked in a C extension may hold the GIL."""
+    helper = subprocess.Popen([sys.executable, "-c", _UNBLOCKER, str(seconds), *map(str, fifos)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         yield
     finally:
-        timer.cancel()
-    assert not unblocked, f"blocked reading {unblocked}"
+        helper.kill()
+        unblocked = helper.communicate()[0].split()
+    assert not unblocked, f"blocked reading {sorted(set(unblocked))}"
 
 
 # --------------------------------------------------------------------------- only regular files

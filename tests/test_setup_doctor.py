@@ -66,6 +66,7 @@ def run_doctor(tmp_path: Path, args: tuple = (), env: dict | None = None,
     (a fake-NVML script) the fake pynvml comes first on PYTHONPATH."""
     full_env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
     full_env["HF_HOME"] = str(tmp_path / "hf_home")
+    full_env["HF_ENDPOINT"] = "http://127.0.0.1:9"   # the hub check stays on loopback (no answer)
     if fake_gpus is not None:
         script = tmp_path / "nvml_script.json"
         script.write_text(json.dumps(fake_gpus))

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from esd.atomic_files import atomic_path
-from esd.model_list import ModelEntry, parse_model_id, result_csv_path
+from esd.model_list import parse_model_id, safe_id
+from esd.schema import LAYER_TYPES  # the one place of the layer types (re-exported here)
 
 PER_MODEL_KEY_COLUMNS = ("model_id", "longname", "alpha")   # what makes a CSV a per-model CSV
-LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
 # files of the run and of the analysis itself: never results, never listed as ignored
 OWN_OUTPUTS = ("summary.csv", "summary_filtered.csv", "over_steps.csv", "over_steps_layers.csv",
                "runs.csv")
@@ -84,15 +84,16 @@ def _is_regular_file(path: Path) -> bool:
 
 
 def _own_result_names(model_id: str) -> set[str]:
-    """The file names the worker gives the result of `model_id` (the CSV's model_id column:
-    `org/name@rev` or a local path, split or not at `@` since the path may not exist here)."""
-    names = {result_csv_path(".", ModelEntry(model_id)).name}
-    base, _, revision = str(model_id).rpartition("@")
+    """The file names the worker may have given the result of `model_id` (the CSV's
+    model_id column, `org/name@rev` or a local path). Where the path is not here (another
+    machine, another working directory) it is unknown whether the id was split at `@` or
+    was a local directory, so every reading is allowed; each is still that id's own name."""
+    model_id = str(model_id)
+    readings = {parse_model_id(model_id), (model_id, None)}
+    base, _, revision = model_id.rpartition("@")
     if base and revision:
-        names.add(result_csv_path(".", ModelEntry(base, revision)).name)
-    split = parse_model_id(str(model_id))
-    names.add(result_csv_path(".", ModelEntry(*split)).name)
-    return names
+        readings.add((base, revision))
+    return {f"{safe_id(name, rev, local=local)}.csv" for name, rev in readings for local in (True, False)}
 
 
 def _read_per_model_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:

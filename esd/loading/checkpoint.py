@@ -304,6 +304,8 @@ SAFETENSORS_DTYPES = {
     "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size()
+             for name, dtype in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000     # the limit of the safetensors library itself
 CONVERT_CHUNK_ELEMENTS = 8 * 1024 * 1024
 
@@ -370,8 +372,7 @@ def _safetensor_entry(key: str, value, data_bytes: int) -> SafetensorEntry:
     if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_bytes):
         raise ValueError(f"{key}: data_offsets {value.get('data_offsets')!r} outside the "
                          f"{data_bytes}-byte data section")
-    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
-    if end - begin != math.prod(shape) * itemsize:
+    if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:
         raise ValueError(f"{key}: {end - begin} bytes for shape {shape} of {dtype}")
     return SafetensorEntry(dtype, tuple(shape), begin, end)
 
@@ -390,7 +391,7 @@ def float32_tensor(entry: SafetensorEntry, read_into) -> torch.Tensor:
         return out
     row = max(1, math.prod(entry.shape[1:])) if len(entry.shape) >= 2 else flat.numel()
     step = max(1, CONVERT_CHUNK_ELEMENTS // row) * row    # whole rows per chunk
-    itemsize = torch.empty((), dtype=stored).element_size()
+    itemsize = _ITEMSIZE[entry.dtype]
     chunk = bytearray(min(step, flat.numel()) * itemsize)
     for start in range(0, flat.numel(), step):
         count = min(step, flat.numel() - start)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +34,7 @@ from esd.loading.layers import (KeyMatcher, build_model, load_config, module_lay
 from esd.loading.log import logger
 from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel
 from esd.model_list import parse_model_id
+from esd.schema import LAYER_MODES
 
 
 # --------------------------------------------------------------------------- the base
@@ -171,16 +172,105 @@ def _adapter_module(key: str) -> str:
     return key
 
 
+@dataclass
+class _AdapterPlan:
+    """What merging an adapter into its base will do, checked before anything is merged:
+    the LoRA updates by base checkpoint key, modules_to_save replacements by longname, and
+    saved base weights (`…base_layer.weight`) by base checkpoint key (the last two as adapter
+    keys of the full weight). `problems` collects every mismatch found."""
+    resolved: ResolvedModel
+    adapter: TensorSource
+    base: TensorSource
+    kinds: dict[str, tuple[str, bool]]      # base longname → (layer_type, stored transposed)
+    keys: dict[str, str]                    # base longname → base checkpoint key
+    updates: dict[str, list[_LoraUpdate]] = field(default_factory=dict)
+    replacements: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        # A LoRA/modules_to_save name may use another prefix than the base skeleton.
+        self._by_name = KeyMatcher([f"{n}.weight" for n in self.kinds])
+
+    def base_name(self, module: str) -> str:
+        """The base longname an adapter module name refers to ("" if none)."""
+        return (self._by_name(f"{module}.weight") or "")[: -len(".weight")]
+
+    def add_lora(self, module: str, parts: dict[str, str]) -> None:
+        name = self.base_name(module)
+        if name not in self.kinds:
+            return self.problems.append(f"{module}: no such layer in the base")
+        kind, transposed = self.kinds[name]
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a_key = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
+        b_key = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
+        if a_key is None or b_key is None:
+            return self.problems.append(f"{module}: lora_A or lora_B missing")
+        if (kind == "embedding") != embedding or kind not in ("linear", "embedding"):
+            return self.problems.append(f"{module}: {'embedding ' if embedding else ''}LoRA on "
+                                        f"a {kind} layer")
+        cfg = self.resolved.adapter_config or {}
+        # A (r, in), B (out, r)
+        a_shape, b_shape = self.adapter.shapes[a_key], self.adapter.shapes[b_key]
+        base_shape = tuple(self.base.shapes[self.keys[name]])
+        r, scaling = _lora_scaling(cfg, module)
+        delta_shape = (b_shape[0], a_shape[1])
+        transpose = embedding or transposed        # delta (out, in) vs stored (in, out)
+        if (not transpose and cfg.get("fan_in_fan_out") and delta_shape != base_shape
+                and delta_shape == tuple(reversed(base_shape))):
+            transpose = True    # base typed by the name/shape rule: a Conv1D stored (in, out)
+        want = tuple(reversed(base_shape)) if transpose else base_shape
+        if a_shape[0] != b_shape[1] or a_shape[0] != r:
+            self.problems.append(f"{module}: rank mismatch A {list(a_shape)}, B {list(b_shape)}, "
+                                 f"config r={r}" + ("" if "r" in cfg else " (peft's default: "
+                                                    "adapter_config.json has no r)"))
+        elif delta_shape != want:
+            self.problems.append(f"{module}: B@A is {list(delta_shape)} but the base weight "
+                                 f"{self.keys[name]} is {list(base_shape)}")
+        else:
+            self.updates.setdefault(self.keys[name], []).append(
+                _LoraUpdate(module, a_key, b_key, scaling, transpose))
+
+    def add_saved(self, module: str, key: str) -> None:
+        """A full weight the adapter carries: a modules_to_save copy, or (`….base_layer`) the
+        (possibly resized) base weight peft's save_embedding_layers stores, which peft loads
+        into the base before merging the LoRA update on top."""
+        saved_shape = self.adapter.shapes[key]
+        is_base_layer = module.endswith(".base_layer")
+        module = module[: -len(".base_layer")] if is_base_layer else module
+        name = self.base_name(module)
+        if name not in self.kinds:
+            if is_base_layer:
+                return self.problems.append(f"{module}: saved base weight {list(saved_shape)} "
+                                            "does not fit the base")
+            # A head the base class lacks (e.g. a classifier): analysed as an extra layer.
+            if rule_layer_type(key, len(saved_shape)) is not None:
+                logger.warning(f"{self.resolved.model_id}: modules_to_save {module!r} is not a "
+                               "layer of the base; analysed as an additional layer")
+                self.replacements[module] = key
+            return
+        base_shape = self.base.shapes[self.keys[name]]
+        if saved_shape != base_shape:
+            what = "saved base weight" if is_base_layer else "saved weight"
+            return self.problems.append(f"{module}: {what} {list(saved_shape)} does not fit "
+                                        f"the base {list(base_shape)}")
+        if is_base_layer:
+            self.overrides[self.keys[name]] = key
+        else:
+            self.replacements[name] = key
+
+    def check(self) -> None:
+        if self.problems:
+            problems = self.problems
+            raise ESDFailure("merge", "adapter_mismatch", f"{self.resolved.model_id} does not "
+                             f"fit base {self.resolved.source_model}: " + "; ".join(problems[:5])
+                             + (f"; … ({len(problems)} problems)" if len(problems) > 5 else ""))
+
+
 def _plan_adapter(resolved: ResolvedModel, adapter: TensorSource, modules, keys,
-                  base: TensorSource):
+                  base: TensorSource) -> _AdapterPlan:
     """Check every adapter tensor against the base (names, shapes, ranks) before anything is
-    merged. Returns the LoRA updates by base checkpoint key, the modules_to_save replacements
-    by longname, and saved base weights (`…base_layer.weight`) by base checkpoint key (the
-    last two as adapter keys of the full weight)."""
-    cfg = resolved.adapter_config or {}
-    kinds = {name: (kind, transposed) for name, kind, transposed in modules}
-    # A LoRA/modules_to_save name may use another prefix than the base skeleton.
-    by_name = KeyMatcher([f"{n}.weight" for n in kinds])
+    merged; a typed failure listing the mismatches, else the plan."""
     pairs: dict[str, dict[str, str]] = {}
     saved: dict[str, str] = {}
     for key in adapter.shapes:
@@ -195,76 +285,14 @@ def _plan_adapter(resolved: ResolvedModel, adapter: TensorSource, modules, keys,
     if not pairs and not saved:
         raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id}: the adapter file "
                          "holds no LoRA weights")
-    updates: dict[str, list[_LoraUpdate]] = {}
-    problems: list[str] = []
+    plan = _AdapterPlan(resolved, adapter, base,
+                        {name: (kind, transposed) for name, kind, transposed in modules}, keys)
     for module, parts in sorted(pairs.items()):
-        name = (by_name(f"{module}.weight") or "")[: -len(".weight")]
-        if name not in kinds:
-            problems.append(f"{module}: no such layer in the base")
-            continue
-        kind, transposed = kinds[name]
-        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a_key = parts.get("lora_embedding_A" if embedding else "lora_A.weight")
-        b_key = parts.get("lora_embedding_B" if embedding else "lora_B.weight")
-        if a_key is None or b_key is None:
-            problems.append(f"{module}: lora_A or lora_B missing")
-            continue
-        if (kind == "embedding") != embedding or kind not in ("linear", "embedding"):
-            problems.append(f"{module}: {'embedding ' if embedding else ''}LoRA on a {kind} layer")
-            continue
-        a_shape, b_shape = adapter.shapes[a_key], adapter.shapes[b_key]   # A (r, in), B (out, r)
-        base_shape = base.shapes[keys[name]]
-        r, scaling = _lora_scaling(cfg, module)
-        delta_shape = (b_shape[0], a_shape[1])
-        transpose = embedding or transposed        # delta (out, in) vs stored (in, out)
-        if (not transpose and cfg.get("fan_in_fan_out") and delta_shape != tuple(base_shape)
-                and delta_shape == tuple(reversed(base_shape))):
-            transpose = True    # base typed by the name/shape rule: a Conv1D stored (in, out)
-        want = tuple(reversed(base_shape)) if transpose else tuple(base_shape)
-        if a_shape[0] != b_shape[1] or a_shape[0] != r:
-            problems.append(f"{module}: rank mismatch A {list(a_shape)}, B {list(b_shape)}, "
-                            f"config r={r}" + ("" if "r" in cfg else
-                                               " (peft's default: adapter_config.json has no r)"))
-        elif delta_shape != want:
-            problems.append(f"{module}: B@A is {list(delta_shape)} but the base weight "
-                            f"{keys[name]} is {list(base_shape)}")
-        else:
-            updates.setdefault(keys[name], []).append(
-                _LoraUpdate(module, a_key, b_key, scaling, transpose))
-    replacements: dict[str, str] = {}
-    overrides: dict[str, str] = {}
+        plan.add_lora(module, parts)
     for module, key in sorted(saved.items()):
-        if module.endswith(".base_layer"):
-            # peft's save_embedding_layers: the (possibly resized) base weight itself, which
-            # peft loads into the base before merging the LoRA update on top.
-            module = module[: -len(".base_layer")]
-            name = (by_name(f"{module}.weight") or "")[: -len(".weight")]
-            if name not in kinds or adapter.shapes[key] != base.shapes[keys[name]]:
-                problems.append(f"{module}: saved base weight {list(adapter.shapes[key])} does "
-                                "not fit the base" + (f" {list(base.shapes[keys[name]])}"
-                                                      if name in kinds else ""))
-            else:
-                overrides[keys[name]] = key
-            continue
-        name = (by_name(f"{module}.weight") or "")[: -len(".weight")]
-        if name not in kinds:
-            # A head the base class lacks (e.g. a classifier): analysed as an extra layer.
-            if rule_layer_type(key, len(adapter.shapes[key])) is None:
-                continue
-            logger.warning(f"{resolved.model_id}: modules_to_save {module!r} is not a layer of "
-                           "the base; analysed as an additional layer")
-            replacements[module] = key
-            continue
-        if adapter.shapes[key] != base.shapes[keys[name]]:
-            problems.append(f"{module}: saved weight {list(adapter.shapes[key])} vs base "
-                            f"{list(base.shapes[keys[name]])}")
-            continue
-        replacements[name] = key
-    if problems:
-        raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id} does not fit base "
-                         f"{resolved.source_model}: " + "; ".join(problems[:5]) +
-                         (f"; … ({len(problems)} problems)" if len(problems) > 5 else ""))
-    return updates, replacements, overrides
+        plan.add_saved(module, key)
+    plan.check()
+    return plan
 
 
 def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
@@ -295,8 +323,8 @@ def iter_adapter_layers(resolved: ResolvedModel):
         base_ckpt = open_weights(base.weight_files)     # streamed with --stream
         modules, keys = plan_layers(base, base_ckpt)
         plan_reads(base_ckpt, (keys[name] for name, _, _ in modules))
-        updates, replacements, overrides = _plan_adapter(resolved, adapter, modules, keys,
-                                                         base_ckpt)
+        plan = _plan_adapter(resolved, adapter, modules, keys, base_ckpt)
+        updates, replacements, overrides = plan.updates, plan.replacements, plan.overrides
         done: set[str] = set()
         for name, kind, _ in modules:
             if name in replacements:     # modules_to_save: the adapter's full weight
@@ -404,3 +432,37 @@ def _base_sources(resolved: ResolvedModel, model: torch.nn.Module,
                          "merge into random weights: " + "; ".join(problems[:5]) +
                          (f"; … ({len(problems)} problems)" if len(problems) > 5 else ""))
     return sources
+
+
+def iter_adapter_updates(resolved: ResolvedModel):
+    """The scaled LoRA update (α/r)·B·A of every layer the adapter changes, alone, shaped as
+    the base weight is stored, as `(longname + ".adapter_update", layer_type, tensor)`. Only
+    plain LoRA has such an update; the base is read for its shapes only."""
+    suffix = LAYER_MODES["adapter_update"]
+    adapter = FileCheckpoint(resolved.weight_files)
+    base_ckpt = None
+    try:
+        reason = _streaming_unsupported(resolved.adapter_config or {}, adapter)
+        if reason is not None:
+            raise ESDFailure("merge", "adapter_unsupported", f"{resolved.model_id}: "
+                             f"adapter_update analyses plain LoRA updates; this adapter has "
+                             f"{reason}")
+        base_ckpt = open_weights(resolved.base.weight_files)
+        modules, keys = plan_layers(resolved.base, base_ckpt)
+        plan = _plan_adapter(resolved, adapter, modules, keys, base_ckpt)
+        if not plan.updates:
+            raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id}: the adapter "
+                             "holds no LoRA update (only saved modules)")
+        done: set[str] = set()
+        for name, kind, _ in modules:
+            key = keys[name]
+            if key in done or key not in plan.updates:
+                continue
+            done.add(key)
+            update = torch.zeros(base_ckpt.shapes[key], dtype=torch.float32)
+            yield name + suffix, kind, _apply_updates(update, plan.updates[key], adapter)
+            del update
+    finally:
+        adapter.close()
+        if base_ckpt is not None:
+            base_ckpt.close()

@@ -15,8 +15,9 @@ default 5): 429 (waiting `Retry-After`), 5xx, cut connections and wrong range an
 as a try; at most `MAX_REFRESHES` per read). When the
 retries are spent the failure is typed: `rate_limited`, `hub_unavailable`,
 `download_interrupted` (all retryable by the orchestrator) or `bad_range_response`.
-Memory: at most `prefetch + 1` chunks of `chunk_bytes` (a tensor larger than a chunk is one
-chunk of its own) plus the float32 tensor handed out.
+Memory: the chunks read ahead stay under `PREFETCH_BYTES` (at least one is read ahead; a
+tensor larger than a chunk is one chunk of its own), plus the chunk in use and the float32
+tensor handed out.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ import torch
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import TensorSource
 
-CHUNK_BYTES = 64 * 1024 * 1024
-PREFETCH_CHUNKS = 2
+CHUNK_BYTES = 16 * 1024 * 1024       # small chunks: the first layer waits for one only
+PREFETCH_CHUNKS = 4                   # chunks read ahead on threads …
+PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under this
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
 MAX_HEADER = 100 * 1000 * 1000    # what the safetensors crate accepts
 REFRESH_STATUSES = (401, 403, 410)
@@ -303,7 +305,12 @@ class StreamedSafetensors(TensorSource):
             except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
                 future.set_exception(exc)
             self._pending[index] = future
+        ahead_bytes = 0
         for ahead in range(index + 1, min(len(self._chunks), index + 1 + self.prefetch)):
+            _, begin, end, _ = self._chunks[ahead]
+            if ahead_bytes and ahead_bytes + (end - begin) > PREFETCH_BYTES:
+                break                                   # bounded memory read ahead
+            ahead_bytes += end - begin
             if ahead not in self._pending and self._pool is not None:
                 self._pending[ahead] = self._pool.submit(self._fetch, ahead)
         return future
