@@ -7,8 +7,12 @@
                     interface that reads them one tensor at a time as float32 CPU copies.
 - `layers.py`     — which tensors are layers: the meta-device skeleton from config.json, key
                     matching, tied weights, the name/shape rule; walking an nn.Module.
+- `stream.py`     — a `TensorSource` reading hub safetensors by HTTP range requests.
 - `lora.py`       — adapters: resolving the base, LoRA scaling and patterns, the streaming
-                    merge, and peft's own merge for the adapter types streaming does not cover.
+                    merge, peft's own merge for the adapter types streaming does not cover,
+                    and an adapter's update alone (`iter_adapter_updates`).
+- `deltas.py`     — a fine-tune as its difference from its base (`iter_delta_layers`).
+- `log.py`        — the one `model_loader` logger, and routing it to a caller's `warn=`.
 
 Nothing here computes a metric (that is `net_esd.py`) or writes result files. Importing the
 package is cheap: no submodule is imported here.
