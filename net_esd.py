@@ -91,13 +91,14 @@ class ESDSettings:
     validates: a bad value raises ValueError naming the flag; `fix_fingers` is canonical
     (`none`/`None` become `DKS`)."""
     fix_fingers: str = _setting("xmin_mid", "how xmin is chosen: " + ", ".join(FIX_FINGERS_METHODS)
-                                + " (none = DKS). xmin_mid gives alpha 2-3.5 even on random matrices:"
-                                " read its values against --randomize, not the usual 2-6 range")
+                                + " (none = DKS). Note: xmin_mid gives alpha 2-3.5 even on random Gaussian"
+                                " matrices (DKS: 6-20), so its values cannot be read against the usual"
+                                " 2-6 range; compare models with each other (docs/metrics.md)")
     evals_thresh: float = _setting(1e-5, "eigenvalues at or below this are left out of the fit")
     bins: int = _setting(100, "histogram bins for xmin_peak")
     xmin_pos: int = _setting(2, "xmin_mid takes the eigenvalue at index n / xmin_pos")
     conv_norm: float = _setting(0.5, "conv slices are scaled by sqrt(conv_norm)")
-    filter_zeros: bool = _setting(True, "fit only eigenvalues above --evals_thresh (--no_filter_zeros: all > 0)")
+    filter_zeros: bool = _setting(True, "fit only eigenvalues above --evals_thresh (off: every eigenvalue > 0)")
     min_evals: int = _setting(10, "layers with fewer eigenvalues (after filtering) are not fitted")
 
     def __post_init__(self):

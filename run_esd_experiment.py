@@ -411,6 +411,16 @@ def setup_logging(output_dir: Path) -> Path:
     return log_path
 
 
+def teardown_logging() -> None:
+    """Give the loggers back as they were (the API runs us inside a notebook or a test)."""
+    for logger in (log, dispatch_log):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+        logger.propagate = True
+
+
 # ---------------------------------------------------------------- tasks and backends
 
 def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
@@ -665,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {diskfull.run_message(None, exc.filename or next(iter(diskfull.seen()), None))}",
               file=sys.stderr)
         return 1
+    finally:
+        teardown_logging()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import importlib
 import importlib.metadata
 import importlib.util
@@ -38,7 +39,6 @@ STATUSES = (OK, WARN, FAIL)
 MIN_PYTHON = (3, 10)
 MIN_FREE_CACHE_GB = 20.0  # a 7B model in bf16 is ~15 GB of safetensors
 DEFAULT_GPU_MEMORY_THRESHOLD_MB = 500  # run_esd_experiment.py --gpu_memory_threshold default
-BYTES_PER_MB = 1024 * 1024
 BYTES_PER_GB = 1024 ** 3
 SLURM_COMMANDS = ("sbatch", "squeue", "scontrol")
 COMMAND_TIMEOUT_S = 15
@@ -249,66 +249,56 @@ def check_torch_cuda() -> list[Check]:
 
 
 def check_nvml() -> list[Check]:
-    """The GPUs NVML sees (NVML indices, PCI bus order) with memory used/total in MB.
+    """The GPUs NVML sees (NVML indices, PCI bus order) with memory used/total in MB, asked
+    through gputracker's NVML wrapper, the same reads the scheduler makes.
 
     NVML missing (no library, no driver) is a WARN: the experiment runs on CPU. An error on
     one GPU marks that GPU unavailable; the others are still listed."""
+    from gputracker.nvml import Nvml
+    quiet = logging.getLogger("test_setup.nvml")  # the wrapper's own warnings: said as checks
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    nvml = Nvml(logger=quiet)
+    if not nvml.open():
+        return [Check(WARN, "nvml", f"NVML not available ({nvml.unavailable_reason}): {CPU_MODE}",
+                      "pip install nvidia-ml-py, and on a GPU server check the NVIDIA driver with "
+                      "`nvidia-smi`; on a CPU-only machine nothing to do", {"gpu_count": 0})]
     try:
-        import pynvml
-    except Exception as exc:
-        return [Check(WARN, "nvml", f"pynvml not importable ({_first_line(exc)}): {CPU_MODE}",
-                      "pip install nvidia-ml-py (only useful on a machine with NVIDIA GPUs)")]
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, OSError, ...
-        return [Check(WARN, "nvml", f"NVML not available ({_nvml_reason(exc)}): {CPU_MODE}",
-                      "on a GPU server check the NVIDIA driver with `nvidia-smi`; "
-                      "on a CPU-only machine nothing to do",
-                      {"gpu_count": 0})]
-    try:
-        return _nvml_gpus(pynvml)
+        return _nvml_gpus(nvml)
     finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+        nvml.close()
 
 
-def _nvml_gpus(pynvml) -> list[Check]:
-    try:
-        count = int(pynvml.nvmlDeviceGetCount())
-    except Exception as exc:
-        return [Check(WARN, "nvml", f"NVML cannot count GPUs ({_nvml_reason(exc)}): {CPU_MODE}",
-                      "check `nvidia-smi`", {"gpu_count": 0})]
-    driver = ""
-    with contextlib.suppress(Exception):
-        driver = f"driver {_as_str(pynvml.nvmlSystemGetDriverVersion())}, "
+def _nvml_gpus(nvml) -> list[Check]:
+    count = nvml.device_count()
+    driver = nvml.driver_version()
+    driver = f"driver {driver}, " if driver else ""
     if count == 0:
         return [Check(WARN, "nvml", f"{driver}NVML sees no GPU: {CPU_MODE}",
                       "check `nvidia-smi` and the GPUs allocated to you", {"gpu_count": 0})]
-    gpus = [_nvml_gpu(pynvml, index) for index in range(count)]
+    gpus = [_nvml_gpu(nvml, index) for index in range(count)]
     readable = sum(gpu.status == OK for gpu in gpus)
     summary = Check(OK, "nvml", f"{driver}{count} GPU(s), {readable} readable",
                     details={"gpu_count": count, "readable": readable})
     return [summary, *gpus]
 
 
-def _nvml_gpu(pynvml, index: int) -> Check:
+def _nvml_gpu(nvml, index: int) -> Check:
     name = f"gpu {index}"
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        gpu_name = _as_str(pynvml.nvmlDeviceGetName(handle))
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        used_mb, total_mb = memory.used / BYTES_PER_MB, memory.total / BYTES_PER_MB
-    except Exception as exc:
-        return Check(WARN, name, f"unavailable: NVML error ({_nvml_reason(exc)})",
+    info = nvml.gpu_info(index)
+    used_mb = nvml.memory_used_mb(index) if info is not None else None
+    if info is None or used_mb is None:
+        reason = _first_line(nvml.read_errors.get(index, "")) or "unreadable"
+        return Check(WARN, name, f"unavailable: NVML error ({reason})",
                      "check this GPU with `nvidia-smi`; the scheduler skips it while NVML "
                      "cannot read it", {"index": index, "available": False})
     busy = used_mb >= DEFAULT_GPU_MEMORY_THRESHOLD_MB
     state = (f"busy (over the default {DEFAULT_GPU_MEMORY_THRESHOLD_MB} MB threshold)"
              if busy else "free")
-    return Check(OK, name, f"{gpu_name}, {used_mb:.0f} / {total_mb:.0f} MB used, {state}",
-                 details={"index": index, "available": True, "name": gpu_name,
+    return Check(OK, name, f"{info.name}, {used_mb:.0f} / {info.memory_total_mb:.0f} MB used, {state}",
+                 details={"index": index, "available": True, "name": info.name,
                           "memory_used_mb": round(used_mb, 1),
-                          "memory_total_mb": round(total_mb, 1)})
+                          "memory_total_mb": round(info.memory_total_mb, 1)})
 
 
 def check_gpu_consistency(checks: list[Check]) -> list[Check]:
@@ -323,15 +313,6 @@ def check_gpu_consistency(checks: list[Check]) -> list[Check]:
                       "install the torch build for your driver after requirements.txt "
                       "(https://pytorch.org/get-started/locally/)")]
     return []
-
-
-def _nvml_reason(exc: BaseException) -> str:
-    return _first_line(exc) or type(exc).__name__
-
-
-def _as_str(value) -> str:
-    # pynvml < 11.5 returns bytes for names, newer versions str
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 # --------------------------------------------------------------------------- HuggingFace

@@ -41,7 +41,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -428,21 +428,15 @@ class Dispatcher:
 
     def _claim_gpus(self) -> list | None:
         """Claims on ``num_gpus_per_job`` ready GPUs, all or nothing."""
-        claims = []
-        for gpu in self._ready_gpus():
-            claim = locks.try_claim(self.lock_dir, gpu)
-            if claim is None:  # another dispatcher's job has it: busy, whatever its memory says
-                self.logger.debug("gputracker: GPU %d is claimed by another dispatcher", gpu)
-                self._gpu_state[gpu].free_polls = 0
-                self._gpu_state[gpu].claimed_elsewhere = True
-                continue
-            self._gpu_state[gpu].claimed_elsewhere = False
-            claims.append(claim)
-            if len(claims) == self.num_gpus_per_job:
-                return claims
-        for claim in claims:
-            claim.release()
-        return None
+        return locks.try_claim_some(self.lock_dir, self._ready_gpus(), self.num_gpus_per_job,
+                                    self._note_claim)
+
+    def _note_claim(self, gpu: int, claimed: bool) -> None:
+        state = self._gpu_state[gpu]
+        state.claimed_elsewhere = not claimed
+        if not claimed:  # another dispatcher's job has it: busy, whatever its memory says
+            self.logger.debug("gputracker: GPU %d is claimed by another dispatcher", gpu)
+            state.free_polls = 0
 
     def _launch(self, queued: _Queued, claims: list, selector) -> None:
         job = queued.job

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 from pathlib import Path
+from typing import Callable
 
 DEFAULT_LOCK_DIR = Path("/tmp/gputracker-locks")
 LOCK_DIR_ENV = "GPUTRACKER_LOCK_DIR"
@@ -112,14 +113,19 @@ def try_claim(lock_dir: Path, gpu_index: int) -> GpuClaim | None:
     return GpuClaim(gpu_index, fd, path)
 
 
-def try_claim_all(lock_dir: Path, gpu_indices: list[int]) -> list[GpuClaim] | None:
-    """Claim every GPU in ``gpu_indices`` or none of them (never a partial hold)."""
+def try_claim_some(lock_dir: Path, candidates, count: int,
+                   on_try: Callable[[int, bool], None] = lambda gpu, claimed: None) -> list[GpuClaim] | None:
+    """Claims on ``count`` GPUs of ``candidates`` (tried in order), or none at all (never a
+    partial hold). GPUs another process holds are skipped; ``on_try(gpu, claimed)`` hears
+    about every GPU tried."""
     claims: list[GpuClaim] = []
-    for gpu_index in gpu_indices:
+    for gpu_index in candidates:
         claim = try_claim(lock_dir, gpu_index)
-        if claim is None:
-            for held in claims:
-                held.release()
-            return None
-        claims.append(claim)
-    return claims
+        on_try(gpu_index, claim is not None)
+        if claim is not None:
+            claims.append(claim)
+            if len(claims) == count:
+                return claims
+    for held in claims:
+        held.release()
+    return None

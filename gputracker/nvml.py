@@ -39,6 +39,7 @@ class Nvml:
         self.available = False
         self.unavailable_reason = ""
         self._failing: set[int] = set()  # GPUs whose last read failed (to log changes only)
+        self.read_errors: dict[int, str] = {}  # GPU index -> why its last read failed
 
     def open(self) -> bool:
         """Initialise NVML; return whether it is usable. Never raises for a missing NVML."""
@@ -69,6 +70,15 @@ class Nvml:
                 pass
         self.available = False
 
+    def driver_version(self) -> str | None:
+        """The NVIDIA driver's version, None when NVML cannot tell."""
+        if not self.available:
+            return None
+        try:
+            return _as_str(self._pynvml.nvmlSystemGetDriverVersion())
+        except self._pynvml.NVMLError:
+            return None
+
     def device_count(self) -> int:
         """Number of GPUs NVML sees; 0 when NVML is unavailable or the call fails."""
         if not self.available:
@@ -90,6 +100,7 @@ class Nvml:
             uuid = _as_str(nvml.nvmlDeviceGetUUID(handle))
             memory_total_mb = nvml.nvmlDeviceGetMemoryInfo(handle).total / BYTES_PER_MB
         except nvml.NVMLError as exc:
+            self.read_errors[index] = str(exc)
             self._logger.warning("NVML: GPU %d: could not read its description: %s", index, exc)
             return None
         return GpuInfo(index=index, name=name, uuid=uuid, memory_total_mb=memory_total_mb)
@@ -107,10 +118,12 @@ class Nvml:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory_used_mb = nvml.nvmlDeviceGetMemoryInfo(handle).used / BYTES_PER_MB
         except nvml.NVMLError as exc:
+            self.read_errors[index] = str(exc)
             if index not in self._failing:
                 self._failing.add(index)
                 self._logger.warning("NVML: GPU %d not readable (%s); treated as busy until it is", index, exc)
             return None
+        self.read_errors.pop(index, None)
         if index in self._failing:
             self._failing.discard(index)
             self._logger.info("NVML: GPU %d readable again", index)

@@ -63,11 +63,20 @@ def test_claims_are_exclusive_until_released(tmp_path):
     assert locks.try_claim(lock_dir, 0) is not None
 
 
-def test_claim_all_is_all_or_nothing(tmp_path):
+def test_claim_some_is_all_or_nothing(tmp_path):
     lock_dir = locks.ensure_lock_dir(tmp_path / "locks")
     held = locks.try_claim(lock_dir, 2)
-    assert locks.try_claim_all(lock_dir, [0, 1, 2]) is None
-    assert locks.try_claim(lock_dir, 0) is not None and locks.try_claim(lock_dir, 1) is not None
+    tried = []
+    assert locks.try_claim_some(lock_dir, [0, 1, 2], 3, lambda gpu, ok: tried.append((gpu, ok))) is None
+    assert tried == [(0, True), (1, True), (2, False)]
+    again = [locks.try_claim(lock_dir, 0), locks.try_claim(lock_dir, 1)]  # nothing was kept
+    assert None not in again
+    for claim in again:
+        claim.release()
+    two = locks.try_claim_some(lock_dir, [2, 0, 1], 2)  # the held GPU is skipped
+    assert [c.gpu_index for c in two] == [0, 1]
+    for claim in two:
+        claim.release()
     held.release()
 
 

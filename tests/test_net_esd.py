@@ -593,3 +593,13 @@ def test_results_dir_from_before_a_new_setting_existed_is_still_accepted(tmp_pat
                                                   esd=net_esd.ESDSettings(min_evals=20))
     with pytest.raises(run_esd_experiment.ConfigError, match="min_evals: 10 there, 20 asked"):
         run_esd_experiment.check_esd_settings(changed)
+
+
+def test_xmin_mid_gives_alpha_2_to_3_5_on_random_gaussian_matrices_as_documented():
+    # docs/metrics.md warns users choosing --fix_fingers: xmin_mid cannot tell noise from a
+    # heavy tail, DKS can (random matrices land far above the usual 2-6 range)
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1000, 500), (768, 768), (3072, 768), (500, 2000)]:
+        w = torch.randn(*shape, generator=gen)
+        assert 2 <= net_esd.matrix_esd_metrics(w, "linear", fix_fingers="xmin_mid")["alpha"] <= 3.5, shape
+        assert net_esd.matrix_esd_metrics(w, "linear", fix_fingers="DKS")["alpha"] > 6, shape
