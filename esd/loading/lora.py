@@ -309,6 +309,8 @@ def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
 # --------------------------------------------------------------------------- merging
 
 def iter_adapter_layers(resolved: ResolvedModel):
+    """The layers of an adapter merged into its base, one at a time: streaming for plain
+    LoRA (every tensor checked first, `_plan_adapter`), else by peft (`_merge_with_peft`)."""
     adapter = FileCheckpoint(resolved.weight_files)
     base_ckpt = None
     try:
