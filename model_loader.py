@@ -45,7 +45,7 @@ from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_
                              open_weights, plan_reads, remote_weights,
                              looks_like_hub_id)
 from esd.loading.deltas import iter_delta_layers
-from esd.loading.layers import plan_layers
+from esd.loading.layers import distinct_layers, plan_layers
 from esd.loading.lora import iter_adapter_layers, iter_adapter_updates, resolve_adapter
 from esd.loading.log import Warn, iter_with_warnings_to, logger, warnings_to
 from esd.loading.resolved import CONFIG_FILE, ResolvedModel
@@ -213,12 +213,8 @@ def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torc
     try:
         modules, keys = plan_layers(resolved, ckpt)
         plan_reads(ckpt, (keys[name] for name, _, _ in modules))
-        done: set[str] = set()
-        for name, kind, _ in modules:
-            if keys[name] in done:
-                continue            # tied to an earlier module: analysed once
-            done.add(keys[name])
-            tensor = ckpt.tensor(keys[name])
+        for name, kind, key in distinct_layers(modules, keys):
+            tensor = ckpt.tensor(key)
             yield name, kind, tensor
             del tensor
     finally:

@@ -16,7 +16,7 @@ import torch
 
 from esd.failures import ESDFailure
 from esd.loading.hub import open_weights, plan_reads
-from esd.loading.layers import plan_layers
+from esd.loading.layers import distinct_layers, plan_layers
 from esd.loading.resolved import ResolvedModel
 from esd.schema import LAYER_MODES
 
@@ -31,12 +31,8 @@ def iter_delta_layers(resolved: ResolvedModel,
         _check_same_layers(resolved, base, modules, keys, base_keys, tuned, original)
         plan_reads(tuned, (keys[name] for name, _, _ in modules))
         plan_reads(original, (base_keys[name] for name, _, _ in modules))
-        done: set[str] = set()
-        for name, kind, _ in modules:
-            if keys[name] in done:
-                continue            # tied to an earlier module: analysed once
-            done.add(keys[name])
-            delta = tuned.tensor(keys[name])
+        for name, kind, key in distinct_layers(modules, keys):
+            delta = tuned.tensor(key)
             delta -= original.tensor(base_keys[name])      # W_ft − W_base, float32
             yield name + suffix, kind, delta
             del delta

@@ -188,6 +188,17 @@ def plan_layers(resolved: ResolvedModel,
     return modules, keys
 
 
+def distinct_layers(modules: list[tuple[str, str, bool]],
+                    keys: dict[str, str]) -> Iterator[tuple[str, str, str]]:
+    """(longname, layer_type, checkpoint key) of a plan, in model order; a tensor tied to an
+    earlier module (tied embeddings / lm_head) comes once, under the first name."""
+    done: set[str] = set()
+    for name, kind, _ in modules:
+        if keys[name] not in done:
+            done.add(keys[name])
+            yield name, kind, keys[name]
+
+
 def _skeleton(resolved: ResolvedModel) -> nn.Module | None:
     """The model built from config.json on the meta device, or None (with a warning)."""
     config = load_config(resolved)

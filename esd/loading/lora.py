@@ -29,8 +29,8 @@ import torch
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import FileCheckpoint, TensorSource, read_json
 from esd.loading.hub import open_weights, plan_reads
-from esd.loading.layers import (KeyMatcher, build_model, load_config, module_layer_type,
-                                plan_layers, rule_layer_type)
+from esd.loading.layers import (KeyMatcher, build_model, distinct_layers, load_config,
+                                module_layer_type, plan_layers, rule_layer_type)
 from esd.loading.log import logger
 from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel
 from esd.model_list import parse_model_id
@@ -309,6 +309,8 @@ def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
 # --------------------------------------------------------------------------- merging
 
 def iter_adapter_layers(resolved: ResolvedModel):
+    """The layers of an adapter merged into its base, one at a time: streaming for plain
+    LoRA (every tensor checked first, `_plan_adapter`), else by peft (`_merge_with_peft`)."""
     adapter = FileCheckpoint(resolved.weight_files)
     base_ckpt = None
     try:
@@ -453,12 +455,9 @@ def iter_adapter_updates(resolved: ResolvedModel):
         if not plan.updates:
             raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id}: the adapter "
                              "holds no LoRA update (only saved modules)")
-        done: set[str] = set()
-        for name, kind, _ in modules:
-            key = keys[name]
-            if key in done or key not in plan.updates:
+        for name, kind, key in distinct_layers(modules, keys):
+            if key not in plan.updates:
                 continue
-            done.add(key)
             update = torch.zeros(base_ckpt.shapes[key], dtype=torch.float32)
             yield name + suffix, kind, _apply_updates(update, plan.updates[key], adapter)
             del update

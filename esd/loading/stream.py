@@ -21,9 +21,10 @@ tensor handed out.
 """
 from __future__ import annotations
 
-import json
+import io
 import os
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -33,22 +34,15 @@ from dataclasses import dataclass
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.checkpoint import TensorSource
+from esd.loading.checkpoint import (MAX_HEADER_BYTES, SafetensorEntry, TensorSource,
+                                     float32_tensor, parse_safetensors_header)
 
 CHUNK_BYTES = 16 * 1024 * 1024       # small chunks: the first layer waits for one only
 PREFETCH_CHUNKS = 4                   # chunks read ahead on threads …
 PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under this
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
-MAX_HEADER = 100 * 1000 * 1000    # what the safetensors crate accepts
 REFRESH_STATUSES = (401, 403, 410)
 MAX_REFRESHES = 3                 # fresh signed URLs per read before giving up
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
 
 
 def _retries() -> int:
@@ -238,10 +232,13 @@ def _resolve_failure(response, name: str, filename: str) -> ESDFailure:
 class _Entry:
     file: int            # index into files
     raw_key: str
-    dtype: str
-    shape: tuple[int, ...]
+    stored: SafetensorEntry   # dtype, shape, offsets in the data section
     begin: int           # absolute byte offsets in the file
     end: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stored.shape
 
 
 class StreamedSafetensors(TensorSource):
@@ -257,11 +254,12 @@ class StreamedSafetensors(TensorSource):
         self.chunk_bytes, self.prefetch = chunk_bytes, max(0, prefetch)
         self.entries: dict[str, _Entry] = {}
         for index, remote in enumerate(files):
-            for raw, entry in _read_header(remote).items():
-                self.entries[normalise(raw)] = _Entry(index, raw, *entry)
+            header = _read_header(remote)
+            for raw, entry in header.tensors.items():
+                self.entries[normalise(raw)] = _Entry(index, raw, entry, header.data_start + entry.begin,
+                                                      header.data_start + entry.end)
         self.shapes = {k: e.shape for k, e in self.entries.items()}
-        self.floating = {k: e.dtype.startswith("F") or e.dtype == "BF16"
-                         for k, e in self.entries.items()}
+        self.floating = {k: e.stored.floating for k, e in self.entries.items()}
         self.key_file = {k: files[e.file].filename for k, e in self.entries.items()}
         self._chunks: list[tuple[int, int, int, list[str]]] = []   # file, begin, end, keys
         self._chunk_of: dict[str, int] = {}
@@ -343,8 +341,8 @@ class StreamedSafetensors(TensorSource):
             self._pool = None
 
 
-def _read_header(remote: RemoteFile) -> dict[str, tuple]:
-    """{raw key: (dtype, shape, begin, end)} from the file's header, read by range."""
+def _read_header(remote: RemoteFile):
+    """The file's checked header (`checkpoint.parse_safetensors_header`), read by range."""
     if remote.url is None:
         remote.resolve()
     size = remote.size
@@ -353,32 +351,14 @@ def _read_header(remote: RemoteFile) -> dict[str, tuple]:
         raise ESDFailure("load", "corrupt_file", f"{remote.filename}: shorter than a "
                          "safetensors header")
     (n,) = struct.unpack("<Q", first[:8])
-    if n > MAX_HEADER or (size is not None and 8 + n > size):
+    if n > MAX_HEADER_BYTES or (size is not None and 8 + n > size):
         raise ESDFailure("load", "corrupt_file", f"{remote.filename}: safetensors header of "
                          f"{n} bytes is not plausible")
     raw = first[8:8 + n] if 8 + n <= len(first) else \
         first[8:] + remote.read(len(first), 8 + n - len(first))
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise ESDFailure("load", "corrupt_file", f"{remote.filename}: unreadable safetensors "
-                         f"header ({exc})") from None
-    out = {}
-    base = 8 + n
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = meta["data_offsets"]
-        out[key] = (meta["dtype"], tuple(meta["shape"]), base + begin, base + end)
-    return out
+    data_bytes = size - 8 - n if size is not None else sys.maxsize
+    return parse_safetensors_header(raw, data_bytes, remote.filename)
 
 
 def _to_float32(data: bytes, e: _Entry) -> torch.Tensor:
-    dtype = _DTYPES.get(e.dtype)
-    if dtype is None:
-        raise ESDFailure("load", "unsupported_format", f"{e.raw_key}: safetensors dtype "
-                         f"{e.dtype} is not supported")
-    if e.end - e.begin == 0:
-        return torch.zeros(e.shape, dtype=torch.float32)
-    flat = torch.frombuffer(bytearray(data), dtype=dtype)
-    return flat.reshape(e.shape).to(torch.float32)
+    return float32_tensor(e.stored, io.BytesIO(data).readinto)
