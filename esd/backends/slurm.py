@@ -645,15 +645,7 @@ def run_array(tasks: list[Task], output_dir: Path, settings: SlurmSettings, *,
     _require("sbatch")  # fail before writing anything when Slurm is not here
 
     output_dir = Path(output_dir).absolute()
-    earlier: list[_Watched] = []
-    if skip_queued:
-        queued = queued_tasks(output_dir)
-        earlier = [queued[t.key] for t in tasks if t.key in queued]
-        if earlier:
-            jobs = ",".join(sorted({w.job_id for w in earlier}, key=int))
-            log(f"slurm: {len(earlier)} task(s) already pending or running in job(s) "
-                f"{jobs}; not submitted again (follow them: squeue --jobs={jobs})")
-            tasks = [t for t in tasks if t.key not in queued]
+    earlier, tasks = _split_queued(tasks, output_dir, log) if skip_queued else ([], tasks)
 
     outcome: dict = dict(job_id=None, n_tasks=0)
     if tasks:
@@ -676,6 +668,25 @@ def run_array(tasks: list[Task], output_dir: Path, settings: SlurmSettings, *,
     codes = {job_id: exit_codes(job_id) for job_id in {w.job_id for w in watch}}
     by_key_codes = {w.task.key: codes[w.job_id][w.index] for w in watch if w.index in codes[w.job_id]}
     done, failed, missing = _classify(watch, states)
+    _log_ended(watch, done, failed, missing, by_key, output_dir, log)
+    return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
+                        states=by_key, finished=True, exit_codes=by_key_codes)
+
+
+def _split_queued(tasks: list[Task], output_dir: Path, log) -> tuple[list[_Watched], list[Task]]:
+    """(the tasks still pending or running in an earlier array of this output directory, as
+    watched there; the tasks to submit now)."""
+    queued = queued_tasks(output_dir)
+    earlier = [queued[t.key] for t in tasks if t.key in queued]
+    if earlier:
+        jobs = ",".join(sorted({w.job_id for w in earlier}, key=int))
+        log(f"slurm: {len(earlier)} task(s) already pending or running in job(s) "
+            f"{jobs}; not submitted again (follow them: squeue --jobs={jobs})")
+    return earlier, [t for t in tasks if t.key not in queued]
+
+
+def _log_ended(watch: Sequence[_Watched], done, failed, missing, by_key: dict, output_dir: Path,
+               log) -> None:
     label = ",".join(sorted({w.job_id for w in watch}, key=int))
     log(f"slurm: job {label} ended: {len(done)} done, {len(failed)} failed, "
         f"{len(missing)} without result")
@@ -686,8 +697,6 @@ def run_array(tasks: list[Task], output_dir: Path, settings: SlurmSettings, *,
     if failed or missing:
         log(f"  see the task logs: {output_dir / 'logs' / 'slurm'}/<job>_<task>.log "
             f"(task numbers are rows of {output_dir / 'slurm'}/<timestamp>/{MANIFEST_NAME})")
-    return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
-                        states=by_key, finished=True, exit_codes=by_key_codes)
 
 
 def _submit_array(tasks: Sequence[Task], output_dir: Path, settings: SlurmSettings, *,
