@@ -224,11 +224,13 @@ _NOT_WEIGHTS = re.compile(r"(optimizer|scheduler|rng_state|training_args|scaler|
 _CLIENT_CLOSED = "client has been closed"
 
 
-def _retries() -> int:
+def hub_retries() -> int:
+    """Tries of one hub request (`ESD_HUB_RETRIES`, default 5), here and in streaming."""
     return max(1, int(os.environ.get("ESD_HUB_RETRIES", "5")))
 
 
-def _backoff_s() -> float:
+def hub_backoff_s() -> float:
+    """First wait between tries (`ESD_HUB_BACKOFF_S`, default 1 s), doubling."""
     return float(os.environ.get("ESD_HUB_BACKOFF_S", "1"))
 
 
@@ -259,7 +261,7 @@ def _api_call(call, name: str):
     from huggingface_hub import errors
     unreachable = _unreachable_errors()
     import httpx2
-    delay, tries = _backoff_s(), _retries()
+    delay, tries = hub_backoff_s(), hub_retries()
     for attempt in range(tries):
         wait = delay
         try:
@@ -301,7 +303,7 @@ def _typed(exc: BaseException, repo_id: str, revision: str | None, cache: Path) 
     if diskfull.is_disk_full(exc):
         return diskfull.disk_full_failure(getattr(exc, "filename", None) or cache, "resolve")
     if isinstance(exc, errors.HfHubHTTPError) and _status(exc) == 429:
-        return _rate_limited(name, _retries())
+        return _rate_limited(name, hub_retries())
     if isinstance(exc, errors.GatedRepoError) and _status(exc) == 403:
         return ESDFailure("resolve", "gated", f"{name} is gated and the token given (HF_TOKEN) "
                           "has no access: request access on the model's page", retryable=False)

@@ -22,7 +22,6 @@ tensor handed out.
 from __future__ import annotations
 
 import io
-import os
 import struct
 import sys
 import threading
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from esd.failures import ESDFailure
+from esd.loading.hub import hub_backoff_s, hub_retries
 from esd.loading.checkpoint import (MAX_HEADER_BYTES, SafetensorEntry, TensorSource,
                                      float32_tensor, parse_safetensors_header)
 
@@ -43,14 +43,6 @@ PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
 REFRESH_STATUSES = (401, 403, 410)
 MAX_REFRESHES = 3                 # fresh signed URLs per read before giving up
-
-
-def _retries() -> int:
-    return max(1, int(os.environ.get("ESD_HUB_RETRIES", "5")))
-
-
-def _backoff_s() -> float:
-    return float(os.environ.get("ESD_HUB_BACKOFF_S", "1"))
 
 
 class _WrongAnswer(Exception):
@@ -155,8 +147,8 @@ class RemoteFile:
         name = f"{self.repo_id}@{self.commit[:12]}"
         last = ""
         reason = "download_interrupted"
-        delay = _backoff_s()
-        tries = _retries()
+        delay = hub_backoff_s()
+        tries = hub_retries()
         refreshes = 0
         attempt = 0
         while attempt < tries:
