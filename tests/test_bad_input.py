@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from esd import failures
 from esd import model_list
 import run_esd_experiment
 from esd.failures import ESDFailure, read_failures, record_failure
-from tiny_models import write_model_list
+from tiny_models import write_model_list, offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "run_esd_experiment.py")]
@@ -30,9 +29,7 @@ FAST = ["--gpus", "none", "--poll_interval", "0.05", "--max_check", "1"]
 
 @pytest.fixture
 def env(tmp_path):
-    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    environment.pop("HF_HUB_CACHE", None)
-    return environment
+    return offline_env(tmp_path)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ around the output directory. Expect no traceback, no half-written file, a typed
 `disk_full` failure, one last line saying what to free, and a rerun that completes."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from esd.failures import read_failures
 from hostile_kit import can_mount, fill_leaving, half_files, small_disk, tracebacks
-from tiny_models import save_gpt2, write_model_list
+from tiny_models import save_gpt2, write_model_list, offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "run_esd_experiment.py")]
@@ -25,9 +24,7 @@ pytestmark = pytest.mark.skipif(not can_mount(), reason="mounting a small tmpfs 
 
 @pytest.fixture
 def env(tmp_path):
-    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    environment.pop("HF_HUB_CACHE", None)
-    return environment
+    return offline_env(tmp_path)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ mid-write, a long failing list. Real files, real worker processes where the user
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from esd.atomic_files import remove_stale_temp_files, stale_temp_files
 from esd.failures import (ESDFailure, clear_failures, compact_failures, escape_line_text,
                           read_failures, record_failure)
 from esd.model_list import ModelListError, read_model_list
-from tiny_models import save_gpt2, write_model_list
+from tiny_models import save_gpt2, write_model_list, offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = [sys.executable, str(ROOT / "esd_worker.py")]
@@ -27,9 +26,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 @pytest.fixture
 def env(tmp_path):
-    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    environment.pop("HF_HUB_CACHE", None)
-    return environment
+    return offline_env(tmp_path)
 
 
 def txt_lines(out: Path) -> list[str]:

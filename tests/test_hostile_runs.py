@@ -17,7 +17,7 @@ from filelock import FileLock
 from esd import run_lock
 from esd.failures import ESDFailure, read_failures, record_failure
 from esd.model_list import ModelEntry, safe_id
-from tiny_models import save_gpt2, write_model_list
+from tiny_models import save_gpt2, write_model_list, offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "run_esd_experiment.py")]
@@ -29,9 +29,7 @@ DEFAULTS = {"fix_fingers": "xmin_mid", "evals_thresh": 1e-5, "bins": 100, "xmin_
 
 @pytest.fixture
 def env(tmp_path):
-    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    environment.pop("HF_HUB_CACHE", None)
-    return environment
+    return offline_env(tmp_path)
 
 
 def wait_for(predicate, timeout_s=120.0):

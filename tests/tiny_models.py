@@ -5,6 +5,7 @@ and the short helpers the experiment tests use (`save_gpt2`, `save_llama`, …).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -114,3 +115,12 @@ def write_model_list(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in columns})
     return Path(path)
+
+
+def offline_env(tmp_path: Path) -> dict:
+    """The environment of a run or worker subprocess in a test: a private, offline hub cache
+    and this checkout importable."""
+    environment = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1",
+                       PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    environment.pop("HF_HUB_CACHE", None)
+    return environment
