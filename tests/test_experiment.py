@@ -325,6 +325,29 @@ def test_ctrl_c_says_interrupted_writes_the_summary_and_the_rerun_counts_from_wh
 
 # ---------------------------------------------------------------- the stall watchdog (local backend)
 
+def test_a_stop_while_the_running_worker_ends_well_still_makes_the_run_interrupted(tmp_path):
+    """Ctrl-C lands just as the only running worker finishes: the models still queued make the
+    run interrupted (exit 130 and "run the same command again"), not finished."""
+    sys.path.insert(0, str(ROOT))
+    from esd.backends.base import Task
+    from esd.backends.local import LocalBackend, LocalSettings
+    from esd.supervisor import Policy, Supervisor
+    worker = tmp_path / "worker.py"   # asks the run to stop, then ends well when told to stop
+    worker.write_text("import os, signal, sys, time\nresult = sys.argv[2]\n"
+                      "def finish(*_):\n    open(result, 'w').write('done'); sys.exit(0)\n"
+                      "signal.signal(signal.SIGTERM, finish)\nos.kill(os.getppid(), signal.SIGINT)\n"
+                      "time.sleep(30)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    tasks = [Task(key, (key, str(out / f"{key}.csv")), out / f"{key}.csv", out / "logs" / f"{key}.log")
+             for key in ("first", "second", "third")]
+    backend = LocalBackend(LocalSettings(gpus=(), cpu_workers=1, poll_interval_s=0.05, max_check=1),
+                           worker_script=worker)
+    outcome = Supervisor(backend, out, Policy(retry_backoff_s=0), tick_interval_s=0.2).run(tasks)
+    assert outcome.succeeded == ["first"] and not outcome.failed
+    assert outcome.interrupted
+
+
 def test_local_worker_without_progress_is_stopped_as_stalled_and_a_talking_one_is_not(tmp_path):
     sys.path.insert(0, str(ROOT))
     from esd.backends.base import Task

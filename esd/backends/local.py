@@ -97,7 +97,12 @@ class LocalBackend(Backend):
             ticker.start()
             try:
                 with gputracker.install_signal_handlers(dispatcher):
-                    dispatcher.run([self._job(t) for t in tasks])
+                    results = dispatcher.run([self._job(t) for t in tasks])
+                # queued when the run was stopped: never started, so never through on_job_end;
+                # they still make the run interrupted, even if every running job ended well
+                for result in results:
+                    if result.start_time is None and result.interrupted and result.job_id in by_key:
+                        hooks.on_end(TaskResult(by_key[result.job_id], None, None, None, interrupted=True))
             finally:
                 stop_ticking.set()
                 ticker.join()
