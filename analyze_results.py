@@ -2,7 +2,7 @@
 queries, plots, a self-contained report.html, and metrics over training steps.
 
     python analyze_results.py --results_dir results/ [--output CSV] [--verbose]
-        [--layer_types linear conv2d] [--exclude embed lm_head]
+        [--layer_types linear conv2d] [--exclude embed lm_head] [--layer_mode delta_from_base]
         [--filter "alpha_mean<3" "is_adapter=True"] [--sort_by COL [--descending]]
         [--show COL …] [--hide COL …] [--limit N] [--list_columns]
         [--plots] [--metric alpha_mean] [--esd_layer LONGNAME] [--report]
@@ -23,6 +23,13 @@ plots, report and over-steps; `summary.csv` stays the summary of every layer. `-
 patterns are Python regular expressions searched anywhere in the layer's longname
 (case-sensitive): `embed` drops `model.embed_tokens`, `lm_head` drops `lm_head`,
 `^transformer\\.wte$` one exact layer.
+
+Layer modes: the rows a run adds with --delta_from_base (`<layer>.delta_from_base`) and
+--adapter_update (`<layer>.adapter_update`) are never mixed with the weight rows.
+`summary.csv`, plots, report figures and over-steps use the weight rows; the extra rows get
+`summary_delta_from_base.csv` / `summary_adapter_update.csv` (same columns, written with
+every summary), and `--layer_mode MODE` points the queries, --verbose and --plots
+(under DIR/plots/MODE/) at one of them.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from esd.analysis.plots import (ESD_LAYERS_PER_MODEL, MAX_DEPTH_PANELS, MAX_ESD_
 from esd.analysis.queries import (apply_filters, describe_extremes, format_table,
                                   numeric_columns, parse_filter, query_summary)
 from esd.analysis.report import read_failure_table, write_report
-from esd.analysis.results import (LAYER_TYPES, OWN_OUTPUTS, PER_MODEL_KEY_COLUMNS,
+from esd.analysis.results import (LAYER_MODES, LAYER_TYPES, OWN_OUTPUTS, PER_MODEL_KEY_COLUMNS,
                                   AnalysisError, load_per_layer, require_results, scan_results,
                                   select_layers, write_csv_atomic)
 from esd.analysis.steps import (DEFAULT_STEP_METRICS, MAX_STEP_RUNS, build_over_steps,
@@ -77,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(layers, "--layer_types", nargs="+", metavar="TYPE", help=f"only {', '.join(LAYER_TYPES)}")
     add_flag(layers, "--exclude", nargs="+", metavar="REGEX", default=[],
          help="drop layers whose longname matches (re.search), e.g. embed lm_head")
+    add_flag(layers, "--layer_mode", choices=list(LAYER_MODES), default="weights",
+             help="which rows the queries, --verbose and --plots see: the weights (default), or the "
+                  "rows of a run with --delta_from_base / --adapter_update (summary_MODE.csv)")
     query = parser.add_argument_group("query the summary")
     add_flag(query, "--filter", nargs="+", metavar="EXPR", default=[], help="keep rows meeting all")
     add_flag(query, "--sort_by", metavar="COL")
@@ -113,26 +123,29 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     filters = {"layer_types": args.layer_types, "exclude_patterns": args.exclude}
+    mode = args.layer_mode
     scan = scan_results(args.results_dir)
     for line in scan.ignored_lines():
         print(line, file=sys.stderr)
     per_layer = require_results(scan.per_layer, args.results_dir)
-    summary = build_summary(per_layer, **filters)
+    summary = build_summary(per_layer, **filters, layer_mode=mode)
     if args.list_columns:
         for column in summary.columns:
             print(f"{column:24s} {summary[column].dtype}")
         return 0
     if args.plots or args.report:
         _check_metric(summary, args.metric)
-    output = write_summary(args.results_dir, args.output, per_layer=per_layer, **filters)
+    output = write_summary(args.results_dir, args.output, per_layer=per_layer, **filters,
+                           layer_mode=mode)
     selection = describe_layer_filter(**filters)
-    what = f"summary of {len(summary)} models"
+    what = f"summary of {len(summary)} models" + ("" if mode == "weights" else f", {mode} rows")
     if selection:
         print(f"{what}, layers selected by {selection}, written to {output} "
               f"({Path(args.results_dir) / 'summary.csv'} stays the summary of every layer)",
               file=sys.stderr)
     else:
-        print(f"{what} ({len(per_layer)} layers) written to {output}", file=sys.stderr)
+        rows = len(select_layers(per_layer, layer_mode=mode))
+        print(f"{what} ({rows} layers) written to {output}", file=sys.stderr)
     # Read back what was written, so filters see the same types a notebook would.
     view = query_summary(pd.read_csv(output), args.filter, args.sort_by, args.descending,
                          args.show, args.hide, args.limit)
@@ -142,7 +155,7 @@ def _run(args) -> int:
         print(describe_extremes(summary))
     if args.plots and not args.report:
         for path in write_plots(args.results_dir, per_layer, summary, args.metric,
-                                args.esd_layer, **filters):
+                                args.esd_layer, **filters, layer_mode=mode):
             print(f"plot: {path}")
     if args.over_steps:
         table_path, step_plots = write_over_steps(args.results_dir, args.model_list,

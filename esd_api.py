@@ -3,6 +3,7 @@
     from esd_api import analyze_model, get_summary, run_experiment, load_results
     layers = analyze_model("sentence-transformers/all-MiniLM-L6-v2", fix_fingers="DKS")
     layers = analyze_model(my_torch_module)                 # a model already in memory
+    layers = analyze_model("my/fine-tune", source_model="my/base", delta_from_base=True)
     get_summary(layers)                                     # one dict: alpha_mean, … (summary.csv's row)
     run_experiment(["org/a", "org/b"], "results/", gpus="none", cpu_workers=2)
     per_layer, summary = load_results("results/")
@@ -39,10 +40,19 @@ def analyze_model(model, source_model: str | None = None, *, revision: str | Non
     `model`: a hub id (`org/name`, `org/name@rev`), a local directory, or an in-memory
     `torch.nn.Module` (every Linear, Conv1D, Conv1d, Conv2d and Embedding; tied weights
     once), whose rows get `name` (default: its class name) as model_id. Raises
-    `esd.failures.ESDFailure` (stage, reason) when a model cannot be loaded or analysed."""
+    `esd.failures.ESDFailure` (stage, reason) when a model cannot be loaded or analysed.
+
+    `delta_from_base=True` adds the rows `<layer>.delta_from_base` (W − W_base, base =
+    `source_model`) for a full model with a `source_model`; `adapter_update=True` adds the
+    rows `<layer>.adapter_update` ((α/r)·B·A alone) for a LoRA adapter; either adds nothing
+    (with a log note) to a model it does not apply to. `get_summary` of the result is
+    computed from the weight rows only."""
     settings = _esd_settings(esd_options)
     import torch
     if isinstance(model, torch.nn.Module):
+        if settings.delta_from_base or settings.adapter_update:
+            raise ValueError("delta_from_base / adapter_update read a model's files and its base's: "
+                             "give a hub id or a local directory, not an in-memory module")
         return _analyze_module(model, settings, device, eigs_out, name or type(model).__name__)
     try:
         entry = make_entry(str(model), revision, source_model)

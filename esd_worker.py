@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from filelock import FileLock, Timeout
 
@@ -34,6 +36,7 @@ from esd.failures import ESDFailure, clear_failure, failure_recorded_since, reco
 from esd.loading.hub import hub_session
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args, unsafe_characters)
+from esd.schema import LAYER_MODES, layer_mode_of
 from net_esd import ESDSettings  # noqa: F401 - re-exported: the settings' home is net_esd
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
@@ -218,21 +221,72 @@ def _oom_failure(exc: BaseException) -> ESDFailure | None:
     return None
 
 
+def analysed_modes(esd: ESDSettings, resolved) -> tuple[tuple[str, ...], list[str]]:
+    """The layer modes (`esd.schema.LAYER_MODES`) this model gets, weights first, and a note
+    for each flag that adds nothing to it: deltas need a full model with a `source_model`,
+    updates an adapter. A flag that does not apply is no failure."""
+    modes, notes = ["weights"], []
+    if esd.delta_from_base:
+        if resolved.is_adapter:
+            notes.append("--delta_from_base adds nothing: an adapter's difference from its base "
+                         "is its update (--adapter_update)")
+        elif not resolved.source_model:
+            notes.append("--delta_from_base adds nothing: no source_model (not a fine-tune of a "
+                         "named base)")
+        else:
+            modes.append("delta_from_base")
+    if esd.adapter_update:
+        if resolved.is_adapter:
+            modes.append("adapter_update")
+        else:
+            notes.append("--adapter_update adds nothing: not an adapter")
+    return tuple(modes), notes
+
+
+class LayerProgress:
+    """`layer i/n` after each layer, n = the layers of every mode together, as the loader's
+    plans announce them (`iter_layers(on_plan=...)`); `layer i` while n is not known."""
+
+    def __init__(self, modes, show: Callable[[int, str, int | None], None]):
+        self.modes, self.show, self.counts = tuple(modes), show, {}
+
+    def planned(self, counts: dict) -> None:
+        self.counts.update({mode: n for mode, n in counts.items() if mode in self.modes})
+
+    def total(self) -> int | None:
+        known = [self.counts.get(mode) for mode in self.modes]
+        return None if None in known else sum(known)
+
+    def __call__(self, layers_done: int, longname: str) -> None:
+        self.show(layers_done, longname, self.total())
+
+
 def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = "auto",
                           trust_remote_code: bool = False, eigs_out: dict | None = None,
-                          progress=None):
-    """Per-layer metrics of one model as a DataFrame with the per-model CSV columns.
+                          progress: Callable[[int, str, int | None], None] | None = None,
+                          note: Callable[[str], None] = log.info):
+    """Per-layer metrics of one model as a DataFrame with the per-model CSV columns: its
+    weights, then (as `esd` asks and the model allows, `analysed_modes`) its delta from its
+    base and its adapter update, each row named with its mode's suffix.
 
     The same path serves the worker, the notebook API and the tests. Raises ESDFailure.
+    progress(layers_done, longname, layers_total or None) after each layer; note(text) once
+    for each mode flag that adds nothing to this model.
     """
     from model_loader import iter_layers, resolve_model
     from net_esd import analyze_layers
 
     resolved = resolve_model(entry, trust_remote_code=trust_remote_code, warn=log.warning)
+    modes, notes = analysed_modes(esd, resolved)
+    for text in notes:
+        note(f"{entry.key}: {text}")
     device_name, device_ids = pick_device(device)
+    counter = LayerProgress(modes, progress or (lambda done, name, total: None))
+    layers = itertools.chain.from_iterable(  # lazily: a mode's files are opened when it starts
+        iter_layers(resolved, mode=mode, on_plan=counter.planned) for mode in modes)
     try:
-        frame = analyze_layers(iter_layers(resolved), esd, device_ids=device_ids, device=device_name,
-                               eigs_out=eigs_out, progress=progress)
+        frame = analyze_layers(layers, esd, device_ids=device_ids, device=device_name,
+                               eigs_out=eigs_out, progress=counter)
     except ESDFailure:
         raise
     except Exception as exc:  # noqa: BLE001 - classified below, never lost
@@ -293,8 +347,24 @@ def model_lock(config: WorkerConfig):
         lock.release()
 
 
-def _print_layer_done(layers_done: int, longname: str) -> None:
-    print(f"  layer {layers_done:4d}  {longname}", flush=True)  # `tail -f` the worker's log
+def _print_layer_done(layers_done: int, longname: str, layers_total: int | None = None) -> None:
+    """`  layer   12/74  encoder.layer.5.output.dense`: read by the run's progress display
+    (esd/progress.py) and by whoever runs `tail -f` on the worker's log."""
+    of = f"/{layers_total}" if layers_total is not None else ""
+    print(f"  layer {layers_done:4d}{of}  {longname}", flush=True)
+
+
+def _print_note(text: str) -> None:
+    print(f"note: {text}", flush=True)
+
+
+def _rows_said(frame) -> str:
+    """`74 layers` or `74 layers (37 weights, 37 delta_from_base)`."""
+    modes = frame["longname"].astype(str).map(layer_mode_of).value_counts()
+    if set(modes.index) <= {"weights"}:
+        return f"{len(frame)} layers"
+    parts = ", ".join(f"{modes[m]} {m}" for m in LAYER_MODES if m in modes)
+    return f"{len(frame)} layers ({parts})"
 
 
 def run_worker(config: WorkerConfig) -> int:
@@ -306,7 +376,7 @@ def run_worker(config: WorkerConfig) -> int:
         print(f"error: --output_dir {config.output_dir} cannot be created: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
     try:  # held for the worker's life: no run with other settings can take the directory
-        run_lock.check_settings(config.output_dir, asdict(config.esd))
+        run_lock.check_settings(config.output_dir, asdict(config.esd), defaults=asdict(ESDSettings()))
     except run_lock.SettingsConflict as exc:
         record = record_failure(config.output_dir, entry.key, ESDFailure("worker", "settings_mismatch", str(exc), False))
         print(f"{entry.key}: FAILED {record.stage}/{record.reason}: {record.message}", flush=True)
@@ -327,14 +397,14 @@ def run_worker(config: WorkerConfig) -> int:
             with hub_session(config.output_dir, entry.key, config.disk_budget, config.stream):
                 frame = compute_model_metrics(entry, config.esd, device=config.device,
                                               trust_remote_code=config.trust_remote_code, eigs_out=eigs,
-                                              progress=_print_layer_done)
+                                              progress=_print_layer_done, note=_print_note)
                 save_results(config, frame, eigs)
         except ESDFailure as failure:
             record = record_failure(config.output_dir, entry.key, failure)
             print(f"{entry.key}: FAILED {failure} (retryable: {record.retryable})", flush=True)
             return EXIT_RETRYABLE if record.retryable else EXIT_FAILED
     clear_failure(config.output_dir, entry.key)
-    print(f"{entry.key}: {len(frame)} layers in {time.time() - started:.1f}s -> {out}", flush=True)
+    print(f"{entry.key}: {_rows_said(frame)} in {time.time() - started:.1f}s -> {out}", flush=True)
     return EXIT_OK
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -53,6 +53,8 @@ from esd.model_list import ModelEntry, RevisionConflict, relation_says_adapter, 
 from esd.schema import LAYER_MODES
 
 __all__ = ["ResolvedModel", "install_into_hub_cache", "iter_layers", "resolve_model"]
+
+PlanCounts = Callable[[dict], None]   # iter_layers' on_plan: {mode: layers it yields}
 
 
 def resolve_model(model_id: "str | ModelEntry", revision: str | None = None,
@@ -162,35 +164,41 @@ def _with_weights(resolved: ResolvedModel, source_model: str | None) -> Resolved
     return resolved
 
 
-def iter_layers(resolved: ResolvedModel, *, warn: Warn | None = None,
-                mode: str = "weights") -> Iterator[tuple[str, str, torch.Tensor]]:
+def iter_layers(resolved: ResolvedModel, *, warn: Warn | None = None, mode: str = "weights",
+                on_plan: PlanCounts | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:
     """Yield `(longname, layer_type, tensor)` one layer at a time; `tensor` is a float32 CPU
     tensor the caller owns. Adapters are merged into their base on the way. Warnings go to
     `warn`, else to the callback given to `resolve_model`, else to the `model_loader` logger.
 
     mode (`esd.schema.LAYER_MODES`): `weights` (the model's weights); `delta_from_base`
     (W_ft − W_base, base = the model's `source_model`; names end in `.delta_from_base`);
-    `adapter_update` (a LoRA adapter's (α/r)·B·A alone; names end in `.adapter_update`)."""
+    `adapter_update` (a LoRA adapter's (α/r)·B·A alone; names end in `.adapter_update`).
+
+    on_plan: called once the layers are planned, before the first tensor is read, with
+    {mode: number of layers it yields} for this mode and any other mode the same plan
+    answers (a full model's deltas are its layers; a plain LoRA's updates are in its merge
+    plan), so a caller can say `layer i/n` without planning twice."""
     if mode not in LAYER_MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(LAYER_MODES)}")
+    on_plan = on_plan or (lambda counts: None)
     if mode == "adapter_update":
-        layers = _adapter_updates(resolved)
+        layers = _adapter_updates(resolved, on_plan)
     elif mode == "delta_from_base":
-        layers = _deltas_from_base(resolved)
+        layers = _deltas_from_base(resolved, on_plan)
     else:
-        layers = iter_adapter_layers(resolved) if resolved.is_adapter \
-            else _full_model_layers(resolved)
+        layers = iter_adapter_layers(resolved, on_plan) if resolved.is_adapter \
+            else _full_model_layers(resolved, on_plan)
     return iter_with_warnings_to(layers, warn or resolved.warn)
 
 
-def _adapter_updates(resolved: ResolvedModel):
+def _adapter_updates(resolved: ResolvedModel, on_plan: PlanCounts):
     if not resolved.is_adapter:
         raise ESDFailure("load", "not_an_adapter", f"{resolved.model_id}: adapter_update needs "
                          "an adapter (adapter_config.json + adapter_model.*)")
-    yield from iter_adapter_updates(resolved)
+    yield from iter_adapter_updates(resolved, on_plan)
 
 
-def _deltas_from_base(resolved: ResolvedModel):
+def _deltas_from_base(resolved: ResolvedModel, on_plan: PlanCounts):
     if resolved.is_adapter:
         raise ESDFailure("load", "adapter_unsupported", f"{resolved.model_id}: an adapter's "
                          "difference from its base is its update: use adapter_update")
@@ -205,15 +213,18 @@ def _deltas_from_base(resolved: ResolvedModel):
     if base.is_adapter:
         raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
                          f"{resolved.source_model} is an adapter")
-    yield from iter_delta_layers(resolved, base)
+    yield from iter_delta_layers(resolved, base, on_plan)
 
 
-def _full_model_layers(resolved: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:
+def _full_model_layers(resolved: ResolvedModel,
+                       on_plan: PlanCounts) -> Iterator[tuple[str, str, torch.Tensor]]:
     ckpt = open_weights(resolved.weight_files)
     try:
         modules, keys = plan_layers(resolved, ckpt)
         plan_reads(ckpt, (keys[name] for name, _, _ in modules))
-        for name, kind, key in distinct_layers(modules, keys):
+        layers = list(distinct_layers(modules, keys))
+        on_plan({"weights": len(layers), "delta_from_base": len(layers)})
+        for name, kind, key in layers:
             tensor = ckpt.tensor(key)
             yield name, kind, tensor
             del tensor

@@ -100,6 +100,13 @@ class ESDSettings:
     conv_norm: float = _setting(0.5, "conv slices are scaled by sqrt(conv_norm)")
     filter_zeros: bool = _setting(True, "fit only eigenvalues above --evals_thresh (off: every eigenvalue > 0)")
     min_evals: int = _setting(10, "layers with fewer eigenvalues (after filtering) are not fitted")
+    # Which matrices besides the weights (rows named `<layer>.delta_from_base` /
+    # `<layer>.adapter_update`, esd.schema.LAYER_MODES); the maths here ignores them, the
+    # worker chooses the layers. Settings, so results with and without them never mix.
+    delta_from_base: bool = _setting(False, "also analyse W_ft - W_base of each fine-tune whose base is its "
+                                     "source_model (rows <layer>.delta_from_base)")
+    adapter_update: bool = _setting(False, "also analyse each LoRA adapter's scaled update (alpha/r)*B*A "
+                                    "alone (rows <layer>.adapter_update)")
 
     def __post_init__(self):
         for item in fields(self):  # numbers may arrive as text (a config file) or ints for floats

@@ -98,10 +98,10 @@ def claim_settings(output_dir, wanted: dict, overwrite: bool = False, defaults: 
     _holds[str(output_dir)] = fd
 
 
-def check_settings(output_dir, wanted: dict) -> None:
+def check_settings(output_dir, wanted: dict, defaults: dict | None = None) -> None:
     """Claim without replacing: a worker's check that the directory's results (and the ones
-    it is about to write) have its settings."""
-    claim_settings(output_dir, wanted, overwrite=False)
+    it is about to write) have its settings (`defaults`: as in claim_settings)."""
+    claim_settings(output_dir, wanted, overwrite=False, defaults=defaults)
 
 
 def _try_exclusive(fd: int) -> bool:

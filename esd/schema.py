@@ -11,3 +11,12 @@ LAYER_TYPES = ("linear", "conv1d", "conv2d", "embedding")
 # base = source_model); an adapter's LoRA update alone ((α/r)·B·A).
 LAYER_MODES = {"weights": "", "delta_from_base": ".delta_from_base",
                "adapter_update": ".adapter_update"}
+
+
+def layer_mode_of(longname: str) -> str:
+    """The LAYER_MODES mode of a CSV row, read from its longname's suffix ("weights" if none)."""
+    name = str(longname)
+    for mode, suffix in LAYER_MODES.items():
+        if suffix and name.endswith(suffix):
+            return mode
+    return "weights"

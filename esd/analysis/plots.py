@@ -195,7 +195,7 @@ def _label_log_axes(ax) -> None:
         axis.set_minor_formatter(NullFormatter())   # minor labels overlap on short ranges
 
 
-def plot_esds(results_dir, per_layer, summary, esd_layer=None) -> list[Path]:
+def plot_esds(results_dir, per_layer, summary, esd_layer=None, plots_dir=None) -> list[Path]:
     """One figure per model with saved eigenvalues (at most MAX_ESD_MODELS: the extremes
     by alpha_mean), one panel per chosen layer. Nothing without an `eigs/` directory."""
     eigs_dir = Path(results_dir) / "eigs"
@@ -223,24 +223,28 @@ def plot_esds(results_dir, per_layer, summary, esd_layer=None) -> list[Path]:
                 plot_esd(eigs[layer["longname"]], layer, ax)
         fig.suptitle(f"ESD of {_short(model_id, 70)}", fontsize=10)
         fig.tight_layout()
-        paths.append(_save(fig, Path(results_dir) / "plots" / "esd" / f"{files[model_id]}.png"))
+        paths.append(_save(fig, Path(plots_dir or Path(results_dir) / "plots") / "esd"
+                           / f"{files[model_id]}.png"))
     return paths
 
 
 def write_plots(results_dir, per_layer=None, summary=None, metric="alpha_mean", esd_layer=None,
-                layer_types=None, exclude_patterns=None) -> list[Path]:
-    """The standard plots under `results_dir/plots/`; returns their paths."""
+                layer_types=None, exclude_patterns=None, layer_mode="weights") -> list[Path]:
+    """The standard plots under `results_dir/plots/` (those of another layer mode than the
+    weights under `plots/<mode>/`, drawn from that mode's rows only); returns their paths."""
     if per_layer is None:
         per_layer = require_results(load_per_layer(results_dir), results_dir)
-    selected = select_layers(per_layer, layer_types, exclude_patterns)
+    selected = select_layers(per_layer, layer_types, exclude_patterns, layer_mode)
+    if selected.empty and layer_mode != "weights":
+        raise AnalysisError(f"no {layer_mode} rows to plot (computed by a run with --{layer_mode})")
     if summary is None:
-        summary = build_summary(per_layer, layer_types, exclude_patterns)
-    plots = Path(results_dir) / "plots"
+        summary = build_summary(per_layer, layer_types, exclude_patterns, layer_mode)
+    plots = Path(results_dir) / "plots" / ("" if layer_mode == "weights" else layer_mode)
     return [
         plot_alpha_distribution(selected, summary, plots / "alpha_distribution.png"),
         plot_alpha_by_depth(selected, summary, plots / "alpha_by_depth.png"),
         plot_metric_comparison(summary, metric, plots / f"compare_{metric}.png"),
-        *plot_esds(results_dir, selected, summary, esd_layer),
+        *plot_esds(results_dir, selected, summary, esd_layer, plots),
     ]
 
 

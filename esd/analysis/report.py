@@ -2,8 +2,10 @@
 found and how it was made.
 
 Owns the page: overview, how it was made (ESD settings, run info, a line per metric),
-failed models, plots, adapter-minus-base, over steps, summary, fit statuses. Reads only
-the results directory; computes no spectral metric.
+failed models, plots, adapter-minus-base, over steps, summary, fit statuses, and the
+summaries of the rows of --delta_from_base / --adapter_update in a section of their own
+(every other section uses the weight rows only). Reads only the results directory;
+computes no spectral metric.
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ import pandas as pd
 
 from esd.analysis.plots import write_plots
 from esd.analysis.adapters import delta_summary, plot_deltas
-from esd.analysis.results import scan_results, select_layers
+from esd.analysis.results import layer_modes, scan_results, select_layers
 from esd.analysis.steps import DEFAULT_STEP_METRICS, _names_checkpoint, write_over_steps
-from esd.analysis.summary import build_summary, describe_layer_filter
+from esd.analysis.summary import build_summary, describe_layer_filter, mode_summaries
 from esd.atomic_files import write_text_atomic
 from esd.failures import FAILED_MODELS_TXT, read_failures
 
@@ -95,6 +97,11 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
                                      _table_html(pd.read_csv(table_path), scroll=True)
                                      + "".join(_img_html(p) for p in step_plots)))
         sections.append(_section("Summary", _table_html(summary, scroll=True)))
+        extra = mode_summaries(per_layer)
+        if extra:
+            sections.append(_section("Fine-tune deltas and adapter updates", _MODES_NOTE + "".join(
+                f"<h3>{html.escape(mode)}</h3>" + _table_html(table, scroll=True)
+                for mode, table in extra.items())))
         if "fit_status" in selected:
             statuses = (selected.groupby(["layer_type", "fit_status"]).size()
                         .rename("layers").reset_index())
@@ -110,8 +117,16 @@ _ADAPTER_NOTE = ("<p>Each model whose base (<code>source_model</code>) is in the
                  "axes are fitted to them.</p>")
 
 
+_MODES_NOTE = ("<p>Rows of a run with <code>--delta_from_base</code> (W<sub>ft</sub> − W<sub>base</sub>, "
+               "base = <code>source_model</code>) or <code>--adapter_update</code> (a LoRA's "
+               "(α/r)·B·A alone), summarised as summary.csv is (summary_&lt;mode&gt;.csv); "
+               "every other section of this page uses the weight rows only.</p>")
+
+
 def _overview_html(results_dir, per_layer, failures, ignored, selection) -> str:
     models = per_layer["model_id"].nunique() if not per_layer.empty else 0
+    modes = layer_modes(per_layer).value_counts() if not per_layer.empty else pd.Series(dtype=int)
+    per_layer = select_layers(per_layer) if not per_layer.empty else per_layer   # weight rows
     failed_fits = int(per_layer["alpha"].isna().sum()) if not per_layer.empty else 0
     items = [("results directory", str(Path(results_dir).resolve())),
              ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
@@ -119,6 +134,8 @@ def _overview_html(results_dir, per_layer, failures, ignored, selection) -> str:
              ("layers whose fit failed (NaN alpha)", failed_fits),
              ("failed models", len(failures)),
              ("layers selected", selection or "all")]
+    items += [(f"{mode} rows (their own summary below)", int(count))
+              for mode, count in modes.items() if mode != "weights"]
     if ignored:
         names = ", ".join(p.name for p, _ in ignored[:5]) + (" …" if len(ignored) > 5 else "")
         items.append(("files ignored (not the run's own results)", f"{len(ignored)}: {names}"))

@@ -19,12 +19,20 @@ import pandas as pd
 
 from esd.atomic_files import atomic_path
 from esd.model_list import parse_model_id, safe_id
-from esd.schema import LAYER_TYPES  # the one place of the layer types (re-exported here)
+from esd.schema import LAYER_MODES, LAYER_TYPES, layer_mode_of  # (re-exported here)
 
 PER_MODEL_KEY_COLUMNS = ("model_id", "longname", "alpha")   # what makes a CSV a per-model CSV
+
+
+def summary_file_name(layer_mode: str = "weights", filtered: bool = False) -> str:
+    """`summary.csv` (weights), `summary_delta_from_base.csv`, `summary_filtered.csv`, …"""
+    return ("summary" + ("" if layer_mode == "weights" else f"_{layer_mode}")
+            + ("_filtered" if filtered else "") + ".csv")
+
+
 # files of the run and of the analysis itself: never results, never listed as ignored
-OWN_OUTPUTS = ("summary.csv", "summary_filtered.csv", "over_steps.csv", "over_steps_layers.csv",
-               "runs.csv")
+OWN_OUTPUTS = (*(summary_file_name(mode, filtered) for mode in LAYER_MODES for filtered in (False, True)),
+               "over_steps.csv", "over_steps_layers.csv", "runs.csv")
 
 
 class AnalysisError(ValueError):
@@ -49,9 +57,11 @@ def scan_results(results_dir) -> ResultScan:
     `result_csv_path`). Anything else named `*.csv` (directories, dangling links, FIFOs,
     copies such as `org--a (1).csv`, merged exports, model lists) is left out and listed in
     `ignored` with the reason; the run's and the analysis' own files are skipped silently.
-    Added columns: `layer_index` (position in its model, 0 = first = shallowest) and
-    `result_file` (the CSV's stem, i.e. the model's safe id; `eigs/<result_file>.npz` holds
-    its eigenvalues when the run used --save_eigs).
+    Added columns: `layer_mode` (`weights`, or `delta_from_base` / `adapter_update` for the
+    rows of --delta_from_base / --adapter_update, read from the longname's suffix),
+    `layer_index` (position in its model among the rows of its mode, 0 = first =
+    shallowest) and `result_file` (the CSV's stem, i.e. the model's safe id;
+    `eigs/<result_file>.npz` holds its eigenvalues when the run used --save_eigs).
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -66,7 +76,7 @@ def scan_results(results_dir) -> ResultScan:
         elif len(frame):
             frames.append(frame)
     if not frames:
-        empty = pd.DataFrame(columns=[*PER_MODEL_KEY_COLUMNS, "layer_index", "result_file"])
+        empty = pd.DataFrame(columns=[*PER_MODEL_KEY_COLUMNS, "layer_mode", "layer_index", "result_file"])
         return ResultScan(empty, ignored)
     return ResultScan(pd.concat(frames, ignore_index=True), ignored)
 
@@ -118,14 +128,32 @@ def _read_per_model_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
         expected = sorted(_own_result_names(ids[0]))[0]
         return None, (f"a copy? it holds {ids[0]!r}, whose result file is {expected}; "
                       f"only the run's own result files are read")
-    frame["layer_index"] = np.arange(len(frame))
+    frame["layer_mode"] = layer_modes(frame)
+    frame["layer_index"] = frame.groupby("layer_mode", sort=False).cumcount().to_numpy()
     frame["result_file"] = path.stem
     return frame, None
 
 
-def select_layers(per_layer: pd.DataFrame, layer_types=None, exclude_patterns=None) -> pd.DataFrame:
-    """The rows of the chosen layer types whose longname matches no exclude pattern."""
-    selected = per_layer
+def layer_modes(per_layer: pd.DataFrame) -> pd.Series:
+    """Each row's layer mode: its `layer_mode` column, else read from its longname."""
+    if "layer_mode" in per_layer:
+        return per_layer["layer_mode"]
+    return per_layer["longname"].astype(str).map(layer_mode_of)
+
+
+def check_layer_mode(layer_mode: str) -> str:
+    if layer_mode not in LAYER_MODES:
+        raise AnalysisError(f"unknown layer mode {layer_mode!r}; choose from {list(LAYER_MODES)}")
+    return layer_mode
+
+
+def select_layers(per_layer: pd.DataFrame, layer_types=None, exclude_patterns=None,
+                  layer_mode: str = "weights") -> pd.DataFrame:
+    """The rows of one layer mode (default the weights: the rows of --delta_from_base and
+    --adapter_update are never mixed with them), of the chosen layer types, whose longname
+    matches no exclude pattern."""
+    check_layer_mode(layer_mode)
+    selected = per_layer[layer_modes(per_layer) == layer_mode] if len(per_layer) else per_layer
     if layer_types:
         unknown = sorted(set(layer_types) - set(LAYER_TYPES))
         if unknown:

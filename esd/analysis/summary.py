@@ -1,9 +1,15 @@
 """The model summary: one row per model with the columns users' scripts depend on.
 
 Owns `SUMMARY_COLUMNS` (fixed by the file contract), the statistics, and where a summary is
-written: `summary.csv` is always the whole (every layer); a summary of selected layers
+written: `summary.csv` is always the whole (every weight layer); a summary of selected layers
 (`--layer_types`, `--exclude`) goes to `summary_filtered.csv` (or `--output`) with a
 `layer_filter` column saying what was selected. Reads per-layer tables, writes CSVs.
+
+Layer modes: `summary.csv` is computed from the weight rows only, so a run with
+--delta_from_base / --adapter_update has the same summary.csv as one without. The extra rows
+get their own summary with the same columns, one file per mode, with only the models that
+have such rows: `summary_delta_from_base.csv`, `summary_adapter_update.csv` (a filtered one:
+`summary_<mode>_filtered.csv`).
 
 Statistics: a layer whose fit failed (alpha is NaN) is left out of every alpha statistic
 and counted in `num_fit_failed`; every other column skips its own NaNs, so a layer whose
@@ -18,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esd.analysis.results import load_per_layer, require_results, select_layers, write_csv_atomic
+from esd.analysis.results import (LAYER_MODES, AnalysisError, check_layer_mode, layer_modes, load_per_layer,
+                                  require_results, select_layers, summary_file_name,
+                                  write_csv_atomic)
 
 SUMMARY_COLUMNS = (
     "model_id", "is_adapter", "source_model", "num_layers", "num_fit_failed",
@@ -29,16 +37,24 @@ SUMMARY_COLUMNS = (
 )
 
 
-def build_summary(per_layer_df, layer_types=None, exclude_patterns=None) -> pd.DataFrame:
-    """One row per model with exactly SUMMARY_COLUMNS, sorted by model_id.
+def build_summary(per_layer_df, layer_types=None, exclude_patterns=None,
+                  layer_mode: str = "weights") -> pd.DataFrame:
+    """One row per model with exactly SUMMARY_COLUMNS, sorted by model_id, from the rows of
+    `layer_mode` (default the weights; `esd.schema.LAYER_MODES`).
 
     A model whose every layer is filtered out keeps its row (num_layers 0, NaN statistics),
-    so no model disappears from the summary without a trace.
+    so no model disappears from the summary without a trace. For another mode, only the
+    models that have rows of that mode have a row.
     """
-    selected = select_layers(per_layer_df, layer_types, exclude_patterns)
+    selected = select_layers(per_layer_df, layer_types, exclude_patterns, layer_mode)
     chosen = {model_id: layers for model_id, layers in selected.groupby("model_id", sort=False)}
+    having = None
+    if layer_mode != "weights" and len(per_layer_df):
+        having = set(per_layer_df.loc[layer_modes(per_layer_df) == layer_mode, "model_id"])
     rows = []
     for model_id, whole in per_layer_df.groupby("model_id", sort=True):
+        if having is not None and model_id not in having:
+            continue
         rows.append(_summarise_model(model_id, whole, chosen.get(model_id, whole.iloc[:0])))
     summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     for column in ("num_layers", "num_fit_failed"):
@@ -104,26 +120,59 @@ def describe_layer_filter(layer_types=None, exclude_patterns=None) -> str:
     return "; ".join(parts)
 
 
-def filtered_summary(per_layer, layer_types=None, exclude_patterns=None) -> pd.DataFrame:
+def filtered_summary(per_layer, layer_types=None, exclude_patterns=None,
+                     layer_mode: str = "weights") -> pd.DataFrame:
     """The summary of the selected layers, with a `layer_filter` column naming the selection."""
-    summary = build_summary(per_layer, layer_types, exclude_patterns)
+    summary = build_summary(per_layer, layer_types, exclude_patterns, layer_mode)
     summary["layer_filter"] = describe_layer_filter(layer_types, exclude_patterns)
     return summary
 
 
+def mode_summaries(per_layer) -> dict[str, pd.DataFrame]:
+    """{mode: its summary} for every mode other than the weights that has rows."""
+    present = set(layer_modes(per_layer)) if len(per_layer) else set()
+    return {mode: build_summary(per_layer, layer_mode=mode)
+            for mode in LAYER_MODES if mode != "weights" and mode in present}
+
+
+def write_mode_summaries(results_dir, per_layer) -> list[Path]:
+    """`summary_<mode>.csv` for each extra mode with rows; one left from an earlier run whose
+    rows are gone (recomputed with --overwrite without the flag) is removed."""
+    results_dir = Path(results_dir)
+    summaries = mode_summaries(per_layer)
+    for mode in LAYER_MODES:
+        stale = results_dir / summary_file_name(mode)
+        if mode != "weights" and mode not in summaries and stale.is_file():
+            stale.unlink()
+    return [write_csv_atomic(summary, results_dir / summary_file_name(mode))
+            for mode, summary in summaries.items()]
+
+
 def write_summary(results_dir, output=None, layer_types=None, exclude_patterns=None,
-                  per_layer=None) -> Path:
+                  per_layer=None, layer_mode: str = "weights") -> Path:
     """Write the summary of `results_dir` (atomically) and return its path.
 
     Every layer: to `output` (default `results_dir/summary.csv`). Selected layers: the whole
     still goes to `summary.csv`, the selection to `output` (default `summary_filtered.csv`)
-    with its `layer_filter` column, so `summary.csv` is never a partial view."""
+    with its `layer_filter` column, so `summary.csv` is never a partial view. The rows of
+    the extra layer modes always get their `summary_<mode>.csv` too; `layer_mode` names the
+    mode whose summary (selected or whole) goes to `output` and is returned."""
     results_dir = Path(results_dir)
+    check_layer_mode(layer_mode)
     if per_layer is None:
         per_layer = require_results(load_per_layer(results_dir), results_dir)
+    if layer_mode != "weights" and not (layer_modes(per_layer) == layer_mode).any():
+        raise AnalysisError(f"no {layer_mode} rows in {results_dir}: they are computed by a run "
+                            f"with --{layer_mode}")
     whole = build_summary(per_layer)
-    if not describe_layer_filter(layer_types, exclude_patterns):
+    write_mode_summaries(results_dir, per_layer)
+    if describe_layer_filter(layer_types, exclude_patterns):
+        write_csv_atomic(whole, results_dir / "summary.csv")
+        return write_csv_atomic(filtered_summary(per_layer, layer_types, exclude_patterns, layer_mode),
+                                Path(output) if output else results_dir / summary_file_name(layer_mode, True))
+    if layer_mode == "weights":
         return write_csv_atomic(whole, Path(output) if output else results_dir / "summary.csv")
     write_csv_atomic(whole, results_dir / "summary.csv")
-    return write_csv_atomic(filtered_summary(per_layer, layer_types, exclude_patterns),
-                            Path(output) if output else results_dir / "summary_filtered.csv")
+    if output is None:
+        return results_dir / summary_file_name(layer_mode)   # written by write_mode_summaries
+    return write_csv_atomic(build_summary(per_layer, layer_mode=layer_mode), Path(output))

@@ -21,8 +21,9 @@ from esd.loading.resolved import ResolvedModel
 from esd.schema import LAYER_MODES
 
 
-def iter_delta_layers(resolved: ResolvedModel,
-                      base: ResolvedModel) -> Iterator[tuple[str, str, torch.Tensor]]:
+def iter_delta_layers(resolved: ResolvedModel, base: ResolvedModel,
+                      on_plan=None) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """on_plan: as `model_loader.iter_layers`' (called with the number of deltas)."""
     suffix = LAYER_MODES["delta_from_base"]
     tuned, original = open_weights(resolved.weight_files), open_weights(base.weight_files)
     try:
@@ -31,7 +32,10 @@ def iter_delta_layers(resolved: ResolvedModel,
         _check_same_layers(resolved, base, modules, keys, base_keys, tuned, original)
         plan_reads(tuned, (keys[name] for name, _, _ in modules))
         plan_reads(original, (base_keys[name] for name, _, _ in modules))
-        for name, kind, key in distinct_layers(modules, keys):
+        layers = list(distinct_layers(modules, keys))
+        if on_plan is not None:
+            on_plan({"delta_from_base": len(layers)})
+        for name, kind, key in layers:
             delta = tuned.tensor(key)
             delta -= original.tensor(base_keys[name])      # W_ft − W_base, float32
             yield name + suffix, kind, delta

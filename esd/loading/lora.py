@@ -308,9 +308,23 @@ def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
 
 # --------------------------------------------------------------------------- merging
 
-def iter_adapter_layers(resolved: ResolvedModel):
+def _merged_count(modules, keys, plan: "_AdapterPlan", adapter: TensorSource) -> int:
+    """How many layers iter_adapter_layers' streaming loop below yields (read no tensor)."""
+    replacements, done, count = dict(plan.replacements), set(), 0
+    for name, _, _ in modules:
+        if replacements.pop(name, None) is not None:
+            count += 1
+        elif keys[name] not in done:
+            done.add(keys[name])
+            count += 1
+    return count + sum(1 for key in replacements.values()
+                       if rule_layer_type(key, len(adapter.shapes[key])))
+
+
+def iter_adapter_layers(resolved: ResolvedModel, on_plan=None):
     """The layers of an adapter merged into its base, one at a time: streaming for plain
-    LoRA (every tensor checked first, `_plan_adapter`), else by peft (`_merge_with_peft`)."""
+    LoRA (every tensor checked first, `_plan_adapter`), else by peft (`_merge_with_peft`).
+    on_plan: as `model_loader.iter_layers`' (streaming: also the adapter_update count)."""
     adapter = FileCheckpoint(resolved.weight_files)
     base_ckpt = None
     try:
@@ -319,7 +333,10 @@ def iter_adapter_layers(resolved: ResolvedModel):
             adapter.close()
             logger.warning(f"{resolved.model_id}: {reason}: merged by peft on a full float32 CPU "
                            "copy of the base (memory: the whole model)")
-            yield from _merge_with_peft(resolved)
+            merged = list(_merge_with_peft(resolved))   # the model is in memory already
+            if on_plan is not None:
+                on_plan({"weights": len(merged)})
+            yield from merged
             return
         base = resolved.base
         base_ckpt = open_weights(base.weight_files)     # streamed with --stream
@@ -327,6 +344,9 @@ def iter_adapter_layers(resolved: ResolvedModel):
         plan_reads(base_ckpt, (keys[name] for name, _, _ in modules))
         plan = _plan_adapter(resolved, adapter, modules, keys, base_ckpt)
         updates, replacements, overrides = plan.updates, plan.replacements, plan.overrides
+        if on_plan is not None:
+            on_plan({"weights": _merged_count(modules, keys, plan, adapter),
+                     "adapter_update": len(_updated_layers(modules, keys, plan))})
         done: set[str] = set()
         for name, kind, _ in modules:
             if name in replacements:     # modules_to_save: the adapter's full weight
@@ -436,10 +456,16 @@ def _base_sources(resolved: ResolvedModel, model: torch.nn.Module,
     return sources
 
 
-def iter_adapter_updates(resolved: ResolvedModel):
+def _updated_layers(modules, keys, plan: "_AdapterPlan") -> list[tuple[str, str, str]]:
+    """(longname, layer_type, base key) of the distinct layers a LoRA update changes."""
+    return [layer for layer in distinct_layers(modules, keys) if layer[2] in plan.updates]
+
+
+def iter_adapter_updates(resolved: ResolvedModel, on_plan=None):
     """The scaled LoRA update (α/r)·B·A of every layer the adapter changes, alone, shaped as
     the base weight is stored, as `(longname + ".adapter_update", layer_type, tensor)`. Only
-    plain LoRA has such an update; the base is read for its shapes only."""
+    plain LoRA has such an update; the base is read for its shapes only. on_plan: as
+    `model_loader.iter_layers`'."""
     suffix = LAYER_MODES["adapter_update"]
     adapter = FileCheckpoint(resolved.weight_files)
     base_ckpt = None
@@ -455,9 +481,10 @@ def iter_adapter_updates(resolved: ResolvedModel):
         if not plan.updates:
             raise ESDFailure("merge", "adapter_mismatch", f"{resolved.model_id}: the adapter "
                              "holds no LoRA update (only saved modules)")
-        for name, kind, key in distinct_layers(modules, keys):
-            if key not in plan.updates:
-                continue
+        layers = _updated_layers(modules, keys, plan)
+        if on_plan is not None:
+            on_plan({"adapter_update": len(layers)})
+        for name, kind, key in layers:
             update = torch.zeros(base_ckpt.shapes[key], dtype=torch.float32)
             yield name + suffix, kind, _apply_updates(update, plan.updates[key], adapter)
             del update
