@@ -6,7 +6,10 @@ run the estimator, write `<output_dir>/<safe_id>.csv` atomically.
     python esd_worker.py --manifest results/slurm/<stamp>/manifest.json --task_index 3
 
 Owns: the flags of the ESD settings (derived from `net_esd.ESDSettings`, shared with the
-orchestrator), the per-model CSV and eigenvalue files, turning any failure into a typed
+orchestrator), which layer modes a model gets (its weight rows, then with --delta_from_base
+a fine-tune's W_ft − W_base rows and with --adapter_update a LoRA's (α/r)·B·A rows:
+`analysed_modes`), the progress line `layer i/n` (n over all modes), the per-model CSV and
+eigenvalue files, turning any failure into a typed
 record in `failed_models.txt` / `failures.jsonl`. Exit status: 0 done, 1 failed (final),
 75 failed (a retry can help), 74 the disk is full and not even the failure could be recorded
 (the orchestrator records it as `disk_full`). The loader and whatever it needs (transformers, peft) are

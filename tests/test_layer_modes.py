@@ -260,3 +260,36 @@ def test_api_analyze_model_adds_delta_rows_and_get_summary_stays_the_weights_one
     assert esd_api.get_summary(with_deltas) == pytest.approx(esd_api.get_summary(plain), nan_ok=True)
     with pytest.raises(ValueError, match="not an in-memory module"):
         esd_api.analyze_model(torch.nn.Linear(8, 8), delta_from_base=True)
+
+
+PLAN_CASES = {
+    # modules_to_save on GPT-2's tied lm_head (peft unties it: one layer more than the base)
+    "gpt2_lora_modules_to_save": ("gpt2", dict(r=4, lora_alpha=8, fan_in_fan_out=True,
+                                               target_modules=["c_attn", "wte"], modules_to_save=["lm_head"])),
+    "bert_lora_modules_to_save": ("bert", dict(r=3, lora_alpha=7, target_modules=["query", "value"],
+                                               modules_to_save=["pooler.dense"])),
+    "llama_dora_merged_by_peft": ("llama", dict(r=4, lora_alpha=8, use_dora=True,
+                                                target_modules=["q_proj", "v_proj"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
+def test_the_loaders_announced_counts_are_the_layers_it_yields(tmp_path, case):
+    """`layer i/n` is only right if n is: each mode's announced count against what it yields."""
+    from loader_models import save_adapter, save_model
+    from model_loader import iter_layers, resolve_model
+    kind, lora = PLAN_CASES[case]
+    base = save_model(kind, tmp_path / "base")
+    adapter = resolve_model(str(save_adapter(kind, base, tmp_path / "adapter", **lora)), warn=lambda m: None)
+    for resolved, modes in ((adapter, ["weights"] + ["adapter_update"] * ("dora" not in case)),
+                            (resolve_model(str(base)), ["weights"])):
+        announced = {}
+        weights = list(iter_layers(resolved, on_plan=announced.update))
+        assert announced["weights"] == len(weights)
+        if "adapter_update" in modes:
+            updates = list(iter_layers(resolved, mode="adapter_update"))
+            assert announced["adapter_update"] == len(updates) > 0
+    tuned = resolve_model(str(base), source_model=str(base))   # a fine-tune identical to its base
+    announced = {}
+    deltas = list(iter_layers(tuned, mode="delta_from_base", on_plan=announced.update))
+    assert announced == {"delta_from_base": len(deltas)} and len(deltas) == len(weights)
