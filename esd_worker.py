@@ -227,7 +227,8 @@ def _oom_failure(exc: BaseException) -> ESDFailure | None:
 def analysed_modes(esd: ESDSettings, resolved) -> tuple[tuple[str, ...], list[str]]:
     """The layer modes (`esd.schema.LAYER_MODES`) this model gets, weights first, and a note
     for each flag that adds nothing to it: deltas need a full model with a `source_model`,
-    updates an adapter. A flag that does not apply is no failure."""
+    updates a plain LoRA adapter (not IA3, LoHa, DoRA, …). A flag that does not apply is no
+    failure."""
     modes, notes = ["weights"], []
     if esd.delta_from_base:
         if resolved.is_adapter:
@@ -239,10 +240,15 @@ def analysed_modes(esd: ESDSettings, resolved) -> tuple[tuple[str, ...], list[st
         else:
             modes.append("delta_from_base")
     if esd.adapter_update:
-        if resolved.is_adapter:
-            modes.append("adapter_update")
-        else:
+        from model_loader import adapter_update_unsupported
+        unsupported = resolved.is_adapter and adapter_update_unsupported(resolved)
+        if not resolved.is_adapter:
             notes.append("--adapter_update adds nothing: not an adapter")
+        elif unsupported:
+            notes.append(f"--adapter_update adds nothing: the adapter has no plain LoRA update "
+                         f"(α/r)·B·A ({unsupported})")
+        else:
+            modes.append("adapter_update")
     return tuple(modes), notes
 
 

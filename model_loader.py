@@ -46,7 +46,8 @@ from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_
                              looks_like_hub_id)
 from esd.loading.deltas import iter_delta_layers
 from esd.loading.layers import distinct_layers, plan_layers
-from esd.loading.lora import iter_adapter_layers, iter_adapter_updates, resolve_adapter
+from esd.loading.lora import (adapter_update_unsupported, iter_adapter_layers,  # noqa: F401
+                              iter_adapter_updates, resolve_adapter)
 from esd.loading.log import Warn, iter_with_warnings_to, logger, warnings_to
 from esd.loading.resolved import CONFIG_FILE, ResolvedModel
 from esd.model_list import ModelEntry, RevisionConflict, relation_says_adapter, split_revision

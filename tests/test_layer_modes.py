@@ -293,3 +293,20 @@ def test_the_loaders_announced_counts_are_the_layers_it_yields(tmp_path, case):
     announced = {}
     deltas = list(iter_layers(tuned, mode="delta_from_base", on_plan=announced.update))
     assert announced == {"delta_from_base": len(deltas)} and len(deltas) == len(weights)
+
+
+def test_adapter_update_on_an_ia3_adapter_adds_nothing_and_says_why(tmp_path):
+    from peft import IA3Config
+    from loader_models import save_adapter, save_model
+    base = save_model("llama", tmp_path / "base")
+    adapter = save_adapter("llama", base, tmp_path / "ia3", peft_config=IA3Config(
+        target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    out = tmp_path / "out"
+    result = subprocess.run(WORKER + ["--model_id", str(adapter), "--output_dir", str(out), "--device", "cpu",
+                                      "--adapter_update"],
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("--adapter_update adds nothing: the adapter has no plain LoRA update") == 1
+    assert "peft_type IA3" in result.stdout
+    rows = pd.concat(pd.read_csv(p) for p in out.glob("*.csv"))
+    assert len(rows) and not rows["longname"].str.endswith(".adapter_update").any()

@@ -456,6 +456,13 @@ def _base_sources(resolved: ResolvedModel, model: torch.nn.Module,
     return sources
 
 
+def adapter_update_unsupported(resolved: ResolvedModel) -> str | None:
+    """Why the adapter has no plain LoRA update (α/r)·B·A for `iter_adapter_updates` (IA3,
+    LoHa, DoRA, conv LoRA, …), or None; reads the adapter's tensor headers only."""
+    with FileCheckpoint(resolved.weight_files) as adapter:
+        return _streaming_unsupported(resolved.adapter_config or {}, adapter)
+
+
 def _updated_layers(modules, keys, plan: "_AdapterPlan") -> list[tuple[str, str, str]]:
     """(longname, layer_type, base key) of the distinct layers a LoRA update changes."""
     return [layer for layer in distinct_layers(modules, keys) if layer[2] in plan.updates]
