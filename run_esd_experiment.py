@@ -469,7 +469,8 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
             supervisor = BudgetedSupervisor(backend, config.output_dir, policy, progress,
                                             budget_gb=config.disk_budget, entries=plan.pending,
                                             stream=config.stream,
-                                            trust_remote_code=config.trust_remote_code)
+                                            trust_remote_code=config.trust_remote_code,
+                                            delta_from_base=config.esd.delta_from_base)
         else:
             supervisor = Supervisor(backend, config.output_dir, policy, progress)
         if progress is not None:  # the bar ticks, names running models and why others wait

@@ -27,13 +27,15 @@ log = logging.getLogger("esd_experiment")
 class BudgetedSupervisor(Supervisor):
     def __init__(self, backend, output_dir: Path, policy, progress=None, *, budget_gb: float,
                  entries: Sequence[ModelEntry], stream: bool = False,
-                 trust_remote_code: bool = False, cache_dir: str | None = None, **kwargs):
+                 trust_remote_code: bool = False, cache_dir: str | None = None,
+                 delta_from_base: bool = False, **kwargs):
         super().__init__(backend, output_dir, policy, progress, **kwargs)
         from esd.loading.hub import hub_cache_dir
         self.cache = hub_cache_dir(cache_dir)
         self.gate = BudgetGate(int(budget_gb * GB))
         self.entries = {e.key: e for e in entries}
         self.stream, self.trust_remote_code = stream, trust_remote_code
+        self.delta_from_base = delta_from_base   # a fine-tune's worker downloads its base too
         self.ledger = DownloadLedger(Path(output_dir), self.cache)
         self._waiting: list[Task] = []
         self._sizes: dict[str, dict[str, int]] = {}
@@ -68,7 +70,8 @@ class BudgetedSupervisor(Supervisor):
             try:
                 self._sizes[key] = {} if entry is None else download_parts(
                     entry.model_id, entry.revision, entry.source_model, stream=self.stream,
-                    trust_remote_code=self.trust_remote_code, cache=self.cache)
+                    trust_remote_code=self.trust_remote_code, cache=self.cache,
+                    with_base=self.delta_from_base)
             except Exception as exc:  # noqa: BLE001 - unknown size: the worker says what is wrong
                 log.info("disk budget: size of %s unknown (%s); starting it alone", key,
                          type(exc).__name__)

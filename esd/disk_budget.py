@@ -287,13 +287,15 @@ def exceeded_failure(key: str, size: int, budget_bytes: int, parts: str = "") ->
 
 
 def download_parts(model_id: str, revision: str | None, source_model: str | None, *,
-                   stream: bool, trust_remote_code: bool, cache: Path) -> dict[str, int]:
-    """Bytes a worker would download for one model (and an adapter's base), by
-    `repo@commit`, from the tree listing; files already in the cache count 0. A local
-    directory is {}. Raises what `hub_listing` raises."""
+                   stream: bool, trust_remote_code: bool, cache: Path,
+                   with_base: bool = False) -> dict[str, int]:
+    """Bytes a worker would download for one model (and an adapter's base, or with
+    `with_base` — --delta_from_base — a full model's `source_model`), by `repo@commit`, from
+    the tree listing; files already in the cache count 0. A local directory is {}. Raises
+    what `hub_listing` raises."""
     from esd.loading import hub
     if Path(model_id).expanduser().is_dir() or not hub.looks_like_hub_id(model_id):
-        return {}
+        return _base_parts(source_model, stream, trust_remote_code, cache) if with_base else {}
     listing = hub.hub_listing(model_id, revision or "main")
     names = listing.sizes
     parts: dict[str, int] = {}
@@ -305,12 +307,26 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
             base_id, base_rev = parse_model_id(base)
             parts.update(download_parts(base_id, base_rev, None, stream=stream,
                                         trust_remote_code=trust_remote_code, cache=cache))
-    elif stream:
-        streamed = set(hub.streamable(names))
-        files = [f for f in files if f not in streamed]
+    else:
+        if with_base:
+            parts.update(_base_parts(source_model, stream, trust_remote_code, cache))
+        if stream:
+            streamed = set(hub.streamable(names))
+            files = [f for f in files if f not in streamed]
     have = cached_files(cache, model_id, listing.commit)
     parts[f"{model_id}@{listing.commit}"] = sum(names.get(f, 0) for f in files if f not in have)
     return parts
+
+
+def _base_parts(source_model: str | None, stream: bool, trust_remote_code: bool,
+                cache: Path) -> dict[str, int]:
+    """download_parts of a fine-tune's base (--delta_from_base reads it too)."""
+    if not source_model:
+        return {}
+    from esd.model_list import parse_model_id
+    base_id, base_rev = parse_model_id(source_model)
+    return download_parts(base_id, base_rev, None, stream=stream,
+                          trust_remote_code=trust_remote_code, cache=cache)
 
 
 def _adapter_base(repo_id: str, commit: str) -> str | None:
