@@ -11,7 +11,8 @@ queries, plots, a self-contained report.html, and metrics over training steps.
 This file is the command line only; the work lives in `esd/analysis/`, one module per job:
     results.py  which files are results (only the run's own `<safe_id>.csv`; others listed
                 as ignored), the per-layer table, layer selection
-    summary.py  summary.csv (always every layer) and summary_filtered.csv (selected layers)
+    summary.py  summary.csv (always every weight layer), summary_filtered.csv (selected
+                layers), summary_<mode>.csv (rows of --delta_from_base / --adapter_update)
     queries.py  --filter / --sort_by / --show / --hide / --limit, --verbose extremes
     plots.py    the PNG figures under DIR/plots/
     steps.py    --over_steps: over_steps.csv, over_steps_layers.csv and their figures

@@ -5,7 +5,8 @@ One module per job, so each is found by name (`analyze_results.py` is their comm
     results.py   which files are results (only the run's own `<safe_id>.csv`; others are
                  listed as ignored; only regular files are opened), the per-layer table,
                  layer selection
-    summary.py   summary.csv (always every layer) and summary_filtered.csv (selected layers)
+    summary.py   summary.csv (always every weight layer), summary_filtered.csv (selected
+                 layers), summary_<mode>.csv (rows of --delta_from_base / --adapter_update)
     queries.py   filter / sort / show / hide / limit, the extremes of --verbose
     plots.py     the PNG figures under plots/
     adapters.py  adapter (or fine-tune) minus its base, layer by layer
