@@ -273,7 +273,7 @@ class LayerProgress:
 def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = "auto",
                           trust_remote_code: bool = False, eigs_out: dict | None = None,
                           progress: Callable[[int, str, int | None], None] | None = None,
-                          note: Callable[[str], None] = log.info):
+                          note: Callable[[str], None] = log.warning):
     """Per-layer metrics of one model as a DataFrame with the per-model CSV columns: its
     weights, then (as `esd` asks and the model allows, `analysed_modes`) its delta from its
     base and its adapter update, each row named with its mode's suffix.
