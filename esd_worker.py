@@ -270,6 +270,13 @@ class LayerProgress:
         self.show(layers_done, longname, self.total())
 
 
+def _weights_first(frame):
+    """The rows in LAYER_MODES order (weights, delta_from_base, adapter_update), each mode's
+    rows in their model order."""
+    rank = frame["longname"].astype(str).map(lambda name: list(LAYER_MODES).index(layer_mode_of(name)))
+    return frame.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
+
+
 def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = "auto",
                           trust_remote_code: bool = False, eigs_out: dict | None = None,
                           progress: Callable[[int, str, int | None], None] | None = None,
@@ -291,8 +298,11 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
         note(f"{entry.key}: {text}")
     device_name, device_ids = pick_device(device)
     counter = LayerProgress(modes, progress or (lambda done, name, total: None))
+    # Deltas are computed first, so a missing or mismatched base fails before any layer is
+    # computed; the CSV still lists the weight rows first (below).
+    computed = sorted(modes, key=lambda mode: mode != "delta_from_base")
     layers = itertools.chain.from_iterable(  # lazily: a mode's files are opened when it starts
-        iter_layers(resolved, mode=mode, on_plan=counter.planned) for mode in modes)
+        iter_layers(resolved, mode=mode, on_plan=counter.planned) for mode in computed)
     try:
         frame = analyze_layers(layers, esd, device_ids=device_ids, device=device_name,
                                eigs_out=eigs_out, progress=counter)
@@ -307,6 +317,7 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
     if frame.empty:
         raise ESDFailure("analyze", "no_layers",
                          "no Linear, Conv1D, Conv1d, Conv2d or Embedding weights were found")
+    frame = _weights_first(frame)
     frame.insert(0, "source_model", resolved.source_model or "")
     frame.insert(0, "is_adapter", bool(resolved.is_adapter))
     frame.insert(0, "model_id", entry.key)

@@ -177,8 +177,8 @@ def iter_layers(resolved: ResolvedModel, *, warn: Warn | None = None, mode: str 
 
     on_plan: called once the layers are planned, before the first tensor is read, with
     {mode: number of layers it yields} for this mode and any other mode the same plan
-    answers (a full model's deltas are its layers; a plain LoRA's updates are in its merge
-    plan), so a caller can say `layer i/n` without planning twice."""
+    answers (a full model's deltas are its layers and the other way round; a plain LoRA's
+    updates are in its merge plan), so a caller can say `layer i/n` without planning twice."""
     if mode not in LAYER_MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(LAYER_MODES)}")
     on_plan = on_plan or (lambda counts: None)

@@ -215,6 +215,7 @@ def test_a_base_of_other_shapes_is_a_typed_failure_naming_the_layer(experiment, 
     assert (record["stage"], record["reason"]) == ("merge", "base_mismatch")
     assert "model.layers.0.mlp.up_proj: [128, 64] vs base [96, 64]" in record["message"]
     assert not list(out.glob("*.csv"))     # no half result: the weight rows are not written alone
+    assert not re.search(r"layer\s+\d", result.stdout)   # failed before any layer was computed
 
 
 def test_a_missing_base_is_a_typed_failure_naming_the_base(experiment, tmp_path):
@@ -226,6 +227,7 @@ def test_a_missing_base_is_a_typed_failure_naming_the_base(experiment, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     record = json.loads((out / "failures.jsonl").read_text().splitlines()[-1])
     assert record["stage"] == "resolve" and f"base {missing} of {experiment['tuned']}" in record["message"]
+    assert not re.search(r"layer\s+\d", result.stdout)
 
 
 def test_a_directory_from_before_the_flags_existed_is_accepted_by_the_worker(experiment, tmp_path):
@@ -292,7 +294,8 @@ def test_the_loaders_announced_counts_are_the_layers_it_yields(tmp_path, case):
     tuned = resolve_model(str(base), source_model=str(base))   # a fine-tune identical to its base
     announced = {}
     deltas = list(iter_layers(tuned, mode="delta_from_base", on_plan=announced.update))
-    assert announced == {"delta_from_base": len(deltas)} and len(deltas) == len(weights)
+    assert announced == {"delta_from_base": len(deltas), "weights": len(weights)}
+    assert len(deltas) == len(weights)
 
 
 def test_adapter_update_on_an_ia3_adapter_adds_nothing_and_says_why(tmp_path):

@@ -23,7 +23,7 @@ from esd.schema import LAYER_MODES
 
 def iter_delta_layers(resolved: ResolvedModel, base: ResolvedModel,
                       on_plan=None) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """on_plan: as `model_loader.iter_layers`' (called with the number of deltas)."""
+    """on_plan: as `model_loader.iter_layers`' (the deltas are the fine-tune's layers)."""
     suffix = LAYER_MODES["delta_from_base"]
     tuned, original = open_weights(resolved.weight_files), open_weights(base.weight_files)
     try:
@@ -34,7 +34,7 @@ def iter_delta_layers(resolved: ResolvedModel, base: ResolvedModel,
         plan_reads(original, (base_keys[name] for name, _, _ in modules))
         layers = list(distinct_layers(modules, keys))
         if on_plan is not None:
-            on_plan({"delta_from_base": len(layers)})
+            on_plan({"delta_from_base": len(layers), "weights": len(layers)})   # one plan
         for name, kind, key in layers:
             delta = tuned.tensor(key)
             delta -= original.tensor(base_keys[name])      # W_ft − W_base, float32
