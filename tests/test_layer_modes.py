@@ -329,3 +329,24 @@ def test_api_run_experiment_takes_the_modes_as_keywords(experiment, tmp_path, mo
     pd.testing.assert_frame_equal(summary.reset_index(drop=True),
                                   plain[plain["model_id"] == str(experiment["tuned"])].reset_index(drop=True),
                                   check_dtype=False)
+
+
+def test_saved_eigenvalues_hold_the_extra_rows_under_their_own_names(experiment, tmp_path, capsys):
+    out = tmp_path / "eigs_run"
+    result = subprocess.run(WORKER + ["--model_id", str(experiment["tuned"]), "--source_model",
+                                      str(experiment["base"]), "--output_dir", str(out), "--device", "cpu",
+                                      "--delta_from_base", "--save_eigs"],
+                            env=experiment["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = pd.concat(pd.read_csv(p) for p in out.glob("*.csv"))
+    (eigs_file,) = (out / "eigs").glob("*.npz")
+    with np.load(eigs_file) as eigs:
+        assert set(eigs.files) == set(rows["longname"])
+        name = "model.layers.0.self_attn.q_proj"
+        assert not np.array_equal(eigs[name], eigs[f"{name}.delta_from_base"])
+        row = rows[rows["longname"] == f"{name}.delta_from_base"].iloc[0]
+        assert eigs[f"{name}.delta_from_base"].max() == pytest.approx(row["spectral_norm"], rel=1e-6)  # λ_max
+    import analyze_results
+    assert analyze_results.main(["--results_dir", str(out), "--layer_mode", "delta_from_base", "--plots",
+                                 "--esd_layer", f"{name}.delta_from_base"]) == 0
+    assert list((out / "plots" / "delta_from_base" / "esd").glob("*.png"))
