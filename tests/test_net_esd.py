@@ -785,7 +785,7 @@ def test_worker_writes_the_baseline_columns_only_with_randomize_and_mp_fit(tmp_p
 
     on, settings_on = worker(tmp_path / "on", "--randomize", "--mp_fit", "--randomize_seed", "3",
                              "--fix_fingers", "DKS")
-    off, settings_off = worker(tmp_path / "off", "--fix_fingers", "DKS")
+    off, settings_off = worker(tmp_path / "off")  # xmin_mid: every warning empty
     extra = net_esd.RANDOMIZE_COLUMNS + net_esd.MP_FIT_COLUMNS
     assert set(extra) <= set(on.columns) and not set(extra) & set(off.columns)
     assert "warning" in on.columns and "warning" in off.columns
@@ -795,3 +795,12 @@ def test_worker_writes_the_baseline_columns_only_with_randomize_and_mp_fit(tmp_p
     assert not settings_off["randomize"] and not settings_off["mp_fit"]
     # empty warnings are empty cells: pandas reads them as NaN, never as a warning
     assert set(on["warning"].dropna()) <= {"under-trained", "over-trained"}
+    assert off["warning"].isna().all()
+    # the analysis takes the new columns as measurements, `warning` as text even when all empty
+    from esd.analysis.queries import numeric_columns
+    from esd.analysis.results import load_per_layer
+    from esd.analysis.summary import SUMMARY_COLUMNS, write_summary
+    for out, numeric in [(tmp_path / "on", set(extra)), (tmp_path / "off", set())]:
+        per_layer = load_per_layer(out)
+        assert numeric <= set(numeric_columns(per_layer)) and "warning" not in numeric_columns(per_layer)
+        assert list(pd.read_csv(write_summary(out)).columns) == list(SUMMARY_COLUMNS)
