@@ -322,6 +322,8 @@ def run_worker(config: WorkerConfig) -> int:
                   f"{earlier.message}", flush=True)
             return EXIT_RETRYABLE if earlier.retryable else EXIT_FAILED
         started = time.time()
+        from esd.loading.plans import use_plan_cache
+        use_plan_cache(config.output_dir / ".cache" / "plans")  # the run's workers share plans
         try:
             eigs = {} if config.save_eigs else None
             with hub_session(config.output_dir, entry.key, config.disk_budget, config.stream):

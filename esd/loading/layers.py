@@ -7,6 +7,8 @@ shared by two modules is one layer, under the first name; two different copies i
 checkpoint are two layers), and the name/shape rule for weights outside the skeleton or
 checkpoints transformers cannot build (`rule_layer_type`): `*.weight` 2-D → `linear`
 (`embedding` if the name says embed/wte/wpe/…), 3-D → `conv1d`, 4-D → `conv2d`.
+A plan is cached by content (`plans.py`): a model whose architecture was planned before is
+planned without importing transformers.
 Also walking an instantiated nn.Module (`iter_model_layers`, used by `net_esd_estimator(net)`):
 Linear / transformers Conv1D → `linear`, Conv1d → `conv1d`, Conv2d → `conv2d`,
 Embedding → `embedding`.
@@ -24,7 +26,8 @@ from torch import nn
 
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import TensorSource, check_index_complete
-from esd.loading.log import logger
+from esd.loading.log import logger, recorded_warnings
+from esd.loading.plans import load_plan, plan_key, save_plan
 from esd.loading.resolved import ResolvedModel
 
 # Names that make a 2-D weight an embedding under the name/shape rule.
@@ -167,12 +170,31 @@ def plan_layers(resolved: ResolvedModel,
     checkpoint key of each. Tied modules map to the same key. Linear in the number of
     modules and tensors: each is looked at a fixed number of times."""
     check_index_complete(resolved.weight_files, ckpt)
+    key = plan_key(resolved, ckpt.shapes, ckpt.floating)
+    cached = load_plan(key, ckpt.shapes)
+    if cached is not None:  # planned before: same config, transformers and tensors
+        modules, keys, warnings, needs_remote_code = cached
+        for message in warnings:
+            logger.warning(message)
+        resolved.needs_remote_code = resolved.needs_remote_code or needs_remote_code
+    else:
+        with recorded_warnings() as warnings:
+            modules, keys, compared_values = _plan(resolved, ckpt)
+        if not compared_values:
+            save_plan(key, modules, keys, warnings, resolved.needs_remote_code)
+    _check_plan(resolved, ckpt, modules, keys)
+    return modules, keys
+
+
+def _plan(resolved: ResolvedModel, ckpt: TensorSource):
+    """(modules, keys, whether tensor values were compared) from the skeleton and the rule."""
     model = _skeleton(resolved)
     modules: list[tuple[str, str, bool]] = []
     keys: dict[str, str] = {}
     claimed: set[str] = set()
+    compared: list[bool] = []
     if model is not None:
-        claimed = _skeleton_layers(resolved, model, ckpt, modules, keys)
+        claimed = _skeleton_layers(resolved, model, ckpt, modules, keys, compared)
         del model
     leftovers = [k for k, s in ckpt.shapes.items() if k not in claimed and k.endswith(".weight")
                  and rule_layer_type(k, len(s))]
@@ -184,8 +206,7 @@ def plan_layers(resolved: ResolvedModel,
         name = key[: -len(".weight")]
         modules.append((name, rule_layer_type(key, len(ckpt.shapes[key])), False))
         keys[name] = key
-    _check_plan(resolved, ckpt, modules, keys)
-    return modules, keys
+    return modules, keys, bool(compared)
 
 
 def distinct_layers(modules: list[tuple[str, str, bool]],
@@ -214,9 +235,10 @@ def _skeleton(resolved: ResolvedModel) -> nn.Module | None:
 
 
 def _skeleton_layers(resolved: ResolvedModel, model: nn.Module, ckpt: TensorSource,
-                     modules: list, keys: dict) -> set[str]:
+                     modules: list, keys: dict, compared: list) -> set[str]:
     """Append the skeleton's analysable modules found in the checkpoint to `modules` / `keys`;
-    returns every checkpoint key the skeleton accounts for (parameters included)."""
+    returns every checkpoint key the skeleton accounts for (parameters included). Appends to
+    `compared` when tensor values had to be compared (a tied weight stored twice)."""
     match = KeyMatcher(ckpt.shapes, getattr(model, "base_model_prefix", "") or "")
     key_of_param: dict[int, str] = {}   # tied modules share one Parameter: its first key
     claimed: set[str] = set()
@@ -233,6 +255,8 @@ def _skeleton_layers(resolved: ResolvedModel, model: nn.Module, ckpt: TensorSour
             continue
         own_key = match(f"{name}.weight")
         key = key_of_param.get(id(weight)) or own_key
+        if own_key is not None and key != own_key:
+            compared.append(True)
         if own_key is not None and key != own_key and not _same_values(ckpt, key, own_key):
             # Tied in the config, but the checkpoint holds two different copies:
             # transformers unties them on loading, so both are layers of the model.

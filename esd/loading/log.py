@@ -7,6 +7,7 @@ iterator) runs, the logger hands its records to the callback instead of the log 
 A contextvar holds the callback, so other threads and other models are not affected.
 
 Must not: format, filter or count messages (callers decide what to do with them).
+`recorded_warnings` only copies them (the plan cache keeps a plan's warnings to replay them).
 """
 from __future__ import annotations
 
@@ -20,12 +21,17 @@ T = TypeVar("T")
 
 logger = logging.getLogger("model_loader")
 _callback: ContextVar[Warn | None] = ContextVar("model_loader_warn", default=None)
+_recorders: ContextVar[tuple[list, ...]] = ContextVar("model_loader_recorders", default=())
 
 
 class _ToCallback(logging.Filter):
-    """While a callback is set, warnings go to it (and not on to the handlers)."""
+    """While a callback is set, warnings go to it (and not on to the handlers). Warnings are
+    also copied to every active `recorded_warnings` list."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            for messages in _recorders.get():
+                messages.append(record.getMessage())
         callback = _callback.get()
         if callback is None or record.levelno < logging.WARNING:
             return True
@@ -47,6 +53,18 @@ def warnings_to(warn: Warn | None):
         yield
     finally:
         _callback.reset(token)
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """A list that collects the loader's warnings given inside the block (they still go
+    where they would go without it)."""
+    messages: list[str] = []
+    token = _recorders.set(_recorders.get() + (messages,))
+    try:
+        yield messages
+    finally:
+        _recorders.reset(token)
 
 
 def iter_with_warnings_to(items: Iterable[T], warn: Warn | None) -> Iterator[T]:
