@@ -15,9 +15,9 @@ defined in `esd/baselines.py`, this room's helper; here they are only computed a
 the row (`esd_columns` says which columns a row has under given settings).
 
 Public API: `ESD_COLUMNS`, `RANDOMIZE_COLUMNS`, `MP_FIT_COLUMNS`, `esd_columns`,
-`FIX_FINGERS_METHODS`, `normalize_fix_fingers`, `ESDSettings`, `layer_eigenvalues`, `fit_power_law`, `spectrum_metrics`, `layer_metrics`,
-`matrix_esd_metrics`, `analyze_layers`, `net_esd_estimator` (the compatibility entry),
-`iter_model_layers`.
+`FIX_FINGERS_METHODS`, `normalize_fix_fingers`, `ESDSettings`, `layer_eigenvalues`,
+`fit_power_law`, `spectrum_metrics`, `layer_metrics`, `matrix_esd_metrics`, `analyze_layers`,
+`net_esd_estimator` (the compatibility entry), `iter_model_layers`.
 """
 
 from __future__ import annotations
