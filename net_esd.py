@@ -10,10 +10,14 @@ It must not know where weights come from (hub, files, adapters: `model_loader.py
 layers are prefetched and spread over devices (`esd/pipeline.py`), nor how GPUs are shared
 between processes (`gputracker/`).
 
-Public API: `ESD_COLUMNS`, `FIX_FINGERS_METHODS`, `normalize_fix_fingers`,
-`ESDSettings`, `layer_eigenvalues`, `fit_power_law`, `spectrum_metrics`, `layer_metrics`,
-`matrix_esd_metrics`, `analyze_layers`, `net_esd_estimator` (the compatibility entry),
-`iter_model_layers`.
+The structure-vs-noise baselines (`--randomize`, `--mp_fit`) and the `warning` column are
+defined in `esd/baselines.py`, this room's helper; here they are only computed and put in
+the row (`esd_columns` says which columns a row has under given settings).
+
+Public API: `ESD_COLUMNS`, `RANDOMIZE_COLUMNS`, `MP_FIT_COLUMNS`, `esd_columns`,
+`FIX_FINGERS_METHODS`, `normalize_fix_fingers`, `ESDSettings`, `layer_eigenvalues`,
+`fit_power_law`, `spectrum_metrics`, `layer_metrics`, `matrix_esd_metrics`, `analyze_layers`,
+`net_esd_estimator` (the compatibility entry), `iter_model_layers`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
+from esd import baselines
 from esd.loading.layers import iter_model_layers  # walking nn.Modules is loading's job
 from esd.schema import LAYER_TYPES
 
@@ -36,7 +41,12 @@ ESD_COLUMNS = [
     "entropy", "fit_status",
     # only meaningful for fix_fingers="clip_xmax"; NaN otherwise
     "num_fingers", "raw_alpha",
+    # "under-trained" / "over-trained" / "" (esd/baselines.training_warning)
+    "warning",
 ]
+# appended to a row only under --randomize / --mp_fit (docs/metrics.md, "Structure vs noise")
+RANDOMIZE_COLUMNS = ["max_rand_eval", "ww_softrank", "rand_distance", "rand_num_spikes"]
+MP_FIT_COLUMNS = ["num_spikes", "sigma_mp", "mp_softrank", "bulk_min", "bulk_max"]
 
 FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
 _FIX_FINGERS_ALIASES = {"none": "DKS", "dks": "DKS"}
@@ -100,6 +110,12 @@ class ESDSettings:
     conv_norm: float = _setting(0.5, "conv slices are scaled by sqrt(conv_norm)")
     filter_zeros: bool = _setting(True, "fit only eigenvalues above --evals_thresh (off: every eigenvalue > 0)")
     min_evals: int = _setting(10, "layers with fewer eigenvalues (after filtering) are not fitted")
+    randomize: bool = _setting(False, "also the ESD of the element-shuffled W: max_rand_eval, ww_softrank,"
+                               " rand_distance, rand_num_spikes (one more eigensolve per layer)")
+    randomize_seed: int = _setting(0, "seed of --randomize's shuffles (each layer's shuffle is drawn from"
+                                   " this seed and the layer's name)")
+    mp_fit: bool = _setting(False, "also the Marchenko-Pastur fit of the bulk: num_spikes, sigma_mp,"
+                            " mp_softrank, bulk_min, bulk_max")
     # Which matrices besides the weights (rows named `<layer>.delta_from_base` /
     # `<layer>.adapter_update`, esd.schema.LAYER_MODES); the maths here ignores them, the
     # worker chooses the layers. Settings, so results with and without them never mix.
@@ -143,6 +159,15 @@ class ESDSettings:
             raise ValueError(f"--conv_norm must be a finite number > 0, got {self.conv_norm}")
         if self.min_evals < 2:
             raise ValueError(f"--min_evals must be >= 2 (a fit needs two eigenvalues), got {self.min_evals}")
+        if self.randomize_seed < 0:
+            raise ValueError(f"--randomize_seed must be >= 0, got {self.randomize_seed}")
+
+
+def esd_columns(settings: ESDSettings = ESDSettings()) -> list:
+    """The columns of a metrics row under `settings`: ESD_COLUMNS, then RANDOMIZE_COLUMNS
+    with --randomize, then MP_FIT_COLUMNS with --mp_fit."""
+    return (ESD_COLUMNS + (RANDOMIZE_COLUMNS if settings.randomize else [])
+            + (MP_FIT_COLUMNS if settings.mp_fit else []))
 
 
 # ----------------------------------------------------------------------------- eigenvalues
@@ -527,10 +552,11 @@ def _norm_columns(evals: np.ndarray, kept: np.ndarray, n_dim: int, alpha: float)
     }
 
 
-def _empty_row(longname: str, layer_type: str, shape_columns: dict, status: str) -> dict:
-    """A row with every metric NaN and the given fit_status."""
-    row = dict.fromkeys(ESD_COLUMNS, math.nan)
-    row.update(shape_columns, longname=longname, layer_type=layer_type, fit_status=status)
+def _empty_row(longname: str, layer_type: str, shape_columns: dict, status: str,
+               settings: ESDSettings = ESDSettings()) -> dict:
+    """A row with the columns of `settings`, every metric NaN, the given fit_status, no warning."""
+    row = dict.fromkeys(esd_columns(settings), math.nan)
+    row.update(shape_columns, longname=longname, layer_type=layer_type, fit_status=status, warning="")
     return row
 
 
@@ -542,8 +568,10 @@ def _kept_eigenvalues(evals: np.ndarray, evals_thresh: float, filter_zeros: bool
 
 def layer_metrics(weight: torch.Tensor, layer_type: str, longname: str = "",
                   settings: ESDSettings = ESDSettings(), device="cpu") -> tuple[dict, np.ndarray]:
-    """(metrics row with ESD_COLUMNS, ascending eigenvalues) of one weight tensor.
-    NaN/Inf weights give fit_status 'non_finite_weights' and no eigenvalues."""
+    """(metrics row with the columns of `esd_columns(settings)`, ascending eigenvalues) of one
+    weight tensor. NaN/Inf weights give fit_status 'non_finite_weights' and no eigenvalues.
+    With settings.randomize, the element-shuffled weight (seeded by randomize_seed and
+    longname) costs one more eigensolve."""
     weight = weight.detach()
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"unknown layer_type {layer_type!r}; valid: {', '.join(LAYER_TYPES)}")
@@ -552,14 +580,31 @@ def layer_metrics(weight: torch.Tensor, layer_type: str, longname: str = "",
                                   evals_thresh=settings.evals_thresh)
     except NonFiniteWeightsError:
         shape_columns = _shape_columns(weight, layer_type)
-        return _empty_row(longname, layer_type, shape_columns, "non_finite_weights"), np.empty(0)
-    return spectrum_metrics(evals, weight.shape, layer_type, settings, longname, device), evals
+        return _empty_row(longname, layer_type, shape_columns, "non_finite_weights", settings), np.empty(0)
+    row = spectrum_metrics(evals, weight.shape, layer_type, settings, longname, device)
+    if settings.randomize and evals.size:
+        row.update(_randomized_columns(weight, layer_type, longname, evals, row, settings, device))
+    return row, evals
+
+
+def _randomized_columns(weight: torch.Tensor, layer_type: str, longname: str, evals: np.ndarray,
+                        row: dict, settings: ESDSettings, device) -> dict:
+    """RANDOMIZE_COLUMNS: the ESD of the element-shuffled weight against the layer's own."""
+    seed = baselines.layer_seed(settings.randomize_seed, longname)
+    shuffled = baselines.shuffled_weight(weight, layer_type, seed)
+    rand_evals = layer_eigenvalues(shuffled, layer_type, settings.conv_norm, device,
+                                   evals_thresh=settings.evals_thresh)
+    del shuffled
+    columns = baselines.randomized_columns(evals, rand_evals)
+    columns["rand_num_spikes"] = baselines.mp_fit(rand_evals, row["Q"], row["M"]).num_spikes
+    return columns
 
 
 def spectrum_metrics(evals: np.ndarray, shape, layer_type: str, settings: ESDSettings = ESDSettings(),
                      longname: str = "", device="cpu") -> dict:
     """The metrics row of a weight of `shape` whose ascending eigenvalues (σ², conv slices
-    scaled and pooled) are `evals`: the fit and the derived metrics, nothing else."""
+    scaled and pooled) are `evals`: the fit, the derived metrics, the warning and (with
+    settings.mp_fit) the MP fit; not the randomized columns, which need the weight."""
     shape_columns = _shape_columns(torch.empty(tuple(shape), device="meta"), layer_type)
     kept = _kept_eigenvalues(evals, settings.evals_thresh, settings.filter_zeros)
     if kept.size == 0:
@@ -569,24 +614,29 @@ def spectrum_metrics(evals: np.ndarray, shape, layer_type: str, settings: ESDSet
     else:
         fit = fit_power_law(kept, settings.fix_fingers, settings.xmin_pos, settings.bins, device)
 
-    row = _empty_row(longname, layer_type, shape_columns, fit.status)
+    row = _empty_row(longname, layer_type, shape_columns, fit.status, settings)
     row.update(alpha=fit.alpha, D=fit.D, xmin=fit.xmin, xmax=fit.xmax,
-               num_pl_spikes=fit.num_pl_spikes, sigma=fit.sigma)
+               num_pl_spikes=fit.num_pl_spikes, sigma=fit.sigma,
+               warning=baselines.training_warning(fit.alpha, settings.fix_fingers != "xmin_mid"))
     if settings.fix_fingers == "clip_xmax":
         row.update(num_fingers=fit.num_fingers, raw_alpha=fit.raw_alpha)
     row.update(_norm_columns(evals, kept, shape_columns["N"], fit.alpha))
+    if settings.mp_fit:
+        row.update(baselines.mp_fit(evals, shape_columns["Q"], shape_columns["M"]).columns())
     return row
 
 
 def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = "", *,
                        evals_thresh: float = 1e-5, bins: int = 100, fix_fingers="xmin_mid",
                        xmin_pos: float = 2, conv_norm: float = 0.5, filter_zeros: bool = True,
-                       min_evals: int = 10, device="cpu", return_eigs: bool = False):
-    """One metrics row (dict with ESD_COLUMNS) for one weight tensor, the settings given as
-    keywords; with return_eigs, the tuple (row, ascending eigenvalues)."""
+                       min_evals: int = 10, randomize: bool = False, randomize_seed: int = 0,
+                       mp_fit: bool = False, device="cpu", return_eigs: bool = False):
+    """One metrics row (dict with `esd_columns(settings)`) for one weight tensor, the settings
+    given as keywords; with return_eigs, the tuple (row, ascending eigenvalues)."""
     settings = ESDSettings(fix_fingers=fix_fingers, evals_thresh=evals_thresh, bins=bins,
                            xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
-                           min_evals=min_evals)
+                           min_evals=min_evals, randomize=randomize, randomize_seed=randomize_seed,
+                           mp_fit=mp_fit)
     row, evals = layer_metrics(weight, layer_type, longname, settings, device)
     return (row, evals) if return_eigs else row
 
@@ -595,14 +645,16 @@ def matrix_esd_metrics(weight: torch.Tensor, layer_type: str, longname: str = ""
 
 
 
-def _failed_row(longname: str, layer_type: str, weight: torch.Tensor, error: Exception) -> dict:
+def _failed_row(longname: str, layer_type: str, weight: torch.Tensor, error: Exception,
+                settings: ESDSettings) -> dict:
     """Row for a layer whose maths raised: sizes when they can be read, fit_status says why."""
     try:
         shape_columns = _shape_columns(weight, layer_type)
     except Exception:
         shape_columns = {"params": int(weight.numel())} if isinstance(weight, torch.Tensor) else {}
     message = " ".join(str(error).split())[:200]
-    return _empty_row(longname, layer_type, shape_columns, f"error: {type(error).__name__}: {message}")
+    return _empty_row(longname, layer_type, shape_columns, f"error: {type(error).__name__}: {message}",
+                      settings)
 
 
 def _layer_row(item: tuple, settings: ESDSettings, device: torch.device) -> tuple[dict, np.ndarray]:
@@ -611,7 +663,7 @@ def _layer_row(item: tuple, settings: ESDSettings, device: torch.device) -> tupl
     try:
         return layer_metrics(weight, layer_type, longname, settings, device)
     except Exception as error:  # one layer's maths must not kill the model
-        return _failed_row(longname, layer_type, weight, error), np.empty(0)
+        return _failed_row(longname, layer_type, weight, error, settings), np.empty(0)
 
 
 def _selected_layers(layers: Iterable, names) -> Iterator:
@@ -625,7 +677,8 @@ def _selected_layers(layers: Iterable, names) -> Iterator:
 def analyze_layers(layers: Iterable, settings: ESDSettings = ESDSettings(), *, device_ids=None,
                    device=None, names=None, eigs_out: Optional[dict] = None,
                    progress: Optional[Callable[[int, str], None]] = None):
-    """pandas DataFrame: one ESD_COLUMNS row per (longname, layer_type, tensor) of `layers`, in their order.
+    """pandas DataFrame: one row per (longname, layer_type, tensor) of `layers`, in their order,
+    with the columns `esd_columns(settings)`.
 
     layers: any iterable, consumed lazily by a prefetch thread (esd/pipeline.py): at most ~2
         layers alive on CPU, the one computed and the next one being read.
@@ -655,15 +708,16 @@ def analyze_layers(layers: Iterable, settings: ESDSettings = ESDSettings(), *, d
     if eigs_out is not None:
         for row, evals in outputs:
             eigs_out[row["longname"]] = evals
-    return pd.DataFrame([row for row, _ in outputs], columns=ESD_COLUMNS)
+    return pd.DataFrame([row for row, _ in outputs], columns=esd_columns(settings))
 
 
 def net_esd_estimator(net, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_mid", xmin_pos=2,
                       conv_norm=0.5, filter_zeros=True, device_ids=None, *, parallel=True,
-                      layers=None, min_evals=10, eigs_out: Optional[dict] = None, device=None,
+                      layers=None, min_evals=10, randomize=False, randomize_seed=0, mp_fit=False,
+                      eigs_out: Optional[dict] = None, device=None,
                       progress: Optional[Callable[[int, str], None]] = None):
     """The compatibility entry, with the keywords of the circulating `net_esd_estimator`
-    copies: one ESD_COLUMNS row per analysed layer of `net` (see `analyze_layers`).
+    copies: one row per analysed layer of `net` (see `analyze_layers`).
 
     net: an nn.Module (every Linear, Conv1D, Conv1d, Conv2d, Embedding; tied weights once)
         or any iterable of (longname, layer_type, tensor).
@@ -674,7 +728,8 @@ def net_esd_estimator(net, EVALS_THRESH=1e-5, bins=100, fix_fingers="xmin_mid", 
     """
     settings = ESDSettings(fix_fingers=fix_fingers, evals_thresh=EVALS_THRESH, bins=bins,
                            xmin_pos=xmin_pos, conv_norm=conv_norm, filter_zeros=filter_zeros,
-                           min_evals=min_evals)
+                           min_evals=min_evals, randomize=randomize, randomize_seed=randomize_seed,
+                           mp_fit=mp_fit)
     source = iter_model_layers(net) if isinstance(net, torch.nn.Module) else iter(net)
     if device_ids and not parallel:
         device_ids = list(device_ids)[:1]

@@ -1,7 +1,7 @@
 """Benchmark: the whole worker process vs WeightWatcher 0.7.7 vs the float32 arithmetic floor.
 
     python bench/bench_esd.py [--work_dir bench/_work] [--num_layers 4] [--dtype float32]
-                              [--repeats 3] [--skip_ww]
+                              [--repeats 3] [--skip_ww] [--baselines]
 
 On one local Llama checkpoint (bench/llama_fixture.py: TinyLlama shapes, hidden 2048,
 intermediate 5632, vocab 32000; 4 layers in float32 = the 1.2 GB anchor of issue 11), each
@@ -13,7 +13,8 @@ repeat measures, interleaved so that the load of a shared machine hits all of th
  3. WW: a process running WeightWatcher's analyze() (loading with transformers included);
  4. start-up: `esd_worker.py` on a 2-layer GPT-2 against `python -c "import torch"`, in a fresh
     output directory (the first model of its architecture: transformers plans its layers) and
-    in one whose plan cache knows GPT-2 (every later model of that architecture in a run).
+    in one whose plan cache knows GPT-2 (every later model of that architecture in a run);
+ 5. with --baselines: ours again with `--randomize` and with `--mp_fit`, for their extra cost.
 Then once: where ours spends its time (stage breakdown, in-process) and the largest relative
 difference of every metric both tools define alike, on the layers with ≥ 20 eigenvalues.
 Prints ranges over the repeats (min–max) and the goals. No asserts: timings on a shared
@@ -145,6 +146,8 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_ww", action="store_true", help="skip the (slow) WeightWatcher runs")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also time ours with --randomize and with --mp_fit (their extra cost)")
     args = parser.parse_args()
 
     model_dir = build_llama_checkpoint(args.work_dir / f"llama_{args.num_layers}l_{args.dtype}",
@@ -161,7 +164,8 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_esd_"))
     runs = {"floor": [], "floor Gram": [], "floor eigvalsh": [], "ours": [], "WW": [],
-            "import torch": [], "worker GPT-2": [], "GPT-2 planned": []}
+            "import torch": [], "worker GPT-2": [], "GPT-2 planned": [],
+            "ours +randomize": [], "ours +mp_fit": []}
     run_process(worker_argv(gpt2_dir, tmp / "gpt2_planned"))  # its plan is cached from now on
     for repeat in range(args.repeats):
         gram_s, eig_s = time_floor(mats)
@@ -175,6 +179,10 @@ def main():
         runs["import torch"].append(run_process([sys.executable, "-c", "import torch"]))
         runs["worker GPT-2"].append(run_process(worker_argv(gpt2_dir, tmp / f"gpt2_{repeat}")))
         runs["GPT-2 planned"].append(run_process(worker_argv(gpt2_dir, tmp / "gpt2_planned")))
+        if args.baselines:  # each in its own directory: other settings, other results
+            for flag in ("randomize", "mp_fit"):
+                runs[f"ours +{flag}"].append(run_process(
+                    worker_argv(model_dir, tmp / flag, "--fix_fingers", "DKS", f"--{flag}")))
         print(f"repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in runs.items() if v), flush=True)
 
     print(f"\n{len(mats)} matrices, {args.repeats} repeats (min – max seconds)")
@@ -190,6 +198,9 @@ def main():
           "  (first model of its architecture: transformers builds the plan)")
     print(f"  start-up, plan cached {span(ratio('GPT-2 planned', 'import torch'))}   goal <= 1.5"
           "  (every later model of that architecture in the run)")
+    for flag in ("randomize", "mp_fit") if args.baselines else ():
+        print(f"  ours +{flag:9s} / ours {span(ratio(f'ours +{flag}', 'ours'))}"
+              + ("   expected ~2 (one more eigensolve)" if flag == "randomize" else "   expected ~1"))
 
     print("\nstage breakdown of ours (in-process, seconds)")
     for stage, seconds in stage_breakdown(mats, read_s).items():

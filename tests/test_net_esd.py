@@ -603,3 +603,204 @@ def test_xmin_mid_gives_alpha_2_to_3_5_on_random_gaussian_matrices_as_documented
         w = torch.randn(*shape, generator=gen)
         assert 2 <= net_esd.matrix_esd_metrics(w, "linear", fix_fingers="xmin_mid")["alpha"] <= 3.5, shape
         assert net_esd.matrix_esd_metrics(w, "linear", fix_fingers="DKS")["alpha"] > 6, shape
+
+
+# ----------------------------------------------------------------------------- structure vs noise
+
+from esd import baselines  # noqa: E402
+
+
+def planted_spikes(n: int, m: int, strengths, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """(W, true noise edge): Gaussian noise whose WᵀW has MP edge (1 + √(m/n))², plus a
+    rank-len(strengths) signal U·diag(strengths)·Vᵀ with orthonormal U, V."""
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, m, generator=gen, dtype=torch.float64) / math.sqrt(n)
+    k = len(strengths)
+    u = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0]
+    signal = u @ torch.diag(torch.tensor(strengths, dtype=torch.float64)) @ v.T
+    return (noise + signal).float(), (1 + math.sqrt(m / n)) ** 2
+
+
+@pytest.mark.parametrize("shape", [(1000, 500), (384, 384), (1536, 384)])
+def test_mp_fit_finds_no_spike_in_a_gaussian_matrix_and_every_planted_spike(shape):
+    noise, edge = planted_spikes(*shape, strengths=[])
+    row = net_esd.matrix_esd_metrics(noise, "linear", mp_fit=True)
+    assert row["num_spikes"] == 0
+    assert row["bulk_max"] == pytest.approx(edge, rel=0.03)
+    assert row["mp_softrank"] == pytest.approx(1.0, abs=0.06)  # λ_max sits at the bulk edge
+    planted, edge = planted_spikes(*shape, strengths=[3.0, 4.0, 5.0])
+    row = net_esd.matrix_esd_metrics(planted, "linear", mp_fit=True)
+    assert row["num_spikes"] == 3
+    # the KDE (bandwidth 0.1 of the mean λ, spikes included) blurs the edge: up to 6% high
+    assert row["bulk_max"] == pytest.approx(edge, rel=0.08)
+    assert row["mp_softrank"] < 0.2
+
+
+def test_mp_fit_of_a_square_matrix_finds_the_noise_edge_under_strong_spikes():
+    # WeightWatcher 0.7.7's quarter circle √(4 − s²)/(πσ²) keeps its support at [0, 2] whatever
+    # σ, so with spikes carrying a third of ‖W‖² its edge lands 40% above the noise's (5.6,
+    # measured); the quarter circle of radius 2σ (docs/metrics.md) finds the noise edge
+    planted, edge = planted_spikes(384, 384, strengths=list(np.linspace(2.5, 6.0, 10)))
+    row = net_esd.matrix_esd_metrics(planted, "linear", mp_fit=True)
+    assert row["bulk_max"] == pytest.approx(edge, rel=0.03)
+    assert row["num_spikes"] == 10
+
+
+def test_mp_fit_edges_scale_with_the_weight_and_the_rest_does_not():
+    planted, _ = planted_spikes(1000, 500, strengths=[3.0, 4.0])
+    one = net_esd.matrix_esd_metrics(planted, "linear", mp_fit=True)
+    three = net_esd.matrix_esd_metrics(planted * 3, "linear", mp_fit=True)
+    for column in ("bulk_max", "bulk_min"):
+        assert three[column] == pytest.approx(9 * one[column], rel=1e-6)
+    for column in ("num_spikes", "sigma_mp", "mp_softrank"):
+        assert three[column] == pytest.approx(one[column], rel=1e-6)
+    assert one["bulk_min"] == pytest.approx(one["bulk_max"] * ((1 - math.sqrt(0.5)) / (1 + math.sqrt(0.5))) ** 2)
+
+
+def test_linear_kde_is_sklearns_linear_kernel_density():
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    rng = np.random.default_rng(0)
+    samples = np.concatenate([rng.gamma(2.0, 1.0, 500), [12.0, 15.5]])
+    grid = np.linspace(0, samples.max() + 0.5, 1000)
+    kde = neighbors.KernelDensity(kernel="linear", bandwidth=0.1).fit(samples.reshape(-1, 1))
+    expected = np.exp(kde.score_samples(grid[:, None]))
+    assert np.allclose(baselines.linear_kde(samples, grid, 0.1), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_mp_fit_of_a_degenerate_spectrum_is_nan_not_an_error():
+    for evals in (np.empty(0), np.zeros(30), np.array([1.0])):
+        fit = baselines.mp_fit(evals, 2.0, 30)
+        assert all(math.isnan(value) for value in fit.columns().values())
+    row = net_esd.matrix_esd_metrics(torch.zeros(40, 20), "linear", randomize=True, mp_fit=True)
+    assert math.isnan(row["bulk_max"]) and math.isnan(row["ww_softrank"]) and math.isnan(row["rand_distance"])
+
+
+def test_shuffled_weight_is_a_seeded_permutation_of_the_elements_slice_by_slice_for_conv():
+    w = torch.randn(60, 40, generator=torch.Generator().manual_seed(0))
+    shuffled = baselines.shuffled_weight(w, "linear", 7)
+    assert shuffled.shape == w.shape and shuffled.dtype == w.dtype
+    assert torch.equal(torch.sort(shuffled.flatten()).values, torch.sort(w.flatten()).values)
+    assert not torch.equal(shuffled, w)
+    assert torch.equal(baselines.shuffled_weight(w, "linear", 7), shuffled)  # reproducible
+    assert not torch.equal(baselines.shuffled_weight(w, "linear", 8), shuffled)
+    # every row and column is mixed, not only whole rows moved (which keeps the spectrum)
+    assert not torch.equal(torch.sort(shuffled[0]).values, torch.sort(w[0]).values)
+    conv = torch.randn(8, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    shuffled = baselines.shuffled_weight(conv, "conv2d", 3)
+    for i in range(3):
+        for j in range(3):  # each kernel position keeps its own elements, as WeightWatcher's Wmats
+            assert torch.equal(torch.sort(shuffled[:, :, i, j].flatten()).values,
+                               torch.sort(conv[:, :, i, j].flatten()).values)
+    assert baselines.layer_seed(0, "a") == baselines.layer_seed(0, "a")
+    assert len({baselines.layer_seed(0, "a"), baselines.layer_seed(0, "b"), baselines.layer_seed(1, "a")}) == 3
+
+
+def test_randomized_columns_are_those_of_the_layers_seeded_shuffle():
+    planted, _ = planted_spikes(300, 200, strengths=[4.0, 6.0])
+    name = "encoder.layer.0.query"
+    row = net_esd.matrix_esd_metrics(planted, "linear", name, randomize=True, randomize_seed=5)
+    evals = reference_eigenvalues(planted, "linear")
+    shuffled = baselines.shuffled_weight(planted, "linear", baselines.layer_seed(5, name))
+    rand_evals = reference_eigenvalues(shuffled, "linear")
+    assert row["max_rand_eval"] == pytest.approx(rand_evals.max(), rel=1e-6)
+    assert row["ww_softrank"] == pytest.approx(rand_evals.max() / evals.max(), rel=1e-6)
+    p, q = evals / evals.sum(), rand_evals / rand_evals.sum()  # written out: JS of the mass vectors
+    m = (p + q) / 2
+    js = 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
+    assert row["rand_distance"] == pytest.approx(math.sqrt(js), rel=1e-6)
+    assert row["rand_num_spikes"] == 0  # the shuffle destroys the planted spikes
+    again = net_esd.matrix_esd_metrics(planted, "linear", name, randomize=True, randomize_seed=5)
+    assert again["rand_distance"] == row["rand_distance"]
+    other = net_esd.matrix_esd_metrics(planted, "linear", name, randomize=True, randomize_seed=6)
+    assert other["rand_distance"] != row["rand_distance"]
+
+
+def test_randomize_tells_structure_from_noise():
+    noise, _ = planted_spikes(1000, 500, strengths=[])
+    row = net_esd.matrix_esd_metrics(noise, "linear", randomize=True)
+    assert row["ww_softrank"] == pytest.approx(1.0, abs=0.05)
+    assert row["rand_distance"] < 0.02
+    planted, _ = planted_spikes(1000, 500, strengths=[4.0, 5.0, 6.0])
+    row = net_esd.matrix_esd_metrics(planted, "linear", randomize=True)
+    assert row["ww_softrank"] < 0.25
+    assert row["rand_distance"] > 0.05
+
+
+def test_warning_follows_weightwatchers_thresholds_and_is_never_set_for_a_failed_fit():
+    assert baselines.training_warning(1.5) == "over-trained"
+    assert baselines.training_warning(6.5) == "under-trained"
+    assert baselines.training_warning(2.0) == baselines.training_warning(6.0) == baselines.training_warning(4) == ""
+    assert baselines.training_warning(math.nan) == ""  # WW's failed fit (α = −1) reads over-trained
+    assert baselines.training_warning(1.5, fitted_on_ww_scale=False) == ""
+    gaussian = torch.randn(1000, 500, generator=torch.Generator().manual_seed(0))
+    assert net_esd.matrix_esd_metrics(gaussian, "linear", fix_fingers="DKS")["warning"] == "under-trained"
+    # xmin_mid's alphas are not on the scale of the thresholds (2-3.5 on noise): no warning
+    assert net_esd.matrix_esd_metrics(gaussian, "linear", fix_fingers="xmin_mid")["warning"] == ""
+    for weight, status in [(torch.randn(8, 30), "too_few_eigenvalues"),
+                           (torch.zeros(30, 20), "no_eigenvalue_above_threshold"),
+                           (torch.full((30, 20), math.nan), "non_finite_weights")]:
+        row = net_esd.matrix_esd_metrics(weight, "linear", fix_fingers="DKS", randomize=True, mp_fit=True)
+        assert row["fit_status"] == status and math.isnan(row["alpha"]) and row["warning"] == ""
+    failed = net_esd.analyze_layers([("bad", "linear", torch.randn(3, 4, 5))],
+                                    net_esd.ESDSettings(fix_fingers="DKS"))
+    assert failed.loc[0, "fit_status"].startswith("error:") and failed.loc[0, "warning"] == ""
+
+
+def test_baseline_columns_appear_only_with_their_flags():
+    layers = [("a", "linear", torch.randn(80, 40)), ("bad", "linear", torch.full((30, 20), math.inf))]
+    plain = net_esd.analyze_layers(layers)
+    assert list(plain.columns) == net_esd.ESD_COLUMNS == net_esd.esd_columns(net_esd.ESDSettings())
+    assert not set(net_esd.RANDOMIZE_COLUMNS + net_esd.MP_FIT_COLUMNS) & set(plain.columns)
+    for flags, extra in [({"randomize": True}, net_esd.RANDOMIZE_COLUMNS),
+                         ({"mp_fit": True}, net_esd.MP_FIT_COLUMNS),
+                         ({"randomize": True, "mp_fit": True}, net_esd.RANDOMIZE_COLUMNS + net_esd.MP_FIT_COLUMNS)]:
+        frame = net_esd.analyze_layers(layers, net_esd.ESDSettings(**flags))
+        assert list(frame.columns) == net_esd.ESD_COLUMNS + extra
+        assert frame.loc[0, extra].notna().all() and frame.loc[1, extra].isna().all()
+        # the baselines add columns, they change none of the others
+        pd.testing.assert_frame_equal(frame[net_esd.ESD_COLUMNS], plain)
+    with pytest.raises(ValueError, match="--randomize_seed"):
+        net_esd.ESDSettings(randomize_seed=-1)
+
+
+def test_worker_writes_the_baseline_columns_only_with_randomize_and_mp_fit(tmp_path):
+    import subprocess
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import offline_env, save_gpt2
+    model = save_gpt2(tmp_path / "gpt2")
+    root = Path(__file__).resolve().parents[1]
+
+    def worker(out, *flags):
+        result = subprocess.run([sys.executable, str(root / "esd_worker.py"), "--model_id", str(model),
+                                 "--output_dir", str(out), "--device", "cpu", *flags],
+                                capture_output=True, text=True, env=offline_env(tmp_path), timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        (csv,) = [p for p in out.glob("*.csv")]
+        return pd.read_csv(csv), json_settings(out)
+
+    def json_settings(out):
+        import json
+        return json.loads((out / "esd_settings.json").read_text())
+
+    on, settings_on = worker(tmp_path / "on", "--randomize", "--mp_fit", "--randomize_seed", "3",
+                             "--fix_fingers", "DKS")
+    off, settings_off = worker(tmp_path / "off")  # xmin_mid: every warning empty
+    extra = net_esd.RANDOMIZE_COLUMNS + net_esd.MP_FIT_COLUMNS
+    assert set(extra) <= set(on.columns) and not set(extra) & set(off.columns)
+    assert "warning" in on.columns and "warning" in off.columns
+    assert on[extra].notna().all().all()
+    assert (on["ww_softrank"] > 0).all() and (on["num_spikes"] >= 0).all()
+    assert settings_on["randomize"] and settings_on["mp_fit"] and settings_on["randomize_seed"] == 3
+    assert not settings_off["randomize"] and not settings_off["mp_fit"]
+    # empty warnings are empty cells: pandas reads them as NaN, never as a warning
+    assert set(on["warning"].dropna()) <= {"under-trained", "over-trained"}
+    assert off["warning"].isna().all()
+    # the analysis takes the new columns as measurements, `warning` as text even when all empty
+    from esd.analysis.queries import numeric_columns
+    from esd.analysis.results import load_per_layer
+    from esd.analysis.summary import SUMMARY_COLUMNS, write_summary
+    for out, numeric in [(tmp_path / "on", set(extra)), (tmp_path / "off", set())]:
+        per_layer = load_per_layer(out)
+        assert numeric <= set(numeric_columns(per_layer)) and "warning" not in numeric_columns(per_layer)
+        assert list(pd.read_csv(write_summary(out)).columns) == list(SUMMARY_COLUMNS)

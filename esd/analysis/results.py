@@ -116,7 +116,7 @@ def _read_per_model_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
         header = pd.read_csv(path, nrows=0).columns
         if not set(PER_MODEL_KEY_COLUMNS) <= set(header):
             return None, "not a per-model result (no model_id, longname and alpha columns)"
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype={"warning": str})  # text even where every cell is empty
     except pd.errors.EmptyDataError:
         return None, "empty"
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
