@@ -318,6 +318,8 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
         raise ESDFailure("analyze", "no_layers",
                          "no Linear, Conv1D, Conv1d, Conv2d or Embedding weights were found")
     frame = _weights_first(frame)
+    if "warning" in frame:  # a difference's alpha says nothing of how well a model is trained
+        frame.loc[frame["longname"].astype(str).map(layer_mode_of) != "weights", "warning"] = ""
     frame.insert(0, "source_model", resolved.source_model or "")
     frame.insert(0, "is_adapter", bool(resolved.is_adapter))
     frame.insert(0, "model_id", entry.key)

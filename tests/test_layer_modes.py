@@ -350,3 +350,29 @@ def test_saved_eigenvalues_hold_the_extra_rows_under_their_own_names(experiment,
     assert analyze_results.main(["--results_dir", str(out), "--layer_mode", "delta_from_base", "--plots",
                                  "--esd_layer", f"{name}.delta_from_base"]) == 0
     assert list((out / "plots" / "delta_from_base" / "esd").glob("*.png"))
+
+
+def test_the_training_warning_is_left_empty_on_delta_rows(experiment, tmp_path):
+    """`under-trained` / `over-trained` read a weight matrix's alpha; a difference's alpha says
+    nothing of the training. Heavy-tailed (Cauchy) differences get alphas < 2 under DKS, which
+    on a weight row would read `over-trained`."""
+    from esd.baselines import training_warning
+    base = experiment["base"]
+    tuned = tmp_path / "cauchy"
+    tuned.mkdir()
+    state = load_file(str(base / "model.safetensors"))
+    torch.manual_seed(0)
+    for key in state:
+        state[key] = state[key] + 0.01 * torch.distributions.StudentT(1.0).sample(state[key].shape)
+    save_file(state, str(tuned / "model.safetensors"), metadata={"format": "pt"})
+    (tuned / "config.json").write_text((base / "config.json").read_text())
+    out = tmp_path / "dks"
+    result = subprocess.run(WORKER + ["--model_id", str(tuned), "--source_model", str(base),
+                                      "--output_dir", str(out), "--device", "cpu",
+                                      "--delta_from_base", "--fix_fingers", "DKS"],
+                            env=experiment["env"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = pd.concat(pd.read_csv(p, dtype={"warning": str}) for p in out.glob("*.csv"))
+    deltas = rows[rows["longname"].str.endswith(".delta_from_base")]
+    assert deltas["warning"].fillna("").eq("").all()
+    assert any(training_warning(alpha) for alpha in deltas["alpha"])   # as weight rows: warned
