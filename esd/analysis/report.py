@@ -148,7 +148,7 @@ def _provenance_html(results_dir: Path) -> str:
     settings = _read_json(results_dir / "esd_settings.json")
     if isinstance(settings, dict):
         values = settings.get("settings", settings)
-        parts.append("<h3>ESD settings</h3>" + _pairs_html(
+        parts.append("<h3>ESD settings</h3>" + _wide_pairs_html(
             [(k, v) for k, v in values.items() if not isinstance(v, (dict, list))]))
     else:
         parts.append("<p>No esd_settings.json: these results were not written by "
@@ -195,6 +195,18 @@ def _pairs_html(items) -> str:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in items)
     return f'<table class="overview">{rows}</table>'
+
+
+def _wide_pairs_html(items, per_row: int = 4) -> str:
+    """name/value pairs side by side, `per_row` pairs a row: a dozen settings in three rows,
+    not a column that pushes the figures down the page."""
+    items = list(items)
+    rows = []
+    for start in range(0, len(items), per_row):
+        cells = "".join(f"<th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td>"
+                        for k, v in items[start:start + per_row])
+        rows.append(f"<tr>{cells}</tr>")
+    return f'<table class="overview">{"".join(rows)}</table>'
 
 
 def _section(title, body) -> str:
