@@ -46,7 +46,7 @@ ESD_COLUMNS = [
 ]
 # appended to a row only under --randomize / --mp_fit (docs/metrics.md, "Structure vs noise")
 RANDOMIZE_COLUMNS = ["max_rand_eval", "ww_softrank", "rand_distance", "rand_num_spikes"]
-MP_FIT_COLUMNS = ["num_spikes", "sigma_mp", "mp_softrank", "bulk_min", "bulk_max"]
+MP_FIT_COLUMNS = baselines.MP_FIT_COLUMNS   # the fields of baselines.MPFit
 
 FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
 _FIX_FINGERS_ALIASES = {"none": "DKS", "dks": "DKS"}

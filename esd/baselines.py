@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -124,9 +124,17 @@ class MPFit:
     bulk_min: float = math.nan
     bulk_max: float = math.nan
 
-    def columns(self, prefix: str = "") -> dict:
-        return {prefix + name: getattr(self, name)
-                for name in ("num_spikes", "sigma_mp", "mp_softrank", "bulk_min", "bulk_max")}
+    def columns(self) -> dict:
+        """{column: value}, in the order of MP_FIT_COLUMNS (the fields)."""
+        return asdict(self)
+
+
+MP_FIT_COLUMNS = [item.name for item in fields(MPFit)]
+
+
+def _mp_edges(sigma, Q: float):
+    """The MP bulk edges (λ−, λ+) = (σ(1 − 1/√Q))², (σ(1 + 1/√Q))² (σ a number or an array)."""
+    return (sigma * (1 - 1 / math.sqrt(Q))) ** 2, (sigma * (1 + 1 / math.sqrt(Q))) ** 2
 
 
 def linear_kde(samples: np.ndarray, grid: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -145,8 +153,7 @@ def linear_kde(samples: np.ndarray, grid: np.ndarray, bandwidth: float) -> np.nd
 
 def _mp_density(x: np.ndarray, sigma: np.ndarray, Q: float) -> np.ndarray:
     """MP density of eigenvalues (rows: σ candidates (G, 1), columns: x (P,)); 0 off support."""
-    a = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
-    b = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
+    a, b = _mp_edges(sigma, Q)
     with np.errstate(divide="ignore", invalid="ignore"):
         value = Q / (2 * np.pi * sigma ** 2 * x) * np.sqrt((b - x) * (x - a))
     return np.where(np.isfinite(value), value, 0.0)
@@ -169,8 +176,7 @@ def _residuals(sigmas: np.ndarray, x: np.ndarray, y: np.ndarray, Q: float) -> np
     if Q == 1:
         return ((_quarter_circle_density(x[None, :], sig) - y) ** 2).sum(axis=1)
     resid = ((_mp_density(x[None, :], sig, Q) - y) ** 2).sum(axis=1)
-    a = (sig[:, 0] * (1 - 1 / math.sqrt(Q))) ** 2
-    b = (sig[:, 0] * (1 + 1 / math.sqrt(Q))) ** 2
+    a, b = _mp_edges(sig[:, 0], Q)
     peak = x[int(np.argmax(y))]
     missed = (b < peak) | (b > x.max()) | (a > peak)
     return np.where(missed, _OUT_OF_SUPPORT ** 2 * x.size, resid)
@@ -227,8 +233,7 @@ def mp_fit(evals: np.ndarray, Q: float, M: int) -> MPFit:
         return MPFit()
     sigma_scale = math.sqrt(x_max) / (1 + 1 / math.sqrt(Q))  # σ with λ_max at the bulk edge
     sigma = _best_sigma(grid[kept], density[kept], Q, sigma_scale)
-    bulk_max = (sigma * (1 + 1 / math.sqrt(Q))) ** 2
-    bulk_min = (sigma * (1 - 1 / math.sqrt(Q))) ** 2
+    bulk_min, bulk_max = _mp_edges(sigma, Q)
     tracy_widom = Q ** -0.5 * bulk_max ** (2 / 3) * M ** (-2 / 3)
     spikes = int(np.count_nonzero(x > bulk_max + math.sqrt(tracy_widom)))
     return MPFit(num_spikes=spikes, sigma_mp=sigma, mp_softrank=bulk_max / x_max,
