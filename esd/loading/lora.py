@@ -308,17 +308,23 @@ def _apply_updates(weight: torch.Tensor, updates: list[_LoraUpdate],
 
 # --------------------------------------------------------------------------- merging
 
-def _merged_count(modules, keys, plan: "_AdapterPlan", adapter: TensorSource) -> int:
-    """How many layers iter_adapter_layers' streaming loop below yields (read no tensor)."""
-    replacements, done, count = dict(plan.replacements), set(), 0
-    for name, _, _ in modules:
-        if replacements.pop(name, None) is not None:
-            count += 1
+def _merge_steps(modules, keys, plan: "_AdapterPlan", adapter: TensorSource) -> list[tuple[str, str, str, str]]:
+    """The layers the streaming merge yields, in order, as (longname, layer_type, source,
+    key), read no tensor: source "adapter" is a saved module's full weight (`modules_to_save`,
+    also saved heads the base class lacks, after the model's layers), "merged" the base weight
+    (or the adapter's override of it) with its LoRA updates; a tied module comes once."""
+    replacements, done, steps = dict(plan.replacements), set(), []
+    for name, kind, _ in modules:
+        if name in replacements:
+            steps.append((name, kind, "adapter", replacements.pop(name)))
         elif keys[name] not in done:
             done.add(keys[name])
-            count += 1
-    return count + sum(1 for key in replacements.values()
-                       if rule_layer_type(key, len(adapter.shapes[key])))
+            steps.append((name, kind, "merged", keys[name]))
+    for name, key in replacements.items():
+        kind = rule_layer_type(key, len(adapter.shapes[key]))
+        if kind:
+            steps.append((name, kind, "adapter", key))
+    return steps
 
 
 def iter_adapter_layers(resolved: ResolvedModel, on_plan=None):
@@ -343,30 +349,18 @@ def iter_adapter_layers(resolved: ResolvedModel, on_plan=None):
         modules, keys = plan_layers(base, base_ckpt)
         plan_reads(base_ckpt, (keys[name] for name, _, _ in modules))
         plan = _plan_adapter(resolved, adapter, modules, keys, base_ckpt)
-        updates, replacements, overrides = plan.updates, plan.replacements, plan.overrides
+        steps = _merge_steps(modules, keys, plan, adapter)
         if on_plan is not None:
-            on_plan({"weights": _merged_count(modules, keys, plan, adapter),
-                     "adapter_update": len(_updated_layers(modules, keys, plan))})
-        done: set[str] = set()
-        for name, kind, _ in modules:
-            if name in replacements:     # modules_to_save: the adapter's full weight
-                tensor = adapter.tensor(replacements.pop(name))
-            elif keys[name] in done:
-                continue
+            on_plan({"weights": len(steps), "adapter_update": len(_updated_layers(modules, keys, plan))})
+        for name, kind, source, key in steps:
+            if source == "adapter":      # modules_to_save: the adapter's full weight
+                tensor = adapter.tensor(key)
             else:
-                done.add(keys[name])
-                key = keys[name]
-                weight = adapter.tensor(overrides[key]) if key in overrides \
+                weight = adapter.tensor(plan.overrides[key]) if key in plan.overrides \
                     else base_ckpt.tensor(key)
-                tensor = _apply_updates(weight, updates.get(key, []), adapter)
+                tensor = _apply_updates(weight, plan.updates.get(key, []), adapter)
                 del weight
             yield name, kind, tensor
-            del tensor
-        for name, key in replacements.items():   # saved heads the base class lacks
-            tensor = adapter.tensor(key)
-            kind = rule_layer_type(key, tensor.ndim)
-            if kind:
-                yield name, kind, tensor
             del tensor
     finally:
         adapter.close()
