@@ -302,11 +302,7 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
     files = hub.needed_files(names, trust_remote_code)
     if hub.ADAPTER_CONFIG_FILE in names:
         base = source_model or _adapter_base(model_id, listing.commit)
-        if base:
-            from esd.model_list import parse_model_id
-            base_id, base_rev = parse_model_id(base)
-            parts.update(download_parts(base_id, base_rev, None, stream=stream,
-                                        trust_remote_code=trust_remote_code, cache=cache))
+        parts.update(_base_parts(base, stream, trust_remote_code, cache))
     else:
         if with_base:
             parts.update(_base_parts(source_model, stream, trust_remote_code, cache))
@@ -318,13 +314,14 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
     return parts
 
 
-def _base_parts(source_model: str | None, stream: bool, trust_remote_code: bool,
+def _base_parts(base: str | None, stream: bool, trust_remote_code: bool,
                 cache: Path) -> dict[str, int]:
-    """download_parts of a fine-tune's base (--delta_from_base reads it too)."""
-    if not source_model:
+    """download_parts of a base (an adapter's; with --delta_from_base, a fine-tune's); {}
+    for none."""
+    if not base:
         return {}
     from esd.model_list import parse_model_id
-    base_id, base_rev = parse_model_id(source_model)
+    base_id, base_rev = parse_model_id(base)
     return download_parts(base_id, base_rev, None, stream=stream,
                           trust_remote_code=trust_remote_code, cache=cache)
 
