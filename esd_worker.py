@@ -241,10 +241,9 @@ def analysed_modes(esd: ESDSettings, resolved) -> tuple[tuple[str, ...], list[st
             modes.append("delta_from_base")
     if esd.adapter_update:
         from model_loader import adapter_update_unsupported
-        unsupported = resolved.is_adapter and adapter_update_unsupported(resolved)
         if not resolved.is_adapter:
             notes.append("--adapter_update adds nothing: not an adapter")
-        elif unsupported:
+        elif unsupported := adapter_update_unsupported(resolved):
             notes.append(f"--adapter_update adds nothing: the adapter has no plain LoRA update "
                          f"(α/r)·B·A ({unsupported})")
         else:
@@ -318,8 +317,8 @@ def compute_model_metrics(entry: ModelEntry, esd: ESDSettings, *, device: str = 
         raise ESDFailure("analyze", "no_layers",
                          "no Linear, Conv1D, Conv1d, Conv2d or Embedding weights were found")
     frame = _weights_first(frame)
-    if "warning" in frame:  # a difference's alpha says nothing of how well a model is trained
-        frame.loc[frame["longname"].astype(str).map(layer_mode_of) != "weights", "warning"] = ""
+    # a difference's alpha says nothing of how well a model is trained
+    frame.loc[frame["longname"].astype(str).map(layer_mode_of) != "weights", "warning"] = ""
     frame.insert(0, "source_model", resolved.source_model or "")
     frame.insert(0, "is_adapter", bool(resolved.is_adapter))
     frame.insert(0, "model_id", entry.key)

@@ -135,17 +135,19 @@ def mode_summaries(per_layer) -> dict[str, pd.DataFrame]:
             for mode in LAYER_MODES if mode != "weights" and mode in present}
 
 
-def write_mode_summaries(results_dir, per_layer) -> list[Path]:
-    """`summary_<mode>.csv` for each extra mode with rows; one left from an earlier run whose
-    rows are gone (recomputed with --overwrite without the flag) is removed."""
+def write_mode_summaries(results_dir, per_layer) -> dict[str, pd.DataFrame]:
+    """`summary_<mode>.csv` for each extra mode with rows (returned as {mode: summary}); one
+    left from an earlier run whose rows are gone (recomputed with --overwrite without the
+    flag) is removed."""
     results_dir = Path(results_dir)
     summaries = mode_summaries(per_layer)
     for mode in LAYER_MODES:
         stale = results_dir / summary_file_name(mode)
         if mode != "weights" and mode not in summaries and stale.is_file():
             stale.unlink()
-    return [write_csv_atomic(summary, results_dir / summary_file_name(mode))
-            for mode, summary in summaries.items()]
+    for mode, summary in summaries.items():
+        write_csv_atomic(summary, results_dir / summary_file_name(mode))
+    return summaries
 
 
 def write_summary(results_dir, output=None, layer_types=None, exclude_patterns=None,
@@ -165,7 +167,7 @@ def write_summary(results_dir, output=None, layer_types=None, exclude_patterns=N
         raise AnalysisError(f"no {layer_mode} rows in {results_dir}: they are computed by a run "
                             f"with --{layer_mode}")
     whole = build_summary(per_layer)
-    write_mode_summaries(results_dir, per_layer)
+    summaries = write_mode_summaries(results_dir, per_layer)
     if describe_layer_filter(layer_types, exclude_patterns):
         write_csv_atomic(whole, results_dir / "summary.csv")
         return write_csv_atomic(filtered_summary(per_layer, layer_types, exclude_patterns, layer_mode),
@@ -175,4 +177,4 @@ def write_summary(results_dir, output=None, layer_types=None, exclude_patterns=N
     write_csv_atomic(whole, results_dir / "summary.csv")
     if output is None:
         return results_dir / summary_file_name(layer_mode)   # written by write_mode_summaries
-    return write_csv_atomic(build_summary(per_layer, layer_mode=layer_mode), Path(output))
+    return write_csv_atomic(summaries[layer_mode], Path(output))
