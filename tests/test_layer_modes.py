@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from net_esd import ESDSettings, analyze_layers
-from tiny_models import offline_env, save_llama, save_lora_adapter, write_model_list
+from tiny_models import offline_env, save_fine_tune, save_llama, save_lora_adapter, write_model_list
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "run_esd_experiment.py")]
@@ -31,17 +31,6 @@ NUMBERS = ["M", "N", "num_evals", "alpha", "alpha_weighted", "D", "xmin", "xmax"
            "spectral_norm", "norm", "stable_rank", "matrix_rank", "entropy"]
 LORA_R, LORA_ALPHA = 4, 16          # scaling α/r = 4 (not 1: an unscaled update would not match)
 
-
-def fine_tune(base: Path, path: Path) -> Path:
-    """A copy of `base` with every weight moved a little: a fine-tune in the same layout."""
-    path.mkdir()
-    state = load_file(str(base / "model.safetensors"))
-    generator = torch.Generator().manual_seed(7)
-    for key in state:
-        state[key] = state[key] + 0.05 * torch.randn(state[key].shape, generator=generator)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text((base / "config.json").read_text())
-    return path
 
 
 def run(args, env, cwd, timeout=600):
@@ -73,7 +62,7 @@ def experiment(tmp_path_factory):
     """One run with both flags and one without, over the same three models."""
     root = tmp_path_factory.mktemp("modes")
     base = save_llama(root / "base", seed=0)
-    tuned = fine_tune(base, root / "tuned")
+    tuned = save_fine_tune(base, root / "tuned", seed=7)
     adapter = save_lora_adapter(base, root / "adapter", r=LORA_R, lora_alpha=LORA_ALPHA,
                                 target_modules=["q_proj", "v_proj", "down_proj"])
     model_list = write_model_list(root / "models.csv", [
@@ -204,12 +193,17 @@ def test_analyze_results_layer_mode_without_such_rows_says_how_to_get_them(exper
     assert "run with --adapter_update" in capsys.readouterr().err
 
 
+def _delta_worker(experiment, base: Path, out: Path) -> subprocess.CompletedProcess:
+    """The worker on the fine-tune with `base` as its source_model, --delta_from_base."""
+    return subprocess.run(WORKER + ["--model_id", str(experiment["tuned"]), "--source_model", str(base),
+                                    "--output_dir", str(out), "--device", "cpu", "--delta_from_base"],
+                          env=experiment["env"], capture_output=True, text=True, timeout=300)
+
+
 def test_a_base_of_other_shapes_is_a_typed_failure_naming_the_layer(experiment, tmp_path):
     other = save_llama(tmp_path / "other", intermediate=96)
     out = tmp_path / "out"
-    result = subprocess.run(WORKER + ["--model_id", str(experiment["tuned"]), "--source_model", str(other),
-                                      "--output_dir", str(out), "--device", "cpu", "--delta_from_base"],
-                            env=experiment["env"], capture_output=True, text=True, timeout=300)
+    result = _delta_worker(experiment, other, out)
     assert result.returncode == 1, result.stdout + result.stderr
     record = json.loads((out / "failures.jsonl").read_text().splitlines()[-1])
     assert (record["stage"], record["reason"]) == ("merge", "base_mismatch")
@@ -221,9 +215,7 @@ def test_a_base_of_other_shapes_is_a_typed_failure_naming_the_layer(experiment, 
 def test_a_missing_base_is_a_typed_failure_naming_the_base(experiment, tmp_path):
     out = tmp_path / "out"
     missing = tmp_path / "no_such_base"
-    result = subprocess.run(WORKER + ["--model_id", str(experiment["tuned"]), "--source_model", str(missing),
-                                      "--output_dir", str(out), "--device", "cpu", "--delta_from_base"],
-                            env=experiment["env"], capture_output=True, text=True, timeout=300)
+    result = _delta_worker(experiment, missing, out)
     assert result.returncode == 1, result.stdout + result.stderr
     record = json.loads((out / "failures.jsonl").read_text().splitlines()[-1])
     assert record["stage"] == "resolve" and f"base {missing} of {experiment['tuned']}" in record["message"]

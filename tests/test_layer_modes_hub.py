@@ -8,32 +8,20 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from hub_server import hub  # noqa: F401  (fixture)
 from test_hub_online import run_experiment
-from tiny_models import save_llama, save_lora_adapter
+from tiny_models import save_fine_tune, save_llama, save_lora_adapter
 
 GB = 1000 ** 3
 
-
-def fine_tune(base: Path, path: Path) -> Path:
-    path.mkdir()
-    state = load_file(str(base / "model.safetensors"))
-    generator = torch.Generator().manual_seed(11)
-    for key in state:
-        state[key] = state[key] + 0.05 * torch.randn(state[key].shape, generator=generator)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text((base / "config.json").read_text())
-    return path
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("hubmodes")
     base = save_llama(root / "base", seed=5)
-    return {"base": base, "tuned": fine_tune(base, root / "tuned"),
+    return {"base": base, "tuned": save_fine_tune(base, root / "tuned", seed=11),
             "lora": save_lora_adapter(base, root / "lora", base_id="org/base", r=4, lora_alpha=12,
                                       target_modules=["q_proj", "v_proj"])}
 

@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from esd.failures import ESDFailure
 from loader_models import (analysable_weights, load_model, offline_hub, peft_merged,  # noqa: F401
                            save_adapter, save_model, streamed)
 from model_loader import iter_layers, resolve_model
-
-
-def _fine_tune(base, path, changed=("model.layers.0.self_attn.q_proj.weight",)):
-    """A copy of `base` with some weights moved (a fine-tune, in the same layout)."""
-    path.mkdir()
-    state = load_file(str(base / "model.safetensors"))
-    generator = torch.Generator().manual_seed(3)
-    for key in changed:
-        state[key] = state[key] + 0.01 * torch.randn(state[key].shape, generator=generator)
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text((base / "config.json").read_text())
-    return path
+from tiny_models import save_fine_tune
 
 
 def test_delta_from_base_streams_the_fine_tunes_difference_under_its_own_layer_names(tmp_path):
     base = save_model("llama", tmp_path / "base")
-    tuned = _fine_tune(base, tmp_path / "tuned")
+    tuned = save_fine_tune(base, tmp_path / "tuned", seed=3, scale=0.01,
+                           changed=["model.layers.0.self_attn.q_proj.weight"])
     got = streamed(resolve_model(str(tuned), source_model=str(base)), mode="delta_from_base")
     weights_tuned = streamed(resolve_model(str(tuned)))
     weights_base = streamed(resolve_model(str(base)))

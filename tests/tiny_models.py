@@ -106,6 +106,21 @@ def save_lora_adapter(base_dir: Path, path: Path, base_id: str | None = None, se
     return save_adapter(kind, base_dir, path, seed=seed, base_id=base_id, **lora_kwargs)
 
 
+def save_fine_tune(base: Path, path: Path, seed: int, scale: float = 0.05, changed=None) -> Path:
+    """A copy of the checkpoint `base` with weights moved by `scale`·N(0, 1) noise drawn from
+    `seed` (every tensor, or only the keys in `changed`): a fine-tune in the same layout."""
+    from safetensors.torch import load_file, save_file
+    path = Path(path)
+    path.mkdir()
+    state = load_file(str(Path(base) / "model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    for key in (state if changed is None else changed):
+        state[key] = state[key] + scale * torch.randn(state[key].shape, generator=generator)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text((Path(base) / "config.json").read_text())
+    return path
+
+
 def write_model_list(path: Path, rows: list[dict]) -> Path:
     import csv
     columns = ["model_id", "source_model", "base_model_relation", "revision"]
