@@ -375,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
              help="children best first by this (descending; default downloads)")
     add_flag(p, "--limit", type=int, default=100, metavar="N",
              help="at most N children per parent (default 100)")
-    add_flag(p, "--author", metavar="A", help="only models of this user or organisation")
-    add_flag(p, "--search", metavar="S", help="only models whose id contains S")
+    add_flag(p, "--author", metavar="A", help="only children of this user or organisation "
+             "(without --base: the models of A are the bases)")
+    add_flag(p, "--search", metavar="S", help="only children whose id contains S (without "
+             "--base: the models matching S are the bases)")
     add_flag(p, "--depth", type=int, default=None, metavar="D",
              help="levels of children: 2 adds the adapters of fine-tunes (default 1; without "
              "--base 0: the models matching --author/--search are the list)")

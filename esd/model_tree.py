@@ -201,14 +201,19 @@ def _children(query: TreeQuery, hub: HubListing, parent: str) -> tuple[list, boo
     whether more were there. One listing per relation, merged (each is sorted already)."""
     found, ids = [], set()
     for relation in query.relations:
-        for info in hub.models(tags=[f"base_model:{relation}:{parent}"], author=query.author,
-                               search=query.search, sort=query.sort, count=query.limit + 1,
+        for info in hub.models(tags=[f"base_model:{relation}:{parent}"], **_child_filter(query),
+                               sort=query.sort, count=query.limit + 1,
                                what=f"listing the {relation} children of {parent}"):
             if info.id not in ids:
                 ids.add(info.id)
                 found.append((_relation_of(info, parent, relation), info))
     found.sort(key=lambda pair: _sort_key(pair[1], query.sort), reverse=True)
     return found[:query.limit], len(found) > query.limit
+
+
+def _child_filter(query: TreeQuery) -> dict:
+    """--author/--search narrow a base's children; without --base they chose the roots."""
+    return {"author": query.author, "search": query.search} if query.base else {}
 
 
 def _relation_of(info, parent: str, asked: str) -> str:
@@ -230,8 +235,8 @@ def _sort_key(info, sort: str) -> tuple:
 
 def _left_out(query: TreeQuery, hub: HubListing, parent: str, relation: str) -> str | None:
     """How many `relation` children `parent` has ("3", or "more than 100"), None if none."""
-    found = hub.models(tags=[f"base_model:{relation}:{parent}"], author=query.author,
-                       search=query.search, sort=query.sort, count=query.limit + 1,
+    found = hub.models(tags=[f"base_model:{relation}:{parent}"], **_child_filter(query),
+                       sort=query.sort, count=query.limit + 1,
                        what=f"counting the {relation} children of {parent}")
     if not found:
         return None

@@ -83,6 +83,7 @@ class Listing:
     """Knobs of `GET /api/models`."""
     page_size: int = 3               # models per page (the Hub's is up to 1000): lists span pages
     next_url: str | None = None      # every page's `next` link points here (a loop, another host)
+    queries: list = field(default_factory=list)   # the query of every listing request, parsed
 
 
 @dataclass
@@ -428,6 +429,7 @@ def _make_handler(hub: HubServer, role: str):
         def _list_models(self):
             """`GET /api/models` as the Hub answers it: filters, sort descending, pages."""
             query, token = self.query, self.entry.token
+            hub.listing.queries.append(query)
             with hub._lock:
                 models = [r for r in hub.repos.values()
                           if not r.meta.get("private") or token in r.tokens]
