@@ -17,7 +17,7 @@ weights, metrics or the CSV format (`create_model_list.py` writes the rows); imp
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from esd.hub_pages import MAX_PAGES, PageWalk
@@ -184,7 +184,7 @@ def walk_tree(query: TreeQuery, hub: HubListing, token_set: bool) -> Tree:
     if not tree.rows:
         raise TreeError(f"no model on the Hub matches {_matching(query)}; nothing written")
     if query.pin:
-        tree.rows = [_pinned(row, hub) for row in tree.rows]
+        tree.rows = _pinned(tree.rows, hub)
     tree.notes = _notes(query, tree.rows, left_out, merges, repeats, more, hub.stops, token_set)
     return tree
 
@@ -243,11 +243,18 @@ def _left_out(query: TreeQuery, hub: HubListing, parent: str, relation: str) -> 
     return f"more than {query.limit}" if len(found) > query.limit else str(len(found))
 
 
-def _pinned(row: TreeRow, hub: HubListing) -> TreeRow:
-    sha = row.info.sha or hub.info(row.model_id).sha
-    if not sha:
-        raise TreeError(f"{row.model_id}: the Hub gave no commit to pin")
-    return TreeRow(row.model_id, row.source_model, row.relation, row.info, sha)
+def _pinned(rows: list[TreeRow], hub: HubListing) -> list[TreeRow]:
+    """Each row at its current commit, and each `source_model` at its parent's (`id@sha`, the
+    key the parent's results carry), so a rerun reads the same weights and merges the same
+    base."""
+    shas = {row.model_id: row.info.sha or hub.info(row.model_id).sha for row in rows}
+    for parent in {r.source_model for r in rows if r.source_model} - shas.keys():
+        shas[parent] = hub.info(parent).sha          # a base left out by --no_base
+    unpinned = next((model for model, sha in shas.items() if not sha), None)
+    if unpinned:
+        raise TreeError(f"{unpinned}: the Hub gave no commit to pin")
+    return [replace(row, revision=shas[row.model_id], source_model=row.source_model
+                    and f"{row.source_model}@{shas[row.source_model]}") for row in rows]
 
 
 def _matching(query: TreeQuery) -> str:

@@ -231,6 +231,7 @@ def test_pin_fills_revision_with_each_models_current_commit(hub, tmp_path):
     result, out = from_hub(hub, tmp_path, "--base", "org/base", "--pin")
     assert result.returncode == 0, result.stderr
     assert {r["model_id"]: r["revision"] for r in rows_of(out)} == shas
+    assert rows_of(out)[1]["source_model"] == f"org/base@{shas['org/base']}"
     assert [e.key for e in read_model_list(out)] == [f"{i}@{s}" for i, s in shas.items()]
     result, out = from_hub(hub, tmp_path, "--base", "org/base", output="unpinned.csv")
     assert {r["revision"] for r in rows_of(out)} == {""}
@@ -328,3 +329,53 @@ def test_a_page_walk_stops_at_its_page_bound(hub, family):
     assert walk.stopped == "stopped after 2 pages"
     whole = PageWalk(f"{hub.endpoint}/api/models", {"sort": "downloads"})
     assert sum(len(p) for p in whole.pages()) == 15 and whole.stopped is None
+
+
+@pytest.mark.slow
+def test_a_study_from_a_base_id_end_to_end_carries_downloads_and_shows_the_tree(hub, tmp_path):
+    """from-hub over repos holding real tiny models -> run_esd_experiment.py -> summary.csv
+    with the list's metadata beside each model's statistics, and the report's by-relation
+    section (the carrying of list columns and the by-relation view belong to the analysis)."""
+    import pandas as pd
+    from tiny_models import save_adapter, save_fine_tune, save_model
+    base = save_model("gpt2", tmp_path / "m" / "base", seed=5)
+    downloads = {"org/base": 900, "ft/one": 300, "ft/two": 200, "lab/lora": 100}
+    hub.add_model("org/base", base, downloads=downloads["org/base"])
+    for seed, name in enumerate(("ft/one", "ft/two"), start=1):
+        tuned = save_fine_tune(base, tmp_path / "m" / name.replace("/", "-"), seed=seed)
+        hub.add_model(name, tuned, tags=tree_tags("finetune", "org/base"),
+                      downloads=downloads[name])
+    lora = save_adapter("gpt2", base, tmp_path / "m" / "lora", base_id="org/base",
+                        target_modules=["c_attn"], fan_in_fan_out=True)
+    hub.add_model("lab/lora", lora, tags=tree_tags("adapter", "org/base"), library_name="peft",
+                  downloads=downloads["lab/lora"])
+    hub.add_model("quant/base-gguf", {"model.gguf": b"g" * 100},
+                  tags=tree_tags("quantized", "org/base"), downloads=5000)
+
+    result, model_list = from_hub(hub, tmp_path, "--base", "org/base", "--pin")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "study"
+    env = hub.subprocess_env(tmp_path / "hf_home")
+    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "run_esd_experiment.py"), "--model_list", str(model_list),
+         "--output_dir", str(out), "--gpus", "none", "--cpu_workers", "2",
+         "--poll_interval", "0.05", "--max_check", "1"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = pd.read_csv(out / "summary.csv")
+    assert "downloads" in summary.columns, list(summary.columns)
+    pinned = {f"{model}@{hub.repos[model].refs['main']}": count
+              for model, count in downloads.items()}
+    assert summary.groupby("model_id")["downloads"].first().to_dict() == pinned
+    lora = pd.read_csv(next(out.glob("lab--lora@*.csv")))     # merged into the pinned base
+    assert set(lora["source_model"]) == {f"org/base@{hub.repos['org/base'].refs['main']}"}
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "analyze_results.py"), "--results_dir", str(out),
+         "--report", "--by_relation"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stdout + report.stderr
+    page = (out / "report.html").read_text()
+    import re
+    assert re.search(r"<h2>[^<]*relation[^<]*</h2>", page, re.IGNORECASE), "no by-relation section"
+    assert "ft/one" in page and "lab/lora" in page
