@@ -7,7 +7,7 @@ other model lists, or a training run's checkpoints.
     python create_model_list.py merge a.csv b.csv --deduplicate --output models.csv
     python create_model_list.py template --output models.csv
     python create_model_list.py from-checkpoints saved_models/run1/ --output steps.csv
-    python create_model_list.py from-hub --base meta-llama/Llama-2-7b-hf --limit 50 --output tree.csv
+    python create_model_list.py from-hub --base meta-llama/Llama-2-7b-hf --output tree.csv
 
 Owns: turning those inputs into `ModelEntry` rows and writing them with
 `model_list.write_model_list` (atomic; `read_model_list` reads every file written here).

@@ -38,10 +38,6 @@ def ids(rows) -> list[str]:
     return [row["model_id"] for row in rows]
 
 
-def listing_requests(hub) -> list:
-    return hub.requests("hub", "GET", "/api/models")
-
-
 def assert_clean_error(result, *fragments):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
