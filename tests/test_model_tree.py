@@ -366,12 +366,31 @@ def test_a_study_from_a_base_id_end_to_end_carries_downloads_and_shows_the_tree(
     assert summary.groupby("model_id")["downloads"].first().to_dict() == pinned
     lora = pd.read_csv(next(out.glob("lab--lora@*.csv")))     # merged into the pinned base
     assert set(lora["source_model"]) == {f"org/base@{hub.repos['org/base'].refs['main']}"}
-    report = subprocess.run(
-        [sys.executable, str(ROOT / "analyze_results.py"), "--results_dir", str(out),
-         "--report", "--by_relation"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    analyze = [sys.executable, str(ROOT / "analyze_results.py"), "--results_dir", str(out)]
+    by_relation = subprocess.run(analyze + ["--by_relation"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=600)
+    assert by_relation.returncode == 0, by_relation.stdout + by_relation.stderr
+    assert "org/base" in by_relation.stdout
+    report = subprocess.run(analyze + ["--report"], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
     assert report.returncode == 0, report.stdout + report.stderr
     page = (out / "report.html").read_text()
     import re
     assert re.search(r"<h2>[^<]*relation[^<]*</h2>", page, re.IGNORECASE), "no by-relation section"
     assert "ft/one" in page and "lab/lora" in page
+
+
+def test_from_hub_answers_to_its_underscore_name_and_prints_the_list_without_output(hub,
+                                                                                   tmp_path):
+    hub.add_model("org/base", downloads=3)
+    hub.add_model("ft/one", tags=tree_tags("finetune", "org/base"), downloads=2)
+    env = hub.subprocess_env(tmp_path / "hf_home")
+    env.update(PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(ROOT / "create_model_list.py"), "from_hub",
+                             "--base", "org/base", "--no-base", "--sort", "last_modified"],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("model_id,source_model,base_model_relation,revision,downloads,")
+    assert [line.split(",")[:3] for line in lines[1:]] == [["ft/one", "org/base", "finetune"]]
+    assert hub.listing.queries[0]["sort"] == ["lastModified"]
