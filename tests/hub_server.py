@@ -416,7 +416,7 @@ def _make_handler(hub: HubServer, role: str):
                 info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
                         "gated": "auto" if repo.gated else False, "disabled": False,
                         "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}
-                info.update(_listed_fields(repo) if repo.meta else {})
+                info.update({**_listed_fields(repo), "sha": sha} if repo.meta else {})
                 return self._json(info)
             if kind == "paths-info":
                 form = urllib.parse.parse_qs(self.body.decode())
