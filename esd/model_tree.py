@@ -122,7 +122,7 @@ class HubListing:
                 if len(found) >= count:
                     break
         if walk.stopped:
-            self.stops.append(f"{what}: {walk.stopped}")
+            self.stops.append(f"{what} was cut short: {walk.stopped}")
         return found[:count]
 
 
@@ -284,15 +284,16 @@ def _notes(query, rows, left_out, merges, repeats, more, stops, token_set) -> li
                      f"quantized checkpoints (--relation {' '.join(query.relations)} "
                      f"{relation} lists them anyway)")
     if merges:
-        notes.append(f"{merges} merge children have several bases: their source_model is left "
-                     f"empty (a merge has no one base to compare with)")
+        notes.append(f"{_count(merges, 'merge child', 'merge children')} of several bases: "
+                     f"source_model left empty (a merge has no one base to compare with)")
     if repeats:
-        notes.append(f"{repeats} models reached from more than one parent are listed once, "
-                     f"under the first")
+        notes.append(f"{_count(repeats, 'model')} reached from more than one parent: listed "
+                     f"once, under the first")
     if more:
-        notes.append(f"{len(more)} parent(s) have more than --limit {query.limit} children "
-                     f"(first: {more[0]}); the {query.limit} with most {query.sort} are listed")
-    notes += [f"the listing was cut short, {stop}" for stop in stops]
+        notes.append(f"{_count(len(more), 'parent')} with more than --limit {query.limit} "
+                     f"children (first: {more[0]}): the {query.limit} with most {query.sort} "
+                     f"are listed")
+    notes += stops
     gated = [row.model_id for row in rows if row.gated]
     if gated and not token_set:
         shown = ", ".join(gated[:3]) + (", …" if len(gated) > 3 else "")
@@ -300,3 +301,7 @@ def _notes(query, rows, left_out, merges, repeats, more, stops, token_set) -> li
                      f"Face token is set: they will fail as `gated` unless you log in "
                      f"(`hf auth login`) or set HF_TOKEN")
     return notes
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
