@@ -1,5 +1,5 @@
 """Build the model list CSV the experiment reads, from ids, text files, other CSVs,
-other model lists, or a training run's checkpoints.
+other model lists, a training run's checkpoints, or a base model's tree on the Hub.
 
     python create_model_list.py create --models gpt2 org/name@rev --output models.csv
     python create_model_list.py from-text ids.txt --output models.csv

@@ -126,6 +126,23 @@ def test_the_stand_in_lists_what_huggingface_hub_list_models_expects(hub, tmp_pa
     assert len(pages) == 2 + 1 + 1 + 1       # 4 of 8 fine-tunes in pages of 3: two pages
 
 
+def test_from_hub_asks_the_hub_exactly_what_hfapi_list_models_asks(hub, tmp_path, family):
+    from esd.model_tree import EXPAND
+    script = ("from huggingface_hub import HfApi\n"
+              "list(HfApi().list_models(filter=['base_model:finetune:org/base'], author='user3', "
+              f"search='ft', sort='likes', limit=101, expand={EXPAND!r}))\n")
+    env = hub.subprocess_env(tmp_path / "hf_home")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    result, out = from_hub(hub, tmp_path, "--base", "org/base", "--relation", "finetune",
+                           "--author", "user3", "--search", "ft", "--sort", "likes")
+    assert result.returncode == 0, result.stderr
+    assert ids(rows_of(out)) == ["org/base", "user3/base-ft3"]
+    theirs, ours = hub.listing.queries[0], hub.listing.queries[1]
+    assert ours == theirs and ours["sort"] == ["likes"]
+
+
 def test_sort_and_limit_pick_the_best_children_across_relations(hub, tmp_path, family):
     result, out = from_hub(hub, tmp_path, "--base", "org/base", "--sort", "likes",
                            "--limit", "4")
