@@ -1,5 +1,5 @@
 """Build the model list CSV the experiment reads, from ids, text files, other CSVs,
-other model lists, or a training run's checkpoints.
+other model lists, a training run's checkpoints, or a base model's tree on the Hub.
 
     python create_model_list.py create --models gpt2 org/name@rev --output models.csv
     python create_model_list.py from-text ids.txt --output models.csv
@@ -7,11 +7,19 @@ other model lists, or a training run's checkpoints.
     python create_model_list.py merge a.csv b.csv --deduplicate --output models.csv
     python create_model_list.py template --output models.csv
     python create_model_list.py from-checkpoints saved_models/run1/ --output steps.csv
+    python create_model_list.py from-hub --base meta-llama/Llama-2-7b-hf --output tree.csv
 
 Owns: turning those inputs into `ModelEntry` rows and writing them with
 `model_list.write_model_list` (atomic; `read_model_list` reads every file written here).
 Without `--output` the list is printed to stdout. Knows nothing about weights or metrics.
 Bad input gives one clear message naming the file and row, and exit status 2.
+
+`from-hub` asks the Hub for a base model's tree (`esd/model_tree.py`): the base, then its
+adapters and fine-tunes with `source_model`, `base_model_relation` and the Hub's metadata
+columns (`downloads`, `likes`, `created_at`, `library_name`, `pipeline_tag`, `gated`,
+`private`). The notes a user must read before the run (children left out, gated models
+without a token) are printed first. A tree with no children, an unknown base, or a Hub that
+keeps refusing (429) is one `error:` line, nothing written, exit status 2.
 """
 from __future__ import annotations
 
@@ -27,6 +35,8 @@ from pathlib import Path
 
 from esd.cli_flags import FlagParser, add_flag
 from esd.model_list import ModelEntry, RevisionConflict, make_entry, write_model_list
+from esd.model_tree import (DEFAULT_RELATIONS, METADATA_COLUMNS, RELATIONS, SORTS, TreeError,
+                            TreeQuery)
 
 # Id columns recognised by from-csv, in order of preference (case-insensitive).
 CSV_ID_COLUMNS = ("model_id", "full_name", "model_name", "model", "name")
@@ -273,6 +283,45 @@ def _cmd_from_checkpoints(args):
     return entries, {"step": steps}
 
 
+def _cmd_from_hub(args):
+    from huggingface_hub import constants, get_token
+    from esd.model_tree import HubListing, walk_tree
+    query = tree_query(args)
+    if constants.HF_HUB_OFFLINE:
+        raise InputError("from-hub lists models from the Hub, but HF_HUB_OFFLINE is set")
+    try:
+        tree = walk_tree(query, HubListing(), get_token() is not None)
+    except TreeError as error:
+        raise InputError(str(error)) from None
+    for note in tree.notes:
+        print(f"note: {note}", file=sys.stderr)
+    entries = [ModelEntry(r.model_id, r.revision, r.source_model, r.relation) for r in tree.rows]
+    metadata = [r.metadata() for r in tree.rows]
+    return entries, {name: [m[name] for m in metadata] for name in METADATA_COLUMNS}
+
+
+def tree_query(args) -> TreeQuery:
+    """The from-hub flags, checked, as one TreeQuery."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not (args.base or args.author or args.search):
+        raise InputError("from-hub needs --base ORG/NAME, or --author / --search to list "
+                         "matching models as bases")
+    if args.base:
+        try:
+            validate_repo_id(args.base)
+        except HFValidationError as error:
+            raise InputError(f"--base {args.base}: not a hub id ({error})") from None
+    depth = args.depth if args.depth is not None else (1 if args.base else 0)
+    if args.limit < 1 or depth < 0:
+        raise InputError(f"--limit must be 1 or more and --depth 0 or more "
+                         f"(got --limit {args.limit}, --depth {depth})")
+    if args.no_base and depth == 0:
+        raise InputError("--no_base with --depth 0 lists nothing: the bases are all there is")
+    return TreeQuery(base=args.base, relations=tuple(dict.fromkeys(args.relation)),
+                     sort=args.sort, limit=args.limit, author=args.author, search=args.search,
+                     depth=depth, include_base=not args.no_base, pin=args.pin)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(
         description="Create the model list CSV for run_esd_experiment.py.")
@@ -313,6 +362,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="RUN_DIR")
     add_flag(p, "--absolute", action="store_true",
          help="write absolute paths (default: the paths as given)")
+
+    p = command("from-hub", _cmd_from_hub,
+                "a base model's tree from the Hub: the base, then its adapters and fine-tunes "
+                "(the base_model:<relation>:<base> tags), with the Hub's metadata",
+                aliases=["from_hub"])
+    add_flag(p, "--base", metavar="ORG/NAME", help="the base model whose children are listed")
+    add_flag(p, "--relation", nargs="+", choices=RELATIONS, default=list(DEFAULT_RELATIONS),
+             metavar="RELATION", help=f"which children: {', '.join(RELATIONS)} (default: "
+             f"{' '.join(DEFAULT_RELATIONS)}; the analysis refuses quantized checkpoints)")
+    add_flag(p, "--sort", choices=list(SORTS), default="downloads",
+             help="children best first by this (descending; default downloads)")
+    add_flag(p, "--limit", type=int, default=100, metavar="N",
+             help="at most N children per parent (default 100)")
+    add_flag(p, "--author", metavar="A", help="only children of this user or organisation "
+             "(without --base: the models of A are the bases)")
+    add_flag(p, "--search", metavar="S", help="only children whose id contains S (without "
+             "--base: the models matching S are the bases)")
+    add_flag(p, "--depth", type=int, default=None, metavar="D",
+             help="levels of children: 2 adds the adapters of fine-tunes (default 1; without "
+             "--base 0: the models matching --author/--search are the list)")
+    add_flag(p, "--no_base", action="store_true", help="leave the base's own row out")
+    add_flag(p, "--pin", action="store_true",
+             help="fill revision with each model's current commit, so a rerun reads the "
+             "same weights")
 
     for name in ("create", "from-text", "from-csv", "merge", "from-checkpoints"):
         add_flag(sub.choices[name], "--deduplicate", action="store_true",

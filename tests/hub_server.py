@@ -6,6 +6,10 @@ uses (model info with `sha`, recursive tree listing with LFS sizes and no `xetHa
 paths-info, resolve HEAD/GET with `X-Repo-Commit`/`ETag`/`X-Linked-Etag`/`X-Linked-Size`,
 a 302 to the CDN for LFS files, CDN `Range` → 206 + `Content-Range`, typed errors by
 `X-Error-Code`), fault knobs (`Faults`) and a log of every request with its headers.
+The model listing `GET /api/models` (`HubServer.add_model`: tags such as
+`base_model:adapter:<base>`, downloads, likes, dates, gated/private) answers as the Hub does:
+`filter` tags (all must match), `author`, `search`, `sort` descending, `limit`, `expand` /
+`full`, pages of `Listing.page_size` linked by `Link: <…>; rel="next"`.
 
 Must not: listen on anything but 127.0.0.1, or know anything of the project's code.
 
@@ -48,6 +52,7 @@ class Repo:
     refs: dict[str, str] = field(default_factory=dict)                   # branch/tag/pr -> sha
     gated: bool = False
     tokens: set[str] = field(default_factory=set)   # tokens with access (gated repos)
+    meta: dict = field(default_factory=dict)         # listing metadata (`add_model`)
 
     def commit_of(self, revision: str) -> str | None:
         if revision in self.refs:
@@ -71,6 +76,14 @@ class Faults:
     cdn_forbidden: int = 0           # next N CDN requests: 403 (an expired signed URL)
     bandwidth_bps: float | None = None   # CDN bytes per second, shared by all transfers
     gone_after: int | None = None    # after this many Hub requests, every connection is dropped
+
+
+@dataclass
+class Listing:
+    """Knobs of `GET /api/models`."""
+    page_size: int = 3               # models per page (the Hub's is up to 1000): lists span pages
+    next_url: str | None = None      # every page's `next` link points here (a loop, another host)
+    queries: list = field(default_factory=list)   # the query of every listing request, parsed
 
 
 @dataclass
@@ -100,6 +113,7 @@ class HubServer:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
+        self.listing = Listing()
         self.log: list[LoggedRequest] = []
         self.blobs: dict[str, bytes] = {}       # sha256 -> content (the CDN's store)
         self.hub_requests = 0
@@ -143,6 +157,7 @@ class HubServer:
             self.repos.clear()
             self.blobs.clear()
             self.faults = Faults()
+            self.listing = Listing()
             self.log.clear()
             self.hub_requests = 0
 
@@ -190,6 +205,26 @@ class HubServer:
             for path, data in files.items():
                 if is_lfs(path):
                     self.blobs[sha256(data)] = data
+        return sha
+
+    def add_model(self, repo_id: str, files: "Path | dict[str, bytes] | None" = None, *,
+                  tags=(), downloads: int = 0, likes: int = 0, created_at: str | None = None,
+                  last_modified: str | None = None, library_name: str | None = "transformers",
+                  pipeline_tag: str | None = "text-generation", gated: "bool | str" = False,
+                  private: bool = False, tokens: tuple[str, ...] = ()) -> str:
+        """A repo the model listing shows, with its metadata (`tree_tags` makes the
+        `base_model:…` tags); `files` default to a bare config. Returns the commit sha."""
+        sha = self.add_repo(repo_id, files if files is not None else {"config.json": b"{}"},
+                            gated=bool(gated), tokens=tokens)
+        with self._lock:
+            repo = self.repos[repo_id]
+            order = len(self.repos)
+            created_at = created_at or f"2024-01-01T{order % 24:02d}:00:00.000Z"
+            repo.meta.update(tags=list(tags), downloads=downloads, likes=likes,
+                             createdAt=created_at, lastModified=last_modified or created_at,
+                             library_name=library_name, pipeline_tag=pipeline_tag,
+                             private=private, gated=(gated if isinstance(gated, str)
+                                                     else "auto" if gated else False))
         return sha
 
     # ------------------------------------------------------------ log queries
@@ -346,6 +381,8 @@ def _make_handler(hub: HubServer, role: str):
             if hub._take("server_error"):
                 return self._error(503, None, "service unavailable")
             parts = self.raw_path.strip("/").split("/")
+            if parts == ["api", "models"]:
+                return self._list_models()
             if parts[:2] == ["api", "models"] and len(parts) >= 4:
                 return self._api(parts[2] + "/" + parts[3], parts[4:])
             if len(parts) >= 5 and parts[2] == "resolve":
@@ -357,7 +394,7 @@ def _make_handler(hub: HubServer, role: str):
 
         def _repo_and_commit(self, repo_id: str, revision: str):
             repo = hub.repos.get(repo_id)
-            if repo is None:
+            if repo is None or (repo.meta.get("private") and self.entry.token not in repo.tokens):
                 self._error(401, "RepoNotFound", f"Repository Not Found for url: {self.path}")
                 return None, None
             sha = repo.commit_of(revision)
@@ -376,10 +413,11 @@ def _make_handler(hub: HubServer, role: str):
                 return
             files = repo.commits[sha]
             if kind in ("", "revision"):
-                return self._json({
-                    "id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                    "gated": "auto" if repo.gated else False, "disabled": False,
-                    "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []})
+                info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
+                        "gated": "auto" if repo.gated else False, "disabled": False,
+                        "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}
+                info.update({**_listed_fields(repo), "sha": sha} if repo.meta else {})
+                return self._json(info)
             if kind == "paths-info":
                 form = urllib.parse.parse_qs(self.body.decode())
                 wanted = form.get("paths", [])
@@ -387,6 +425,40 @@ def _make_handler(hub: HubServer, role: str):
             prefix = urllib.parse.unquote("/".join(rest[2:])).strip("/")
             recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
             return self._json(_tree(files, prefix, recursive))
+
+        def _list_models(self):
+            """`GET /api/models` as the Hub answers it: filters, sort descending, pages."""
+            query, token = self.query, self.entry.token
+            hub.listing.queries.append(query)
+            with hub._lock:
+                models = [r for r in hub.repos.values()
+                          if not r.meta.get("private") or token in r.tokens]
+            for tag in query.get("filter", []):
+                models = [r for r in models if tag in r.meta.get("tags", ())]
+            for author in query.get("author", []):
+                models = [r for r in models if r.repo_id.split("/")[0] == author]
+            for text in query.get("search", []):
+                models = [r for r in models if text.lower() in r.repo_id.lower()]
+            sort = query.get("sort", [""])[0]
+            if sort:
+                ascending = query.get("direction", ["-1"])[0] == "1"
+                models.sort(key=lambda r: (r.meta.get(sort) is not None,
+                                           r.meta.get(sort) or 0, r.repo_id),
+                            reverse=not ascending)
+            limit = int(query.get("limit", ["0"])[0] or 0)
+            size = min(limit, hub.listing.page_size) if limit else hub.listing.page_size
+            cursor = int(query.get("cursor", ["0"])[0])
+            page = models[cursor:cursor + size]
+            expand = query.get("expand", [])
+            full = query.get("full", ["false"])[0].lower() == "true"
+            headers = {}
+            if cursor + size < len(models):
+                rest = {k: v for k, v in query.items() if k != "cursor"}
+                rest["cursor"] = [str(cursor + size)]
+                url = hub.listing.next_url or (f"{hub.endpoint}/api/models?"
+                                               f"{urllib.parse.urlencode(rest, doseq=True)}")
+                headers["Link"] = f'<{url}>; rel="next"'
+            return self._json([_listing_item(r, expand, full) for r in page], 200, headers)
 
         def _resolve(self, repo_id: str, revision: str, filename: str):
             repo, sha = self._repo_and_commit(repo_id, revision)
@@ -491,6 +563,37 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
     if start > end or start >= size:
         raise ValueError(header)
     return start, end
+
+
+def tree_tags(relation: str, *bases: str) -> list[str]:
+    """The tags the Hub gives a model derived from `bases` (`base_model:<relation>:<id>`)."""
+    return [f"base_model:{b}" for b in bases] + [f"base_model:{relation}:{b}" for b in bases]
+
+
+# fields of a listed model the Hub returns without `expand` (and `full` adds the rest)
+LISTING_DEFAULT_FIELDS = ("_id", "id", "modelId", "likes", "trendingScore", "private",
+                          "downloads", "tags", "pipeline_tag", "library_name", "createdAt")
+
+
+def _listed_fields(repo: Repo) -> dict:
+    meta = repo.meta
+    return {"_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24], "id": repo.repo_id,
+            "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0],
+            "sha": repo.refs.get("main"), "private": bool(meta.get("private")),
+            "gated": meta.get("gated", "auto" if repo.gated else False), "disabled": False,
+            "downloads": meta.get("downloads", 0), "likes": meta.get("likes", 0),
+            "trendingScore": 0, "tags": list(meta.get("tags", [])),
+            "pipeline_tag": meta.get("pipeline_tag"), "library_name": meta.get("library_name"),
+            "createdAt": meta.get("createdAt"), "lastModified": meta.get("lastModified")}
+
+
+def _listing_item(repo: Repo, expand: list[str], full: bool) -> dict:
+    fields = _listed_fields(repo)
+    if full:
+        files = repo.commits.get(repo.refs.get("main", ""), {})
+        return {**fields, "siblings": [{"rfilename": p} for p in sorted(files)]}
+    wanted = ("_id", "id", *expand) if expand else LISTING_DEFAULT_FIELDS
+    return {k: fields[k] for k in wanted if k in fields}
 
 
 def _tree_entry(path: str, data: bytes) -> dict:
