@@ -1,7 +1,7 @@
 """Writes what a bench script printed into that script's own section of docs/benchmarks.md.
 
 Owns: capturing a script's printed figures (a tee of stdout), the header of each section (the
-command as run, date, git commit, machine, load average before the run) and replacing one
+command as run, date, git commit, machine, load average at its start and end) and replacing one
 section of the page in place, under a file lock, through the atomic write every writer uses.
 
 Must not: measure anything, judge a figure, or touch another script's section. A run that
@@ -37,10 +37,10 @@ SECTIONS = ("bench_esd", "bench_memory", "bench_hub", "bench_dispatch", "bench_l
 INTRO = """# Benchmarks
 
 Figures printed by the scripts in `bench/`. Each section below is written by its script when
-it runs (`bench/_report.py`): the command as run, the date, the git commit, the machine and
-its load before the run, then the script's output as printed. Timings depend on the machine
-and on what else runs on it; compare figures within one section (one run), not across
-sections. To refresh a section, run its script from the repository root.
+it runs (`bench/_report.py`): the command as run, the date, the git commit, the machine, its
+load at the start and end of the run, then the script's output as printed. Timings depend
+on the machine and on what else runs on it; compare figures within one section (one run),
+not across sections. To refresh a section, run its script from the repository root.
 
 `bench/gpu_check.py` (a CUDA machine's one-shot check of accuracy and speed) prints its
 figures only; a CPU run of it (`--small`) is part of the test suite.
@@ -100,15 +100,22 @@ def machine() -> str:
     return ", ".join(parts)
 
 
-def load_before() -> str:
-    """The 1-minute load average before the run, and whether other work was running."""
+def load_average() -> float | None:
     try:
-        load = os.getloadavg()[0]
+        return os.getloadavg()[0]
     except OSError:
+        return None
+
+
+def load_text(start: float | None, end: float | None) -> str:
+    """The 1-minute load average when the run started and when it ended, and whether other
+    work shared the machine (more load than the cores, or than the run itself can add)."""
+    if start is None or end is None:
         return "load average unknown"
     cores = os.cpu_count() or 1
-    busy = " (a loaded machine: other work was running)" if load >= cores / 2 else ""
-    return f"1-minute load average {load:.2f} on {cores} cores before the run{busy}"
+    loaded = start >= cores / 2 or end >= cores * 1.5
+    return (f"1-minute load average {start:.2f} at the start and {end:.2f} at the end, on "
+            f"{cores} cores" + (" (a loaded machine: other work was running)" if loaded else ""))
 
 
 def section_text(name: str, title: str, command: str, figures: str, when: datetime.datetime,
@@ -201,7 +208,7 @@ def figures_to_docs(script: str, doc: str | None):
     title = (doc or name).strip().splitlines()[0].rstrip(".")
     command = shlex.join(["python", f"bench/{Path(script).name}", *sys.argv[1:]])
     when = datetime.datetime.now(datetime.timezone.utc)
-    load = load_before()
+    load_start = load_average()
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
@@ -209,6 +216,6 @@ def figures_to_docs(script: str, doc: str | None):
     finally:
         sys.stdout = tee.stream
     section = section_text(name, title, command, "".join(tee.parts), when, git_commit(),
-                           machine(), load)
+                           machine(), load_text(load_start, load_average()))
     page = write_section(name, section)
     print(f"figures written to {page} (section {name})")
