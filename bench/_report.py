@@ -60,7 +60,8 @@ def page_path() -> Path:
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """Short commit of the checkout, `+ uncommitted changes` when the tree is not clean."""
+    """Short commit of the checkout, `+ uncommitted changes` when a tracked file other than
+    the benchmarks page differs from it."""
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=30)
@@ -68,7 +69,8 @@ def git_commit(root: Path = REPO_ROOT) -> str:
     commit = git("rev-parse", "--short=10", "HEAD")
     if not commit:
         return "unknown (not a git checkout)"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    changed = git("diff", "--name-only", "HEAD").splitlines()   # tracked files, staged or not
+    dirty = [path for path in changed if path != PAGE.relative_to(REPO_ROOT).as_posix()]
     return f"{commit} + uncommitted changes" if dirty else commit
 
 
@@ -209,13 +211,14 @@ def figures_to_docs(script: str, doc: str | None):
     command = shlex.join(["python", f"bench/{Path(script).name}", *sys.argv[1:]])
     when = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
+    commit = git_commit()          # the code that is measured: as it is when the run starts
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
         yield
     finally:
         sys.stdout = tee.stream
-    section = section_text(name, title, command, "".join(tee.parts), when, git_commit(),
+    section = section_text(name, title, command, "".join(tee.parts), when, commit,
                            machine(), load_text(load_start, load_average()))
     page = write_section(name, section)
     print(f"figures written to {page} (section {name})")
