@@ -40,10 +40,22 @@ Figures printed by the scripts in `bench/`. Each section below is written by its
 it runs (`bench/_report.py`): the command as run, the date, the git commit, the machine, its
 load at the start and end of the run, then the script's output as printed. Timings depend
 on the machine and on what else runs on it; compare figures within one section (one run),
-not across sections. To refresh a section, run its script from the repository root.
+not across sections. To add or refresh a section, run its script from the repository root:
 
-`bench/gpu_check.py` (a CUDA machine's one-shot check of accuracy and speed) prints its
-figures only; a CPU run of it (`--small`) is part of the test suite.
+| script | measures |
+| --- | --- |
+| `python bench/bench_esd.py` | the whole worker process against WeightWatcher 0.7.7 and the float32 arithmetic floor on a 1.2 GB TinyLlama-shaped checkpoint, with a stage breakdown and the largest difference of every metric |
+| `python bench/bench_memory.py` | peak RSS of the worker on 4- and 12-layer TinyLlama-shaped checkpoints, against the import floor and WeightWatcher |
+| `python bench/bench_hub.py` | the three hub modes against the stand-in Hub on 127.0.0.1: peak bytes in the cache, a streaming worker's peak RSS, wall time with the CDN's bandwidth capped, resolve calls per file |
+| `python bench/bench_dispatch.py` | the gputracker dispatcher on fake GPUs: overhead per job, re-grant and release-to-launch latency |
+| `python bench/bench_loader.py` | planning a deep config and a 70B-shaped Llama (shapes only), reading tensors from a safetensors file with a huge header |
+| `python bench/bench_hostile.py` | kill -9, a full disk, racing orchestrators, hostile ids, the failure journal's cost |
+
+`python bench/gpu_check.py` is the one-shot check for a CUDA machine: on a 7B-shaped bf16
+checkpoint it compares four layers with a float64 SVD (exit status 1 beyond 1e-4) and prints
+models per hour per GPU, the stage breakdown, peak GPU memory, WeightWatcher on the GPU and,
+with several GPUs, the speed-up of spreading one model over them. It prints its figures only;
+its CPU run (`--small`) is part of the test suite.
 """
 
 
@@ -167,11 +179,13 @@ def _names(text: str) -> list[str]:
 
 
 def replace_section(text: str, name: str, section: str) -> str:
-    """The page with section `name` replaced (or added); every other section kept as is."""
-    intro, sections = split_page(text) if text.strip() else (INTRO.strip("\n"), {})
+    """The page with section `name` replaced (or added), every other section kept as is, under
+    the intro of `INTRO` (the page's text before its sections is this module's, not edited
+    by hand)."""
+    _, sections = split_page(text)
     sections[name] = section
     order = [n for n in SECTIONS if n in sections] + [n for n in sections if n not in SECTIONS]
-    return "\n\n".join([intro or INTRO.strip("\n")] + [sections[n] for n in order]) + "\n"
+    return "\n\n".join([INTRO.strip("\n")] + [sections[n] for n in order]) + "\n"
 
 
 def write_section(name: str, section: str, page: Path | None = None) -> Path:
@@ -207,7 +221,7 @@ def figures_to_docs(script: str, doc: str | None):
     `script` (its file name without `.py`) in the benchmarks page, titled by the first line
     of `doc` (the script's docstring)."""
     name = Path(script).stem
-    title = (doc or name).strip().splitlines()[0].rstrip(".")
+    title = " ".join((doc or name).strip().split("\n\n")[0].split()).rstrip(".")
     command = shlex.join(["python", f"bench/{Path(script).name}", *sys.argv[1:]])
     when = datetime.datetime.now(datetime.timezone.utc)
     load_start = load_average()
