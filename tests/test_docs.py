@@ -142,10 +142,12 @@ def heading_anchors(path: Path) -> set[str]:
 
 
 def links(path: Path) -> list[tuple[Path, str | None]]:
-    """(target file, anchor) of every relative Markdown link to a .md file in `path`."""
+    """(target file, anchor) of every relative Markdown link to a .md file, or to a heading
+    of the same page (`(#anchor)`), in `path`."""
     found = []
-    for target, anchor in re.findall(r"\]\(([^)\s#:]+\.md)(?:#([^)\s]+))?\)", prose(path.read_text(encoding="utf-8"))):
-        found.append(((path.parent / target).resolve(), anchor or None))
+    for target, anchor in re.findall(r"\]\(([^)\s#:]*\.md|)(?:#([^)\s]+))?\)", prose(path.read_text(encoding="utf-8"))):
+        if target or anchor:
+            found.append(((path.parent / target).resolve() if target else path, anchor or None))
     return found
 
 
