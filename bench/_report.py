@@ -75,8 +75,11 @@ def git_commit(root: Path = REPO_ROOT) -> str:
     """Short commit of the checkout, `+ uncommitted changes` when a tracked file other than
     the benchmarks page differs from it."""
     def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=30)
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):   # no git on this machine
+            return ""
         return done.stdout.strip() if done.returncode == 0 else ""
     commit = git("rev-parse", "--short=10", "HEAD")
     if not commit:
