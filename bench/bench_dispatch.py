@@ -87,9 +87,9 @@ def phase_throughput(work: Path, n_jobs: int, n_gpus: int, poll_s: float, max_ch
     print(f"Phase A: {n_jobs} x `true` on {n_gpus} fake GPUs, poll {poll_s} s, max_check {max_check}")
     print(f"  wall time                 {wall_s:7.2f} s  (first launch after {min(r.wait_s for r in results):.2f} s)")
     print(f"  mean job runtime          {1000 * busy_s / n_jobs:7.1f} ms  (fork/exec of `true` + reaping)")
-    print(f"  overhead per job          {1000 * overhead_s:7.1f} ms  (goal < 50 ms)")
+    print(f"  overhead per job          {1000 * overhead_s:7.1f} ms")
     print(f"  dispatcher CPU per job    {1000 * cpu_s / n_jobs:7.1f} ms")
-    print(f"  re-grant latency          {stats(regrant_gaps(results))}  (goal < {2 * poll_s * 1000:.0f} ms)")
+    print(f"  re-grant latency          {stats(regrant_gaps(results))}  (2 polls = {2 * poll_s * 1000:.0f} ms)")
     print(f"  jobs per GPU              {d.metrics()['jobs_per_gpu']}")
     d.close()
 
@@ -126,4 +126,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from _report import figures_to_docs   # bench/ is sys.path[0] when run as a script
+    with figures_to_docs(__file__, __doc__):
+        main()

@@ -111,4 +111,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _report import figures_to_docs   # bench/ is sys.path[0] when run as a script
+    with figures_to_docs(__file__, __doc__):
+        main()

@@ -9,7 +9,7 @@
    spectra, so the power-law fits are not trivial.
 2. Runs the real worker (`esd_worker.py --fix_fingers DKS`) on CUDA (CPU without a GPU) and
    compares a subset of its layers with a float64 SVD on the CPU: the largest relative
-   difference of every reported metric (goal ≤ 1e-4).
+   difference of every reported metric (the contract: ≤ 1e-4).
 3. Prints models/hour/GPU end to end (worker process, reading from disk included), the stage
    breakdown (read, host→device, Gram, eigensolver, fit) and peak GPU memory, and the same
    for WeightWatcher 0.7.7 (on the GPU when it finds one) on the first decoder layers.
@@ -249,7 +249,7 @@ def main() -> int:
               f"(ours/WW speed: {estimate / wall * per_gpu:.1f}x)")
 
     worst = largest_differences(frame, model_dir, names)
-    print(f"\nlargest relative difference vs CPU float64 SVD on {len(names)} layers (goal <= {RTOL:.0e}):")
+    print(f"\nlargest relative difference vs CPU float64 SVD on {len(names)} layers (contract: <= {RTOL:.0e}):")
     for metric, value in worst.items():
         print(f"  {metric:18s} {value:.2e}{'   FAIL' if value > RTOL else ''}")
     failed = [m for m, v in worst.items() if not v <= RTOL]
