@@ -37,6 +37,14 @@ TASK_SCRIPT = textwrap.dedent("""\
     args = parser.parse_args()
     row = json.load(open(args.manifest))["tasks"][args.task_index]
     print("task", args.task_index, row["key"], "argv", row["argv"], flush=True)
+    if "--wait_for" in row["argv"]:   # end only once another task's result exists (bounded)
+        other = row["argv"][row["argv"].index("--wait_for") + 1]
+        for _ in range(1200):
+            if os.path.exists(other):
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit(3)
     if "--sleep" in row["argv"]:
         time.sleep(float(row["argv"][row["argv"].index("--sleep") + 1]))
     if "--fail" in row["argv"]:
@@ -196,6 +204,12 @@ def test_the_real_worker_reads_its_arguments_from_our_manifest(tmp_path):
     config = esd_worker.parse_config(["--manifest", str(manifest), "--task_index", "0"])
     assert (config.entry.model_id, config.entry.revision) == ("org/a", "v1")
     assert config.entry.source_model == "org/base"
+
+
+def test_the_default_worker_script_is_the_projects_worker():
+    from esd.backends import local
+    assert slurm_backend.DEFAULT_WORKER_SCRIPT == REPO / "esd_worker.py" == local.WORKER_SCRIPT
+    assert slurm_backend.DEFAULT_WORKER_SCRIPT.is_file()
 
 
 def test_zero_tasks_submit_nothing(tmp_path):
@@ -498,6 +512,20 @@ def test_slurm_resubmits_retryable_failures_as_a_follow_up_array_up_to_max_retri
     assert (out / "org--model-2.json.attempts").read_text() == "3"
     from esd.failures import read_failures
     assert set(read_failures(out)) == {"org/model-2"}
+
+
+@pytest.mark.slurm
+def test_slurm_reports_a_task_that_ends_early_and_retries_it_before_the_slow_task_of_its_array_ends(
+        slurm_cluster, tmp_path, task_script):
+    """model-0 fails at once (retryable); model-1, in the same array, ends only once model-0's
+    result exists, which only model-0's retry can write (it gives up and fails after 120 s)."""
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 2, {0: ("--fail_first", "1"), 1: ("--wait_for", str(out / "org--model-0.json"))})
+    outcome, _ = _supervise(out, tasks, task_script, max_retries=1)
+    assert sorted(outcome.succeeded) == ["org/model-0", "org/model-1"] and not outcome.failed
+    manifests = sorted((out / "slurm").glob("*/manifest.json"))
+    rows = [[row["key"] for row in json.loads(m.read_text())["tasks"]] for m in manifests]
+    assert rows == [["org/model-0", "org/model-1"], ["org/model-0"]]
 
 
 @pytest.mark.slurm

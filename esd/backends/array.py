@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
 from esd.atomic_files import atomic_path, write_text_atomic
-from esd.backends.base import Backend, BackendError, Ending, Hooks, Task, TaskResult
+from esd.backends.base import WORKER_SCRIPT, Backend, BackendError, Ending, Hooks, Task, TaskResult
 
-WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "esd_worker.py"
 MANIFEST_NAME = "manifest.json"
 SUBMITTED_NAME = "submitted.json"
 MAX_POLL_FAILURES = 12  # consecutive failed polls (about a minute at 5 s) before giving up

@@ -2,10 +2,12 @@
 
 Owns: `Task` (what to run: a key, the worker's arguments, the file whose existence means
 success, the log file, the limits), `Ending` (the closed set of ways a task can end, in no
-scheduler's words), `TaskResult` (how one run of a task ended), and `Backend`. A backend only starts tasks and reports how they
-ended; it decides nothing. Retries, the stall watchdog and the classification of an ending
-into done / a typed failure live above the backends (`esd/supervisor.py`), so every backend
-gets them. A new backend (PBS, a cloud batch service) is one subclass of `Backend`.
+scheduler's words), `TaskResult` (how one run of a task ended), `Backend`, and
+`WORKER_SCRIPT`, the project's worker every task runs. A backend only starts tasks and
+reports how they ended; it decides nothing. Retries, the stall watchdog and the
+classification of an ending into done / a typed failure live above the backends
+(`esd/supervisor.py`), so every backend gets them. A batch scheduler (PBS, …) is not a new
+`Backend` but a few hooks of the array backend (`esd/backends/array.py`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ import enum
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
+
+
+WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "esd_worker.py"   # what every task runs
 
 
 class BackendError(RuntimeError):

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from esd.backends.base import Backend, BackendError, Ending, Hooks, Task, TaskResult
-
-WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "esd_worker.py"
+from esd.backends.base import WORKER_SCRIPT, Backend, BackendError, Ending, Hooks, Task, TaskResult
 
 
 @dataclass(frozen=True)

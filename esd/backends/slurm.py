@@ -414,12 +414,14 @@ class SlurmScheduler(Scheduler):
 
 # --------------------------------------------------------------------------- entry points
 
-def SlurmBackend(settings: SlurmSettings, output_dir: Path, *, wait: bool,
-                 worker_script: Path = DEFAULT_WORKER_SCRIPT, python: str = sys.executable,
-                 poll_interval_s: float = 5.0, log: Callable[[str], None] = print) -> ArrayBackend:
+class SlurmBackend(ArrayBackend):
     """The array backend on Slurm."""
-    return ArrayBackend(SlurmScheduler(settings), output_dir, wait=wait, worker_script=worker_script,
-                        python=python, poll_interval_s=poll_interval_s, log=log)
+
+    def __init__(self, settings: SlurmSettings, output_dir: Path, *, wait: bool,
+                 worker_script: Path = DEFAULT_WORKER_SCRIPT, python: str = sys.executable,
+                 poll_interval_s: float = 5.0, log: Callable[[str], None] = print):
+        super().__init__(SlurmScheduler(settings), output_dir, wait=wait, worker_script=worker_script,
+                         python=python, poll_interval_s=poll_interval_s, log=log)
 
 
 def run_array(tasks: Sequence[Task], output_dir: Path, settings: SlurmSettings, *, wait: bool,
