@@ -45,7 +45,7 @@ class Policy:
     max_retries: int = 2              # retries of a retryable failure
     retry_backoff_s: float = 10.0     # before the first retry, doubling
     timeout_s: float | None = None    # wall-clock limit of one attempt
-    stall_timeout_s: float | None = 1800.0  # no output in the worker's log this long: stalled
+    stall_timeout_s: float | None = 1800.0  # no new progress line (layer, bytes) this long: stalled
 
     def retry_delay_s(self, attempt: int) -> float:
         return self.retry_backoff_s * 2 ** (attempt - 1)
