@@ -233,3 +233,33 @@ def test_the_experiment_runs_on_a_backend_added_by_one_table_row(tmp_path):
     from esd.model_list import ModelEntry, result_csv_path
     assert all(result_csv_path(out, ModelEntry(str(p))).exists() for p in models)
     assert manifest_keys(out) == [[str(p) for p in models]]
+
+
+def test_a_scheduler_that_cannot_answer_is_asked_again_then_the_run_says_it_lost_track(tmp_path, task_script):
+    from esd.backends.base import BackendError
+
+    class Flaky(LocalProcessScheduler):
+        def __init__(self, failures):
+            super().__init__()
+            self.failures = failures
+
+        def poll(self, job_ids):
+            if self.failures:
+                self.failures -= 1
+                raise BackendError("controller unreachable")
+            return super().poll(job_ids)
+
+    out = tmp_path / "out"
+    lines: list[str] = []
+    flaky, gone = Flaky(2), Flaky(10 ** 6)
+    try:
+        outcome = run_array(flaky, make_tasks(out, 1), out, wait=True, worker_script=task_script,
+                            poll_interval_s=0.05, log=lines.append)
+        assert outcome.done == ("org/model-0",)
+        assert sum("cannot query testsched" in line for line in lines) == 2
+        with pytest.raises(BackendError, match="lost track of testsched job .*It may still be running"):
+            run_array(gone, make_tasks(tmp_path / "out2", 1), tmp_path / "out2", wait=True,
+                      worker_script=task_script, poll_interval_s=0.01, log=lambda line: None)
+    finally:
+        flaky.stop_all()
+        gone.stop_all()

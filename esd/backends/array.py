@@ -347,23 +347,12 @@ class ArrayBackend(Backend):
         started: dict[str, float] = {}
         listed: set[str] = set()                   # jobs the scheduler has listed at least once
         attempts = len(watch)
-        failures, last_poll = 0, time.time()
+        last_poll = time.time()
         progress = _Progress(self.log)
         try:
             self.log(f"{self.name}: following {self._label()}; Ctrl-C stops following (the jobs keep running)")
             while self._live:
-                try:
-                    found = self._poll(listed)
-                    failures = 0
-                except (BackendError, subprocess.TimeoutExpired, OSError) as exc:
-                    failures += 1
-                    if failures >= MAX_POLL_FAILURES:
-                        raise self.scheduler.error(
-                            f"lost track of {self._label()}: {exc}. It may still be running: check with "
-                            f"`{self.scheduler.follow_command(self._job_ids)}`") from exc
-                    self.log(f"warning: cannot query {self.name} about {self._label()} ({exc}); retrying")
-                    time.sleep(self.poll_interval_s)
-                    continue
+                found = self._poll(listed)
                 now, follow_ups = time.time(), []
                 for key, w in list(self._live.items()):
                     state = found.get((w.job_id, w.index), LOST)
@@ -398,13 +387,27 @@ class ArrayBackend(Backend):
             progress.close()
 
     def _poll(self, listed: set[str]) -> dict[tuple[str, int], TaskState]:
-        jobs = sorted({w.job_id for w in self._live.values()}, key=_job_order)
-        found = self.scheduler.poll(jobs)
-        listed.update(job for job, _ in found)
-        unseen = [job for job in jobs if job not in listed]
-        if unseen:  # just submitted: not listed yet (a purged job was listed before)
-            raise self.scheduler.error(f"{self.name} does not list job(s) {','.join(unseen)} yet")
-        return found
+        """The live tasks' states; a scheduler that cannot answer is asked again, up to
+        MAX_POLL_FAILURES times in a row."""
+        failures = 0
+        while True:
+            jobs = sorted({w.job_id for w in self._live.values()}, key=_job_order)
+            try:
+                found = self.scheduler.poll(jobs)
+                listed.update(job for job, _ in found)
+                unseen = [job for job in jobs if job not in listed]
+                if not unseen:
+                    return found
+                # just submitted: not listed yet (a job listed once and gone has ended)
+                raise self.scheduler.error(f"{self.name} does not list job(s) {','.join(unseen)} yet")
+            except (BackendError, subprocess.TimeoutExpired, OSError) as exc:
+                failures += 1
+                if failures == MAX_POLL_FAILURES:
+                    raise self.scheduler.error(
+                        f"lost track of {self._label()}: {exc}. It may still be running: check with "
+                        f"`{self.scheduler.follow_command(self._job_ids)}`") from exc
+                self.log(f"warning: cannot query {self.name} about {self._label()} ({exc}); retrying")
+                time.sleep(self.poll_interval_s)
 
     def _result(self, w: _Watched, state: TaskState, started: float, now: float) -> TaskResult:
         cancelled = w.task.key in self._cancelled
