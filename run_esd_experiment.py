@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "when its download fits beside the running ones (off: the cache keeps everything)")
     add_bool_flag(p, "stream", False, "read hub safetensors weights by HTTP ranges while analysing; "
                   "nothing of them is written to disk")
-    add_flag(p, "backend", choices=backend_names(), default="local", help=f"{backends_help()} (%(default)s)")
+    add_flag(p, "backend", choices=backend_names(), default="local", help=f"{backends_help()} (default %(default)s)")
     add_flag(p, "slurm_partition", help="sbatch --partition")
     add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
     add_flag(p, "slurm_gres", help="sbatch --gres, e.g. gpu:1")
