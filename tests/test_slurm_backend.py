@@ -612,3 +612,14 @@ def test_a_line_break_in_the_python_or_worker_path_stays_inside_one_quoted_word(
                           env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})
     assert proc.returncode == 0 and proc.stdout.endswith(f"\n[{odd / 'w.py'}]\n")
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_an_sbatch_option_the_backend_manages_is_a_one_line_error_of_the_run(tmp_path):
+    model_list = tmp_path / "models.csv"
+    model_list.write_text("model_id\norg/m\n")
+    proc = subprocess.run([sys.executable, str(REPO / "run_esd_experiment.py"), "--model_list", str(model_list),
+                           "--output_dir", str(tmp_path / "out"), "--backend", "slurm", "--slurm_extra", "--array=1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert ("error: slurm: extra sbatch argument '--array=1' is not allowed: the array is built from the task list"
+            in (proc.stdout + proc.stderr).splitlines())
