@@ -33,7 +33,8 @@ from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_at
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd.progress import PlainCpuNotice, RunProgress
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
-from esd.backends import Backend, BackendError, Task
+from esd.backends import BACKENDS, Backend, BackendError, Task, backend_names, backends_help
+from esd.backends import make_backend as build_backend
 from esd.disk_budget import gigabytes
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
@@ -104,10 +105,11 @@ class ExperimentConfig:
         for name, value in non_negative.items():
             if not 0 <= value < math.inf:  # also refuses nan
                 raise ConfigError(f"--{name} must be >= 0, got {value}")
-        if self.backend not in ("local", "slurm"):
-            raise ConfigError(f"--backend must be 'local' or 'slurm', got {self.backend!r}")
-        if self.wait and self.backend != "slurm":
-            raise ConfigError("--wait goes with --backend slurm (the local backend always waits)")
+        if self.backend not in backend_names():
+            raise ConfigError(f"--backend must be one of {', '.join(map(repr, backend_names()))}, got {self.backend!r}")
+        if self.wait and "wait" not in BACKENDS[self.backend].options:
+            with_wait = " or ".join(row.name for row in BACKENDS.values() if "wait" in row.options)
+            raise ConfigError(f"--wait goes with --backend {with_wait} (the {self.backend} backend always waits)")
         if self.model_list.is_dir():
             raise ConfigError(f"--model_list {self.model_list} is a directory, not a CSV file")
         if not self.model_list.exists():
@@ -180,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "when its download fits beside the running ones (off: the cache keeps everything)")
     add_bool_flag(p, "stream", False, "read hub safetensors weights by HTTP ranges while analysing; "
                   "nothing of them is written to disk")
-    add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
+    add_flag(p, "backend", choices=backend_names(), default="local", help=f"{backends_help()} (default %(default)s)")
     add_flag(p, "slurm_partition", help="sbatch --partition")
     add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
     add_flag(p, "slurm_gres", help="sbatch --gres, e.g. gpu:1")
@@ -439,21 +441,11 @@ def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
 
 
 def make_backend(config: ExperimentConfig) -> Backend:
-    if config.backend == "slurm":
-        from esd.backends.slurm import SlurmBackend, SlurmSettings
-        try:
-            settings = SlurmSettings.from_options(
-                partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
-                array_parallelism=config.slurm_array_parallelism, extra=config.slurm_extra)
-        except ValueError as exc:  # --slurm_extra with an open quote
-            raise ConfigError(f"Slurm: --slurm_extra: {exc}") from None
-        return SlurmBackend(settings, config.output_dir, wait=config.wait, worker_script=WORKER_SCRIPT,
-                            log=log.info)
-    from esd.backends.local import LocalBackend, LocalSettings
-    return LocalBackend(LocalSettings(
-        gpus=config.gpus, cpu_workers=config.cpu_workers, num_gpus_per_job=config.num_gpus_per_job,
-        gpu_memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
-        poll_interval_s=config.poll_interval), logger=dispatch_log, worker_script=WORKER_SCRIPT)
+    """The backend `--backend` names (esd/backends/__init__.py's table), built from the config."""
+    try:
+        return build_backend(config, WORKER_SCRIPT)
+    except BackendError as exc:  # bad --slurm_extra, ...
+        raise ConfigError(f"{config.backend}: {exc}") from None
 
 
 def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:

@@ -3,9 +3,11 @@ watchdog that stops a worker which makes no progress.
 
 Owns: `Policy` (retries, backoff, timeout, stall limit), `Outcome` (what the run achieved),
 `classify` (an ending → done, interrupted, or a typed failure, from the result file,
-`failures.jsonl`, the exit status and the backend's word), `Supervisor` (the hooks every
-backend calls). Every backend gets the same policy: a backend only starts tasks and says
-how they ended (`esd/backends/base.py`). Knows nothing about GPUs, Slurm or metrics.
+`failures.jsonl`, the exit status and the `Ending` kind), `Supervisor` (the hooks every
+backend calls), and what counts as a worker's progress (`PROGRESS_LINE`). Every backend gets
+the same policy: a backend only starts tasks and says how they ended, in the closed set of
+`esd.backends.base.Ending` kinds. Knows nothing about GPUs, Slurm or metrics, and reads no
+scheduler's words (a backend's own word only travels into messages).
 
 Exit status of a worker: 0 done, 1 failed for good, 75 failed and a retry can help (the
 worker's failure record says why). A worker that could not record its failure (killed,
@@ -14,6 +16,7 @@ timed out, crashed) gets its record written here.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -21,14 +24,18 @@ from pathlib import Path
 from typing import Sequence
 
 from esd import diskfull
-from esd.backends.base import Backend, Hooks, Task, TaskResult
+from esd.backends.base import Backend, Ending, Hooks, Task, TaskResult
 from esd.failures import ESDFailure, FailureRecord, clear_failure, read_failures
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
-EXIT_TIMEOUT = 124  # coreutils `timeout` (the Slurm script's limit of one attempt)
-# Slurm endings that say the task was killed from outside (memory, node, preemption)
-_KILLED_STATES = {"OUT_OF_MEMORY": "out of memory (Slurm OUT_OF_MEMORY)", "NODE_FAIL": "its node failed",
-                  "PREEMPTED": "preempted", "BOOT_FAIL": "its node did not boot"}
+# endings that say the worker was killed from outside through no fault of its model: retried
+_KILLED = {Ending.OUT_OF_MEMORY: "ran out of memory", Ending.NODE_FAILURE: "lost its node",
+           Ending.PREEMPTED: "was preempted"}
+# A worker's progress: a layer analysed (`  layer   12/74  name`, esd_worker._print_layer_done)
+# or bytes moved (`  bytes 1048576/5242880 ...`, or a download bar's `12.3MB/s`). Nothing else
+# counts: a worker looping on HTTP requests grows its log by a line per request, and stays stalled.
+PROGRESS_LINE = re.compile(rb"^[ \t]*(?:layer|bytes)[ \t]+\d+|\d[\d.]*[ \t]*[kKMGT]?i?B/s\b", re.MULTILINE)
+LOG_TAIL_BYTES = 16384   # the last progress line is looked for in this much of the log's end
 
 log = logging.getLogger("esd_experiment")
 
@@ -38,7 +45,7 @@ class Policy:
     max_retries: int = 2              # retries of a retryable failure
     retry_backoff_s: float = 10.0     # before the first retry, doubling
     timeout_s: float | None = None    # wall-clock limit of one attempt
-    stall_timeout_s: float | None = 1800.0  # no output in the worker's log this long: stalled
+    stall_timeout_s: float | None = 1800.0  # no new progress line (layer, bytes) this long: stalled
 
     def retry_delay_s(self, attempt: int) -> float:
         return self.retry_backoff_s * 2 ** (attempt - 1)
@@ -75,37 +82,38 @@ def _result_is_new(result: TaskResult) -> bool:
 
 def classify(result: TaskResult, output_dir: Path, policy: Policy, stalled: bool = False):
     """("done", None), ("interrupted", None) or ("failed", ESDFailure | FailureRecord)."""
+    ending, said = result.ending, f" ({result.word})" if result.word else ""
     if _result_is_new(result) and not stalled:
         return "done", None
-    if result.interrupted:
+    if ending is Ending.INTERRUPTED:
         return "interrupted", None
     if stalled:
-        return "failed", ESDFailure("worker", "stalled", f"no progress (nothing new in its log) for "
-                                    f"{policy.stall_timeout_s:g}s (--stall_timeout); see {result.task.log_path}",
+        return "failed", ESDFailure("worker", "stalled", f"no progress (no new layer or bytes line in its log) "
+                                    f"for {policy.stall_timeout_s:g}s (--stall_timeout); see {result.task.log_path}",
                                     retryable=False)
-    if result.timed_out or result.returncode == EXIT_TIMEOUT or result.state == "TIMEOUT":
+    if ending is Ending.TIMED_OUT:
         limit = result.task.timeout_s
-        said = f"exceeded --timeout {limit:g}s" if limit else "exceeded the Slurm time limit (--slurm_time)"
-        return "failed", ESDFailure("worker", "timeout", said, retryable=False)
+        what = f"exceeded --timeout {limit:g}s" if limit else f"exceeded the backend's time limit{said}"
+        return "failed", ESDFailure("worker", "timeout", what, retryable=False)
     record = _fresh_record(output_dir, result)
     if record is not None:
         return "failed", record
-    if result.returncode == diskfull.EXIT_DISK_FULL or result.state == "DISK_FULL":
+    if result.returncode == diskfull.EXIT_DISK_FULL or ending is Ending.NO_SPACE:
         return "failed", diskfull.disk_full_failure(result.task.log_path or output_dir, stage="worker")
     if result.returncode == EXIT_RETRYABLE:
         return "failed", ESDFailure("worker", "retryable_exit", "the worker exited with status 75 (a retry can "
                                     f"help) without a failure record; see {result.task.log_path}", retryable=True)
-    if result.state in _KILLED_STATES:
-        return "failed", ESDFailure("worker", "worker_killed", f"worker {_KILLED_STATES[result.state]}",
-                                    retryable=True)
-    if result.returncode is not None and result.returncode < 0 and not result.cancelled:
+    if ending in _KILLED:
+        return "failed", ESDFailure("worker", "worker_killed", f"worker {_KILLED[ending]}{said}", retryable=True)
+    if ending is Ending.CANCELLED:
+        return "failed", ESDFailure("worker", "cancelled", f"the worker was cancelled{said or ' (scancel?)'}",
+                                    retryable=False)
+    if result.returncode is not None and result.returncode < 0:
         return "failed", ESDFailure("worker", "worker_killed",
                                     f"worker killed by signal {-result.returncode} (out of host memory?)")
-    if result.cancelled or result.state == "CANCELLED":
-        return "failed", ESDFailure("worker", "cancelled", "the worker was cancelled (scancel?)", retryable=False)
     status = "an unknown status" if result.returncode is None else f"status {result.returncode}"
-    return "failed", ESDFailure("worker", "worker_crashed", f"worker exited with {status} without a failure "
-                                f"record; see {result.task.log_path}", retryable=False)
+    return "failed", ESDFailure("worker", "worker_crashed", f"worker exited with {status}{said} without a "
+                                f"failure record; see {result.task.log_path}", retryable=False)
 
 
 class Supervisor:
@@ -123,6 +131,7 @@ class Supervisor:
         self.outcome = Outcome()
         self._lock = threading.Lock()
         self._running: dict[str, tuple[Task, float]] = {}   # key -> (task, start time)
+        self._progress_at: dict[str, tuple[int, float]] = {}  # key -> (log offset of its last progress line, when seen)
         self._stalled: set[str] = set()
 
     def tasks_for(self, tasks: Sequence[Task]) -> list[Task]:
@@ -144,20 +153,29 @@ class Supervisor:
     def on_start(self, task: Task, when: float) -> None:
         with self._lock:
             self._running[task.key] = (task, when)
+            self._progress_at[task.key] = (_last_progress(task.log_path), when)
 
     def on_tick(self) -> None:
-        """The watchdog: a running task whose log has not grown for `stall_timeout_s` is stopped."""
+        """The watchdog: a running task that printed no new progress line (a layer analysed,
+        bytes moved) for `stall_timeout_s` is stopped. Other output (an HTTP client's line per
+        request, warnings) is not progress."""
         limit = self.policy.stall_timeout_s
         if not limit:
             return
         now = time.time()
         with self._lock:
-            running = [(key, task, started) for key, (task, started) in self._running.items()
-                       if key not in self._stalled]
-        for key, task, started in running:
-            last = max(started, _mtime(task.log_path))
-            if now - last > limit:
-                log.warning("stalled %s: nothing new in %s for %.0fs; stopping it", key, task.log_path, now - last)
+            running = [(key, task, self._progress_at.get(key, (-1, started)))
+                       for key, (task, started) in self._running.items() if key not in self._stalled]
+        for key, task, (offset, since) in running:
+            newest = _last_progress(task.log_path)
+            if newest >= 0 and newest != offset:  # a new line (or the log was rewritten)
+                with self._lock:
+                    if key in self._running:
+                        self._progress_at[key] = (newest, now)
+                continue
+            if now - since > limit:
+                log.warning("stalled %s: no progress line in %s for %.0fs; stopping it", key, task.log_path,
+                            now - since)
                 with self._lock:
                     self._stalled.add(key)
                 self.backend.cancel(key)
@@ -165,6 +183,7 @@ class Supervisor:
     def on_end(self, result: TaskResult) -> list[Task]:
         with self._lock:
             self._running.pop(result.key, None)
+            self._progress_at.pop(result.key, None)
             stalled = result.key in self._stalled
             self._stalled.discard(result.key)
         kind, failure = classify(result, self.output_dir, self.policy, stalled)
@@ -196,8 +215,19 @@ class Supervisor:
             self.progress.update(ok)
 
 
-def _mtime(path: Path | None) -> float:
+def _last_progress(path: Path | None) -> int:
+    """Where in the log its last progress line ends (a byte offset; -1: none in its tail)."""
+    if path is None:
+        return -1
     try:
-        return path.stat().st_mtime if path is not None else 0.0
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            start = max(0, size - LOG_TAIL_BYTES)
+            handle.seek(start)
+            tail = handle.read()
     except OSError:
-        return 0.0
+        return -1
+    found = None
+    for found in PROGRESS_LINE.finditer(tail):
+        pass
+    return -1 if found is None else start + found.end()

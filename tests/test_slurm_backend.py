@@ -37,6 +37,14 @@ TASK_SCRIPT = textwrap.dedent("""\
     args = parser.parse_args()
     row = json.load(open(args.manifest))["tasks"][args.task_index]
     print("task", args.task_index, row["key"], "argv", row["argv"], flush=True)
+    if "--wait_for" in row["argv"]:   # end only once another task's result exists (bounded)
+        other = row["argv"][row["argv"].index("--wait_for") + 1]
+        for _ in range(1200):
+            if os.path.exists(other):
+                break
+            time.sleep(0.1)
+        else:
+            sys.exit(3)
     if "--sleep" in row["argv"]:
         time.sleep(float(row["argv"][row["argv"].index("--sleep") + 1]))
     if "--fail" in row["argv"]:
@@ -196,6 +204,12 @@ def test_the_real_worker_reads_its_arguments_from_our_manifest(tmp_path):
     config = esd_worker.parse_config(["--manifest", str(manifest), "--task_index", "0"])
     assert (config.entry.model_id, config.entry.revision) == ("org/a", "v1")
     assert config.entry.source_model == "org/base"
+
+
+def test_the_default_worker_script_is_the_projects_worker():
+    from esd.backends import local
+    assert slurm_backend.DEFAULT_WORKER_SCRIPT == REPO / "esd_worker.py" == local.WORKER_SCRIPT
+    assert slurm_backend.DEFAULT_WORKER_SCRIPT.is_file()
 
 
 def test_zero_tasks_submit_nothing(tmp_path):
@@ -377,14 +391,19 @@ def test_ctrl_c_stops_following_but_does_not_cancel(slurm_cluster, tmp_path, tas
                             stderr=subprocess.STDOUT, text=True)
     job_id = None
     try:
+        # wait for what the program announces (no fixed wall time): the array submitted, then
+        # the loop that follows it entered; only then is Ctrl-C "stop following"
         for line in proc.stdout:
             if "submitted job array" in line:
                 job_id = line.split("submitted job array ")[1].split()[0]
+            if "following" in line and "Ctrl-C stops following" in line:
                 break
         assert job_id, "run_array did not submit"
-        time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=30)[0]
+        # the task sleeps 60 s: had the signal been missed, the program would still end
+        # (saying "finished: True"), so reading to the end needs no deadline of its own
+        rest = proc.stdout.read()
+        proc.wait()
         assert f"Cancel it with: scancel {job_id}" in rest
         assert "finished: False" in rest
         listed = subprocess.run(["squeue", "-h", f"--jobs={job_id}", "-o", "%T"],
@@ -484,12 +503,29 @@ def test_slurm_resubmits_retryable_failures_as_a_follow_up_array_up_to_max_retri
     assert outcome.failed == {"org/model-2": "worker/retryable_exit"}
     manifests = sorted((out / "slurm").glob("*/manifest.json"))
     rows = [[row["key"] for row in json.loads(m.read_text())["tasks"]] for m in manifests]
-    assert rows == [["org/model-0", "org/model-1", "org/model-2"],   # first array
-                    ["org/model-1", "org/model-2"],                  # retry 1
-                    ["org/model-2"]]                                 # retry 2, then final
+    assert rows[0] == ["org/model-0", "org/model-1", "org/model-2"]   # first array
+    # each retry goes out as a follow-up array as soon as its task has failed (two tasks
+    # failing at the same poll share one): model-1 once more, model-2 twice more
+    retried = [key for keys in rows[1:] for key in keys]
+    assert sorted(retried) == ["org/model-1", "org/model-2", "org/model-2"]
+    assert all(len(set(keys)) == len(keys) for keys in rows)
     assert (out / "org--model-2.json.attempts").read_text() == "3"
     from esd.failures import read_failures
     assert set(read_failures(out)) == {"org/model-2"}
+
+
+@pytest.mark.slurm
+def test_slurm_reports_a_task_that_ends_early_and_retries_it_before_the_slow_task_of_its_array_ends(
+        slurm_cluster, tmp_path, task_script):
+    """model-0 fails at once (retryable); model-1, in the same array, ends only once model-0's
+    result exists, which only model-0's retry can write (it gives up and fails after 120 s)."""
+    out = tmp_path / "out"
+    tasks = make_tasks(out, 2, {0: ("--fail_first", "1"), 1: ("--wait_for", str(out / "org--model-0.json"))})
+    outcome, _ = _supervise(out, tasks, task_script, max_retries=1)
+    assert sorted(outcome.succeeded) == ["org/model-0", "org/model-1"] and not outcome.failed
+    manifests = sorted((out / "slurm").glob("*/manifest.json"))
+    rows = [[row["key"] for row in json.loads(m.read_text())["tasks"]] for m in manifests]
+    assert rows == [["org/model-0", "org/model-1"], ["org/model-0"]]
 
 
 @pytest.mark.slurm
@@ -576,3 +612,14 @@ def test_a_line_break_in_the_python_or_worker_path_stays_inside_one_quoted_word(
                           env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"})
     assert proc.returncode == 0 and proc.stdout.endswith(f"\n[{odd / 'w.py'}]\n")
     assert not list(tmp_path.rglob("PWNED*"))
+
+
+def test_an_sbatch_option_the_backend_manages_is_a_one_line_error_of_the_run(tmp_path):
+    model_list = tmp_path / "models.csv"
+    model_list.write_text("model_id\norg/m\n")
+    proc = subprocess.run([sys.executable, str(REPO / "run_esd_experiment.py"), "--model_list", str(model_list),
+                           "--output_dir", str(tmp_path / "out"), "--backend", "slurm", "--slurm_extra", "--array=1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    assert ("error: slurm: extra sbatch argument '--array=1' is not allowed: the array is built from the task list"
+            in (proc.stdout + proc.stderr).splitlines())

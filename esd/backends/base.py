@@ -1,18 +1,24 @@
 """The one interface every backend implements (modelled on submitit's `Executor`).
 
 Owns: `Task` (what to run: a key, the worker's arguments, the file whose existence means
-success, the log file, the limits), `TaskResult` (how one run of a task ended, in the
-backend's own words), and `Backend`. A backend only starts tasks and reports how they
-ended; it decides nothing. Retries, the stall watchdog and the classification of an ending
-into done / a typed failure live above the backends (`esd/supervisor.py`), so every backend
-gets them. A new backend (PBS, a cloud batch service) is one subclass of `Backend`.
+success, the log file, the limits), `Ending` (the closed set of ways a task can end, in no
+scheduler's words), `TaskResult` (how one run of a task ended), `Backend`, and
+`WORKER_SCRIPT`, the project's worker every task runs. A backend only starts tasks and
+reports how they ended; it decides nothing. Retries, the stall watchdog and the
+classification of an ending into done / a typed failure live above the backends
+(`esd/supervisor.py`), so every backend gets them. A batch scheduler (PBS, …) is not a new
+`Backend` but a few hooks of the array backend (`esd/backends/array.py`).
 """
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
+
+
+WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "esd_worker.py"   # what every task runs
 
 
 class BackendError(RuntimeError):
@@ -31,6 +37,24 @@ class Task:
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables of the worker
 
 
+class Ending(enum.Enum):
+    """How one attempt of a task ended, as the backend saw it. Each backend maps its own
+    words to these (`TIMEOUT` in Slurm, a timer in gputracker, `Exit_status=-29` in PBS…);
+    the supervisor (`esd/supervisor.py`) decides from these alone, so it needs no scheduler's
+    vocabulary. The set is closed: a backend picks the nearest kind and keeps its own word in
+    `TaskResult.word` for messages."""
+    SUCCEEDED = "succeeded"          # exit status 0 (the result file still decides "done")
+    FAILED = "failed"                # exit status != 0, or killed by a signal nobody sent on purpose
+    TIMED_OUT = "timed_out"          # stopped at its time limit (ours or the scheduler's)
+    CANCELLED = "cancelled"          # stopped on purpose: the supervisor's `cancel`, or a user (scancel)
+    INTERRUPTED = "interrupted"      # stopped because the run was stopped (Ctrl-C, SIGTERM)
+    OUT_OF_MEMORY = "out_of_memory"  # killed by the scheduler for exceeding its memory
+    NODE_FAILURE = "node_failure"    # its machine failed or did not boot
+    PREEMPTED = "preempted"          # made way for other work
+    NO_SPACE = "no_space"            # could not even start for want of disk space (its log file)
+    LOST = "lost"                    # ended, but nobody can say how (the scheduler forgot it)
+
+
 @dataclass(frozen=True)
 class TaskResult:
     """How one attempt of a task ended, as the backend saw it (no judgement)."""
@@ -38,10 +62,8 @@ class TaskResult:
     returncode: int | None         # exit status; negative: killed by that signal; None: unknown
     start_time: float | None = None  # time.time() epochs; None: never started
     end_time: float | None = None
-    timed_out: bool = False        # the backend stopped it at `task.timeout_s`
-    interrupted: bool = False      # stopped because the run was stopped (Ctrl-C, SIGTERM)
-    cancelled: bool = False        # stopped because the supervisor asked (`Backend.cancel`)
-    state: str | None = None       # the backend's own word for the ending (a Slurm state, ...)
+    ending: Ending = Ending.LOST
+    word: str | None = None        # the backend's own word for the ending (a Slurm state, ...): messages only
 
     @property
     def key(self) -> str:
@@ -83,7 +105,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def cancel(self, key: str) -> None:
-        """Stop the running task `key` (its end is then reported with `cancelled=True`)."""
+        """Stop the running task `key` (its end is then reported as `Ending.CANCELLED`)."""
 
     def waiting_reasons(self) -> list[str]:
         """Why tasks that could start have not, one short line each (for the progress display;

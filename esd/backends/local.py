@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from esd.backends.base import Backend, BackendError, Hooks, Task, TaskResult
-
-WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "esd_worker.py"
+from esd.backends.base import WORKER_SCRIPT, Backend, BackendError, Ending, Hooks, Task, TaskResult
 
 
 @dataclass(frozen=True)
@@ -68,9 +66,7 @@ class LocalBackend(Backend):
             cancelled = result.job_id in self._cancelled
             self._cancelled.discard(result.job_id)
             ended = TaskResult(task, result.returncode, result.start_time, result.end_time,
-                               timed_out=result.timed_out, interrupted=result.interrupted,
-                               cancelled=cancelled and not result.interrupted,
-                               state="DISK_FULL" if _disk_full(getattr(result, "launch_error", None)) else None)
+                               ending=_ending(result, cancelled))
             for follow_up in hooks.on_end(ended):
                 by_key[follow_up.key] = follow_up
                 dispatcher.submit(self._job(follow_up))
@@ -102,7 +98,7 @@ class LocalBackend(Backend):
                 # they still make the run interrupted, even if every running job ended well
                 for result in results:
                     if result.start_time is None and result.interrupted and result.job_id in by_key:
-                        hooks.on_end(TaskResult(by_key[result.job_id], None, None, None, interrupted=True))
+                        hooks.on_end(TaskResult(by_key[result.job_id], None, None, None, Ending.INTERRUPTED))
             finally:
                 stop_ticking.set()
                 ticker.join()
@@ -124,6 +120,30 @@ class LocalBackend(Backend):
         if self._ran_any:
             from gputracker.metrics import write_json_atomic
             write_json_atomic(Path(path), self._metrics)
+
+
+def from_config(config, worker_script: Path = WORKER_SCRIPT) -> LocalBackend:
+    """`--backend local`: the GPU and CPU flags of the experiment's config."""
+    return LocalBackend(LocalSettings(
+        gpus=config.gpus, cpu_workers=config.cpu_workers, num_gpus_per_job=config.num_gpus_per_job,
+        gpu_memory_threshold_mb=config.gpu_memory_threshold, max_check=config.max_check,
+        poll_interval_s=config.poll_interval), logger=logging.getLogger("esd_experiment.dispatch"),
+        worker_script=worker_script)
+
+
+def _ending(result, cancelled: bool) -> Ending:
+    """A gputracker `JobResult` in the closed set of endings."""
+    if result.interrupted:
+        return Ending.INTERRUPTED
+    if result.timed_out:
+        return Ending.TIMED_OUT
+    if cancelled:
+        return Ending.CANCELLED
+    if _disk_full(getattr(result, "launch_error", None)):
+        return Ending.NO_SPACE
+    if result.returncode is None:
+        return Ending.LOST
+    return Ending.SUCCEEDED if result.returncode == 0 else Ending.FAILED
 
 
 def _disk_full(exc) -> bool:

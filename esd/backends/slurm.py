@@ -1,13 +1,13 @@
-"""The Slurm backend: worker tasks as Slurm job arrays. Freeze the tasks, write a readable
-sbatch script, submit it, and (with `wait`) follow it until every task has ended, reporting
-each start and end to the supervisor; retries it hands back go out as a follow-up array.
+"""The Slurm hooks of the array backend (`esd/backends/array.py`): worker tasks as Slurm
+job arrays. Renders a readable sbatch script, submits it with `sbatch --parsable`, polls
+`squeue` (and `scontrol` for exit codes and when squeue cannot say), cancels with `scancel`,
+and maps Slurm's job states to the closed set of `Ending` kinds.
 
-Owns: `SlurmSettings`, `SlurmBackend`, `SlurmOutcome` (one array's ending), `SlurmError`,
-`run_array`, and the files under `<output_dir>/slurm/<timestamp>/` (`manifest.json`,
-`job.sbatch`, `submitted.json`). Knows Slurm (sbatch, squeue, scontrol, scancel) and
-nothing about models or metrics: a task is a `Task` (key, the worker's arguments, the file
-whose existence means success, its log). Decides nothing: the supervisor above it says
-what an ending means and what to retry. Never reads `sys.argv`.
+Owns: `SlurmSettings` (the sbatch options), `SlurmScheduler` (the hooks), `SlurmError`, the
+script text (`render_script`), Slurm's state words (`TERMINAL_STATES`, `ENDINGS`), and the
+`--backend slurm` row's construction (`from_config`). Knows nothing about models or metrics
+and decides nothing: following, resubmitting, the manifest and the progress display are the
+array backend's; what an ending means is the supervisor's. Never reads `sys.argv`.
 
 Why plain `sbatch` and not submitit: the job is a short generated bash script a user can
 read, test and resubmit by hand (`sbatch <output_dir>/slurm/<ts>/job.sbatch`), and each
@@ -16,37 +16,30 @@ its arguments from a JSON file (model ids never pass through a shell). submitit 
 pickle a Python callable per task, which makes the tasks opaque, requires the cluster's
 Python to unpickle our objects, and adds a dependency. We keep its good habits: generated
 script text we test, unknown options rejected with the valid ones, files written to a
-temporary name and renamed.
+temporary name and renamed, a scheduler as a few hooks under one executor.
 
 Following a job: `sacct` needs accounting, which many clusters (and our test cluster) do
-not have, so `wait=True` polls `squeue --states=all` (and `scontrol show job` when squeue
-cannot answer) and, above all, the result files themselves: a task is done when its
-`result_path` exists, whatever Slurm says.
+not have, so the state comes from `squeue --states=all` and `scontrol show job`.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from esd.atomic_files import atomic_path
-from esd.backends.base import Backend, BackendError, Hooks, Task, TaskResult
+from esd.backends.array import (WORKER_SCRIPT, ArrayBackend, ArrayJob, ArrayOutcome, Scheduler, TaskState,
+                                manifest_data, submissions)
+from esd.backends.base import BackendError, Ending, Task
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_WORKER_SCRIPT = REPO_DIR / "esd_worker.py"
-
-MANIFEST_NAME = "manifest.json"
+DEFAULT_WORKER_SCRIPT = WORKER_SCRIPT
 SCRIPT_NAME = "job.sbatch"
-SUBMITTED_NAME = "submitted.json"
 
 # Slurm states after which a task will not run again. Everything else (PENDING, RUNNING,
 # CONFIGURING, COMPLETING, SUSPENDED, REQUEUED, ...) counts as still active.
@@ -54,6 +47,15 @@ TERMINAL_STATES = frozenset({
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
     "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED",
 })
+RUNNING_STATES = frozenset({"RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED"})
+# Slurm's words for an ending, in the closed set of kinds the supervisor understands
+ENDINGS = {
+    "COMPLETED": Ending.SUCCEEDED, "FAILED": Ending.FAILED, "CANCELLED": Ending.CANCELLED,
+    "REVOKED": Ending.CANCELLED, "TIMEOUT": Ending.TIMED_OUT, "DEADLINE": Ending.TIMED_OUT,
+    "OUT_OF_MEMORY": Ending.OUT_OF_MEMORY, "NODE_FAIL": Ending.NODE_FAILURE,
+    "BOOT_FAIL": Ending.NODE_FAILURE, "PREEMPTED": Ending.PREEMPTED,
+}
+EXIT_TIMEOUT = 124  # coreutils `timeout`: the script's own limit of one attempt (--timeout)
 # Options the backend sets itself; passing them through `extra` would break the
 # array/manifest/log contract.
 _MANAGED_OPTIONS = {
@@ -66,7 +68,6 @@ _MANAGED_OPTIONS = {
     "--parsable": "always used",
     "--wrap": "the backend writes the script",
 }
-_MAX_SQUEUE_FAILURES = 12  # consecutive failed polls (about a minute at 5 s) before giving up
 
 
 class SlurmError(BackendError):
@@ -122,19 +123,7 @@ class SlurmSettings:
         return cls(**{k: v for k, v in options.items() if v is not None}).validate()
 
 
-@dataclass(frozen=True)
-class SlurmOutcome:
-    """How one array ended (the states Slurm gave); `SlurmBackend` turns it into TaskResults."""
-    job_id: str | None            # None when nothing was submitted
-    n_tasks: int
-    done: tuple[str, ...] = ()    # keys whose result_path exists
-    failed: tuple[str, ...] = ()  # keys whose task ended in a failure state, without result
-    missing: tuple[str, ...] = ()  # keys without result whose task ended "COMPLETED" or unseen
-    states: dict[str, str] = field(default_factory=dict)  # key → last Slurm state seen
-    finished: bool = False        # the array ended while we followed it (wait=True)
-    manifest_path: Path | None = None
-    script_path: Path | None = None
-    exit_codes: dict[str, int] = field(default_factory=dict)  # key → exit status (scontrol)
+SlurmOutcome = ArrayOutcome   # how one `run_array` ended
 
 
 def split_extra(values: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -146,48 +135,7 @@ def split_extra(values: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(arg for value in values for arg in shlex.split(value))
 
 
-# --------------------------------------------------------------------------- files
-
-def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        if mode is not None:
-            tmp.chmod(mode)
-
-
-def _new_submission_dir(output_dir: Path) -> Path:
-    """`<output_dir>/slurm/<timestamp>`, made unique if two submissions share a second."""
-    base = output_dir / "slurm"
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(1000):
-        path = base / (stamp if n == 0 else f"{stamp}-{n}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise SlurmError(f"cannot create a new submission directory under {base}")
-
-
-def manifest_data(tasks: Sequence[Task], created: str | None = None) -> dict:
-    """The manifest: `tasks[i]` is what array task i runs (`argv` follows the worker script;
-    the worker sends its output to `log_path`). Read by `esd_worker.read_manifest_task`.
-
-    {"version": 1, "created": ISO time, "n_tasks": n,
-     "tasks": [{"key": ..., "argv": [...], "result_path": absolute path,
-                "log_path": absolute path or null}, ...]}
-    """
-    return {
-        "version": 1,
-        "created": created or datetime.now().isoformat(timespec="seconds"),
-        "n_tasks": len(tasks),
-        "tasks": [{"key": t.key, "argv": [str(a) for a in t.argv],
-                   "result_path": str(Path(t.result_path).absolute()),
-                   "log_path": str(Path(t.log_path).absolute()) if t.log_path else None}
-                  for t in tasks],
-    }
-
+# --------------------------------------------------------------------------- the script
 
 def time_limit(settings: SlurmSettings, timeout_s: float | None) -> str | None:
     """sbatch --time: `--slurm_time` when given, else derived from the per-model --timeout
@@ -338,466 +286,169 @@ def _expand_indices(text: str) -> list[int]:
     return indices
 
 
-def squeue_states(job_id: str) -> dict[int, str] | None:
-    """Task index → state for every task squeue still knows (`--states=all`).
-
-    None when the job is unknown (finished and purged from the controller). Raises
-    SlurmError when squeue itself fails (controller unreachable, ...).
-    """
-    argv = [_require("squeue"), "-h", "-r", f"--jobs={job_id}", "--states=all",
-            "-o", "%i %T"]
+def squeue_states(job_ids: Sequence[str]) -> dict[tuple[str, int], str]:
+    """(job id, task index) → state for every task squeue still knows (`--states=all`);
+    a job finished and purged from the controller is not listed. Raises SlurmError when
+    squeue itself fails (controller unreachable, ...)."""
+    argv = [_require("squeue"), "-h", "-r", f"--jobs={','.join(job_ids)}", "--states=all", "-o", "%i %T"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
-        if "Invalid job id" in proc.stderr:
-            return None
+        if "Invalid job id" in proc.stderr:  # every one of them purged
+            return {}
         raise SlurmError(f"squeue failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    return _parse_squeue(proc.stdout, job_id)
+    return _parse_squeue_lines(proc.stdout)
 
 
-def _parse_squeue(text: str, job_id: str) -> dict[int, str]:
-    states: dict[int, str] = {}
+def _parse_squeue_lines(text: str) -> dict[tuple[str, int], str]:
+    states: dict[tuple[str, int], str] = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) != 2:
             continue
         ident, state = parts
         array_id, _, index = ident.partition("_")
-        if array_id != job_id or not index:
-            continue
-        for i in _expand_indices(index):
-            states[i] = state
+        for i in _expand_indices(index) if index else ():
+            states[(array_id, i)] = state
     return states
 
 
-def _scontrol_lines(job_id: str) -> list[dict[str, str]] | None:
-    """`scontrol -o show job`: one {field: value} per array task line (None: job purged)."""
+def _parse_squeue(text: str, job_id: str) -> dict[int, str]:
+    return {i: state for (job, i), state in _parse_squeue_lines(text).items() if job == job_id}
+
+
+def scontrol_tasks(job_id: str) -> dict[int, tuple[str, int | None]] | None:
+    """Task index → (state, exit status) from `scontrol -o show job` (`ExitCode=status:signal`;
+    a signal gives -signal; None while it runs). None: the job is purged from the controller."""
     argv = [_require("scontrol"), "-o", "show", "job", job_id]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         if "Invalid job id" in proc.stderr:
             return None
         raise SlurmError(f"scontrol failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    lines = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in proc.stdout.splitlines()]
-    return [found for found in lines if found.get("ArrayJobId") == job_id and "JobState" in found]
-
-
-def scontrol_states(job_id: str) -> dict[int, str] | None:
-    """Same as `squeue_states` from `scontrol -o show job` (used when squeue cannot say)."""
-    found = _scontrol_lines(job_id)
-    if found is None:
-        return None
-    return {i: line["JobState"] for line in found for i in _expand_indices(line.get("ArrayTaskId", ""))}
-
-
-def exit_codes(job_id: str) -> dict[int, int]:
-    """Task index → exit status of ended tasks (`ExitCode=status:signal`; a signal gives
-    -signal), while the controller still knows the job ({} when it cannot say)."""
-    try:
-        found = _scontrol_lines(job_id) or []
-    except (SlurmError, subprocess.TimeoutExpired):
-        return {}
-    codes: dict[int, int] = {}
-    for line in found:
-        status, _, sig = line.get("ExitCode", "").partition(":")
-        if not status.isdigit() or line["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"):
+    tasks: dict[int, tuple[str, int | None]] = {}
+    for line in proc.stdout.splitlines():
+        found = dict(re.findall(r"(\w+)=(\S*)", line))
+        if found.get("ArrayJobId") != job_id or "JobState" not in found:
             continue
-        code = -int(sig) if sig.isdigit() and int(sig) else int(status)
-        for i in _expand_indices(line.get("ArrayTaskId", "")):
-            codes[i] = code
-    return codes
+        status, _, sig = found.get("ExitCode", "").partition(":")
+        code = None
+        if status.isdigit() and found["JobState"] in TERMINAL_STATES:
+            code = -int(sig) if sig.isdigit() and int(sig) else int(status)
+        for i in _expand_indices(found.get("ArrayTaskId", "")):
+            tasks[i] = (found["JobState"], code)
+    return tasks
 
 
-def _poll_states(job_id: str) -> dict[int, str] | None:
-    try:
-        return squeue_states(job_id)
-    except (SlurmError, subprocess.TimeoutExpired):
-        return scontrol_states(job_id)
+def task_state(word: str, returncode: int | None = None) -> TaskState:
+    """A Slurm state word (and exit status) as a `TaskState` with its `Ending` kind."""
+    if word not in TERMINAL_STATES:
+        return TaskState(running=word in RUNNING_STATES, word=word)
+    ending = ENDINGS[word]
+    if ending is Ending.FAILED and returncode == EXIT_TIMEOUT:
+        ending = Ending.TIMED_OUT   # the script's own `timeout` of one attempt
+    return TaskState(ending=ending, returncode=returncode, word=word)
 
 
-# --------------------------------------------------------------------------- following
+# --------------------------------------------------------------------------- the hooks
 
-@dataclass(frozen=True)
-class _Watched:
-    """One array task being followed: its job, its index in that job's manifest, the task."""
-    job_id: str
-    index: int
-    task: Task
-
-
-def _is_active(state: str | None) -> bool:
-    """Pending, running or about to be (UNKNOWN = ended but no longer listed)."""
-    return state is not None and state not in TERMINAL_STATES and state != "UNKNOWN"
-
-
-_ENDED_WITHOUT_ERROR = ("COMPLETED", "UNKNOWN")
-
-
-def _has_result(watched: _Watched) -> bool:
-    return Path(watched.task.result_path).exists()
-
-
-def _classify(watch: Sequence[_Watched], states: dict[int, str]):
-    done, failed, missing = [], [], []
-    for n, w in enumerate(watch):
-        if _has_result(w):
-            done.append(w.task.key)
-        elif states.get(n, "UNKNOWN") in _ENDED_WITHOUT_ERROR:
-            missing.append(w.task.key)   # ended "well" (or unseen) yet wrote no result
-        else:
-            failed.append(w.task.key)
-    return tuple(done), tuple(failed), tuple(missing)
-
-
-def _counts(watch: Sequence[_Watched], states: dict[int, str]) -> dict[str, int]:
-    counts = {"done": 0, "running": 0, "pending": 0, "failed": 0}
-    for n, w in enumerate(watch):
-        state = states.get(n)
-        if _has_result(w):
-            counts["done"] += 1
-        elif state in ("RUNNING", "COMPLETING", "CONFIGURING"):
-            counts["running"] += 1
-        elif _is_active(state):
-            counts["pending"] += 1
-        elif state is not None and state not in _ENDED_WITHOUT_ERROR:
-            counts["failed"] += 1
-    return counts
-
-
-class _Progress:
-    """A tqdm bar on a terminal; plain log lines otherwise (on change, at most every 30 s)."""
-
-    def __init__(self, total: int, label: str, log: Callable[[str], None]):
-        self.total, self.label, self.log = total, label, log
-        self.bar = None
-        self.last_line, self.last_time = "", float("-inf")
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=label, unit="task", file=sys.stdout)
-
-    def update(self, counts: dict[str, int], ended: int, final: bool = False) -> None:
-        if self.bar is not None:
-            self.bar.n = ended
-            self.bar.set_postfix(counts, refresh=True)
-            return
-        line = (f"{self.label}: {ended}/{self.total} ended "
-                f"({counts['done']} done, {counts['running']} running, "
-                f"{counts['pending']} pending, {counts['failed']} failed)")
-        due = time.monotonic() - self.last_time >= 30
-        if line != self.last_line and (due or final):
-            self.log(line)
-            self.last_line, self.last_time = line, time.monotonic()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def follow(watch: Sequence[_Watched], *, poll_interval_s: float = 5.0,
-           log: Callable[[str], None] = print,
-           on_poll: Callable[[dict[int, str]], None] | None = None) -> tuple[dict[int, str], bool]:
-    """Poll until no watched task is pending or running; `on_poll(states)` after each poll
-    (states by position in `watch`).
-
-    Returns (last Slurm state by position in `watch`, finished). `finished` is False when
-    interrupted with Ctrl-C: we stop watching and say how to cancel, but the arrays keep
-    running (cancelling is the user's decision).
-    """
-    job_ids = sorted({w.job_id for w in watch}, key=int)
-    label = f"slurm job{'s' if len(job_ids) > 1 else ''} {','.join(job_ids)}"
-    states: dict[int, str] = {}
-    progress = _Progress(len(watch), label, log)
-    failures = 0
-    seen: set[str] = set()
-    try:
-        while True:
-            current: dict[tuple[str, int], str] = {}
-            try:
-                for job_id in job_ids:
-                    job_states = _poll_states(job_id)
-                    if not job_states and job_id not in seen:
-                        raise SlurmError(f"Slurm does not list job {job_id} yet")
-                    seen.add(job_id)
-                    # None/empty: purged from the controller, so every task has ended
-                    current.update({(job_id, i): st for i, st in (job_states or {}).items()})
-                failures = 0
-            except (SlurmError, subprocess.TimeoutExpired) as exc:
-                failures += 1
-                if failures >= _MAX_SQUEUE_FAILURES:
-                    raise SlurmError(f"lost track of {label}: {exc}. It may still be "
-                                     f"running: check with `squeue --jobs="
-                                     f"{','.join(job_ids)}`") from exc
-                log(f"warning: cannot query Slurm about {label} ({exc}); retrying")
-                time.sleep(poll_interval_s)
-                continue
-            for n, w in enumerate(watch):
-                if (w.job_id, w.index) in current:
-                    states[n] = current[(w.job_id, w.index)]
-                elif _is_active(states.get(n)) or n not in states:
-                    states[n] = "UNKNOWN"  # no longer listed: it has ended, we missed how
-            active = any(_is_active(states.get(n)) for n in range(len(watch)))
-            ended = sum(1 for n, w in enumerate(watch)
-                        if _has_result(w) or not _is_active(states.get(n)))
-            progress.update(_counts(watch, states), ended, final=not active)
-            if on_poll is not None:
-                on_poll(states)
-            if not active:
-                return states, True
-            time.sleep(poll_interval_s)
-    except KeyboardInterrupt:
-        progress.close()
-        log(f"\nstopped following {label}; it keeps running. "
-            f"Cancel it with: scancel {' '.join(job_ids)}")
-        return states, False
-    finally:
-        progress.close()
-
-
-def _resolve_unknown(watch: Sequence[_Watched], states: dict[int, str]) -> None:
-    """squeue lost some tasks: ask scontrol before calling them missing."""
-    for job_id in {w.job_id for n, w in enumerate(watch) if states.get(n, "UNKNOWN") == "UNKNOWN"}:
-        try:
-            known = scontrol_states(job_id) or {}
-        except (SlurmError, subprocess.TimeoutExpired):
-            continue
-        for n, w in enumerate(watch):
-            if w.job_id == job_id and states.get(n, "UNKNOWN") == "UNKNOWN" and w.index in known:
-                states[n] = known[w.index]
-
-
-# --------------------------------------------------------------------------- earlier arrays
-
-def submissions(output_dir: Path) -> list[dict]:
-    """Earlier submissions under an output directory (oldest first): the contents of each
-    `submitted.json` plus `dir`, the submission's directory."""
-    found = []
-    for path in sorted((Path(output_dir) / "slurm").glob(f"*/{SUBMITTED_NAME}")):
-        try:
-            found.append({**json.loads(path.read_text(encoding="utf-8")),
-                          "dir": str(path.parent)})
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def queued_tasks(output_dir: Path, recent: int = 50) -> dict[str, _Watched]:
-    """Task key → where it is queued, for tasks still pending or running in the `recent`
-    latest arrays submitted for this output directory ({} when Slurm cannot say)."""
-    jobs = {str(s["job_id"]): Path(s["dir"]) for s in submissions(output_dir)[-recent:]
-            if str(s.get("job_id", "")).isdigit()}
-    if not jobs:
-        return {}
-    argv = [_require("squeue"), "-h", "-r", f"--jobs={','.join(jobs)}", "-o", "%i %T"]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return {}
-    if proc.returncode != 0:  # "Invalid job id": all of them have ended and been purged
-        return {}
-    queued: dict[str, _Watched] = {}
-    for job_id, sub_dir in jobs.items():
-        active = [i for i, state in _parse_squeue(proc.stdout, job_id).items()
-                  if _is_active(state)]
-        if not active:
-            continue
-        try:
-            rows = json.loads((sub_dir / MANIFEST_NAME).read_text(encoding="utf-8"))["tasks"]
-        except (OSError, ValueError, KeyError):
-            continue
-        for i in active:
-            if i < len(rows):
-                row = rows[i]
-                task = Task(row["key"], tuple(row["argv"]), Path(row["result_path"]),
-                            Path(row["log_path"]) if row.get("log_path") else None)
-                queued[task.key] = _Watched(job_id, i, task)
-    return queued
-
-
-# --------------------------------------------------------------------------- entry point
-
-def run_array(tasks: list[Task], output_dir: Path, settings: SlurmSettings, *,
-              wait: bool, worker_script: Path = DEFAULT_WORKER_SCRIPT,
-              python: str = sys.executable, poll_interval_s: float = 5.0,
-              skip_queued: bool = True, log: Callable[[str], None] = print,
-              on_poll: Callable[[Sequence[_Watched], dict[int, str]], None] | None = None
-              ) -> SlurmOutcome:
-    """Submit `tasks` as one job array (task i runs manifest row i) and optionally follow it.
-
-    Writes `<output_dir>/slurm/<timestamp>/{manifest.json, job.sbatch, submitted.json}`
-    and makes `<output_dir>/logs/slurm/` for the task logs. Raises SlurmError when sbatch
-    is missing or rejects the job. With `wait`, returns done/failed/missing by checking
-    each task's `result_path` once no task is pending or running.
-
-    With `skip_queued`, a task whose key is still pending or running in an earlier array
-    submitted for the same output directory is not submitted again (rerunning the command
-    while an array runs must not start every model twice); with `wait` it is followed in
-    that earlier array, and counted in done/failed/missing like the new ones.
-    """
-    settings.validate()
-    tasks = list(tasks)
-    if not tasks:
-        log("slurm: nothing to submit")
-        return SlurmOutcome(job_id=None, n_tasks=0, finished=True)
-    keys = [t.key for t in tasks]
-    if len(set(keys)) != len(keys):
-        duplicates = sorted({k for k in keys if keys.count(k) > 1})
-        raise SlurmError(f"duplicate task keys {duplicates}: each task must be unique")
-    _require("sbatch")  # fail before writing anything when Slurm is not here
-
-    output_dir = Path(output_dir).absolute()
-    earlier, tasks = _split_queued(tasks, output_dir, log) if skip_queued else ([], tasks)
-
-    outcome: dict = dict(job_id=None, n_tasks=0)
-    if tasks:
-        outcome = _submit_array(tasks, output_dir, settings, worker_script=worker_script,
-                                python=python, log=log)
-    else:
-        log("slurm: nothing to submit")
-    watch = earlier + [_Watched(outcome["job_id"], i, t) for i, t in enumerate(tasks)]
-    if not wait:
-        return SlurmOutcome(**outcome)
-
-    states, finished = follow(watch, poll_interval_s=poll_interval_s, log=log,
-                              on_poll=None if on_poll is None else lambda st: on_poll(watch, st))
-    by_key = {watch[n].task.key: state for n, state in states.items()}
-    if not finished:
-        done = tuple(w.task.key for w in watch if _has_result(w))
-        return SlurmOutcome(**outcome, done=done, states=by_key, finished=False)
-    _resolve_unknown(watch, states)
-    by_key = {watch[n].task.key: state for n, state in states.items()}
-    codes = {job_id: exit_codes(job_id) for job_id in {w.job_id for w in watch}}
-    by_key_codes = {w.task.key: codes[w.job_id][w.index] for w in watch if w.index in codes[w.job_id]}
-    done, failed, missing = _classify(watch, states)
-    _log_ended(watch, done, failed, missing, by_key, output_dir, log)
-    return SlurmOutcome(**outcome, done=done, failed=failed, missing=missing,
-                        states=by_key, finished=True, exit_codes=by_key_codes)
-
-
-def _split_queued(tasks: list[Task], output_dir: Path, log) -> tuple[list[_Watched], list[Task]]:
-    """(the tasks still pending or running in an earlier array of this output directory, as
-    watched there; the tasks to submit now)."""
-    queued = queued_tasks(output_dir)
-    earlier = [queued[t.key] for t in tasks if t.key in queued]
-    if earlier:
-        jobs = ",".join(sorted({w.job_id for w in earlier}, key=int))
-        log(f"slurm: {len(earlier)} task(s) already pending or running in job(s) "
-            f"{jobs}; not submitted again (follow them: squeue --jobs={jobs})")
-    return earlier, [t for t in tasks if t.key not in queued]
-
-
-def _log_ended(watch: Sequence[_Watched], done, failed, missing, by_key: dict, output_dir: Path,
-               log) -> None:
-    label = ",".join(sorted({w.job_id for w in watch}, key=int))
-    log(f"slurm: job {label} ended: {len(done)} done, {len(failed)} failed, "
-        f"{len(missing)} without result")
-    for key in failed:
-        log(f"  failed: {key} ({by_key.get(key)})")
-    for key in missing:
-        log(f"  no result: {key} ({by_key.get(key, 'state unknown')})")
-    if failed or missing:
-        log(f"  see the task logs: {output_dir / 'logs' / 'slurm'}/<job>_<task>.log "
-            f"(task numbers are rows of {output_dir / 'slurm'}/<timestamp>/{MANIFEST_NAME})")
-
-
-def _submit_array(tasks: Sequence[Task], output_dir: Path, settings: SlurmSettings, *,
-                  worker_script: Path, python: str, log: Callable[[str], None]) -> dict:
-    """Write manifest + script, submit, say how to follow; returns SlurmOutcome fields."""
-    (output_dir / "logs" / "slurm").mkdir(parents=True, exist_ok=True)
-    sub_dir = _new_submission_dir(output_dir)
-    manifest_path = sub_dir / MANIFEST_NAME
-    script_path = sub_dir / SCRIPT_NAME
-    _write_atomic(manifest_path, json.dumps(manifest_data(tasks), indent=1) + "\n")
-    script = render_script(n_tasks=len(tasks), settings=settings,
-                           manifest_path=manifest_path, output_dir=output_dir,
-                           workdir=Path.cwd(), worker_script=Path(worker_script).absolute(),
-                           python=python, script_path=script_path, timeout_s=_one_timeout(tasks))
-    _write_atomic(script_path, script, mode=0o755)
-
-    job_id = submit(script_path, settings)
-    _write_atomic(sub_dir / SUBMITTED_NAME, json.dumps({
-        "job_id": job_id, "n_tasks": len(tasks),
-        "submitted_at": datetime.now().isoformat(timespec="seconds"),
-        "command": sbatch_command(script_path, settings)}, indent=1) + "\n")
-    logs = shlex.quote(str(output_dir / "logs" / "slurm"))
-    log(f"slurm: submitted job array {job_id} with {len(tasks)} task(s) "
-        f"(script {script_path})")
-    log(f"  follow it:  squeue --jobs={job_id}")
-    log(f"  task logs:  tail -f {logs}/{job_id}_*.log")
-    log(f"  cancel it:  scancel {job_id}")
-    log("  resume:     rerun the same command; only models without a result are submitted")
-    return dict(job_id=job_id, n_tasks=len(tasks), manifest_path=manifest_path,
-                script_path=script_path)
-
-
-def _one_timeout(tasks: Sequence[Task]) -> float | None:
-    """The per-attempt limit of an array (one script for all its tasks: the longest)."""
-    limits = [t.timeout_s for t in tasks if t.timeout_s]
-    return max(limits) if limits else None
-
-
-# --------------------------------------------------------------------------- the backend
-
-class SlurmBackend(Backend):
-    """Tasks as job arrays. With `wait`, follows each array, reports starts and ends, and
-    submits the retries the supervisor hands back as one follow-up array (delayed by their
-    backoff with `--begin`); without `wait`, submits and returns (retries then happen when
-    the command is run again)."""
+class SlurmScheduler(Scheduler):
+    """The array backend's hooks for Slurm (sbatch, squeue, scontrol, scancel)."""
     name = "slurm"
+    script_name = SCRIPT_NAME
+    error = SlurmError
+
+    def __init__(self, settings: SlurmSettings):
+        self.settings = settings.validate()
+        self._ended: dict[tuple[str, int], TaskState] = {}   # endings with their exit status, once known
+
+    def check(self) -> None:
+        _require("sbatch")
+
+    def _settings(self, job: ArrayJob) -> SlurmSettings:
+        return replace(self.settings, begin_delay_s=job.delay_s)
+
+    def render(self, job: ArrayJob) -> str:
+        return render_script(n_tasks=len(job.tasks), settings=self._settings(job), manifest_path=job.manifest_path,
+                             output_dir=job.output_dir, workdir=job.workdir, worker_script=job.worker_script,
+                             python=job.python, script_path=job.script_path, timeout_s=job.timeout_s)
+
+    def submit_command(self, job: ArrayJob) -> list[str]:
+        return sbatch_command(job.script_path, self._settings(job))
+
+    def submit(self, job: ArrayJob) -> str:
+        return submit(job.script_path, self._settings(job))
+
+    def poll(self, job_ids: Sequence[str]) -> dict[tuple[str, int], TaskState]:
+        """squeue for the states; scontrol for the exit status of a task seen ended for the
+        first time, and for the jobs squeue does not list (or when squeue fails)."""
+        try:
+            words = squeue_states(job_ids)
+        except (SlurmError, subprocess.TimeoutExpired):
+            words = {}
+        listed = {job for job, _ in words}
+        ask = {job for (job, i), word in words.items() if word in TERMINAL_STATES and (job, i) not in self._ended}
+        found = {where: task_state(word) for where, word in words.items()}
+        for job in sorted(ask | (set(job_ids) - listed)):
+            for i, (word, code) in (scontrol_tasks(job) or {}).items():
+                found[(job, i)] = task_state(word, code)
+                if found[(job, i)].ended:
+                    self._ended[(job, i)] = found[(job, i)]
+        found.update({where: state for where, state in self._ended.items() if where in found})
+        return found
+
+    def active(self, job_ids: Sequence[str]) -> set[tuple[str, int]]:
+        return {where for where, word in squeue_states(job_ids).items() if word not in TERMINAL_STATES}
+
+    def cancel(self, job_id: str, index: int) -> None:
+        subprocess.run([_require("scancel"), f"{job_id}_{index}"], capture_output=True, timeout=60)
+
+    def follow_command(self, job_ids: Sequence[str]) -> str:
+        return f"squeue --jobs={','.join(job_ids)}"
+
+    def cancel_command(self, job_ids: Sequence[str]) -> str:
+        return f"scancel {' '.join(job_ids)}"
+
+    def task_logs(self, job: ArrayJob, job_id: str) -> str:
+        return f"{shlex.quote(str(job.log_dir))}/{job_id}_*.log"
+
+
+# --------------------------------------------------------------------------- entry points
+
+class SlurmBackend(ArrayBackend):
+    """The array backend on Slurm."""
 
     def __init__(self, settings: SlurmSettings, output_dir: Path, *, wait: bool,
                  worker_script: Path = DEFAULT_WORKER_SCRIPT, python: str = sys.executable,
                  poll_interval_s: float = 5.0, log: Callable[[str], None] = print):
-        self.settings = settings.validate()
-        self.output_dir = Path(output_dir).absolute()
-        self.wait, self.worker_script, self.python = wait, worker_script, python
-        self.poll_interval_s, self.log = poll_interval_s, log
-        self._live: dict[str, _Watched] = {}     # key -> where it runs now
-        self._cancelled: set[str] = set()
+        super().__init__(SlurmScheduler(settings), output_dir, wait=wait, worker_script=worker_script,
+                         python=python, poll_interval_s=poll_interval_s, log=log)
 
-    @property
-    def waits(self) -> bool:
-        return self.wait
 
-    def run(self, tasks: Sequence[Task], hooks: Hooks) -> None:
-        pending = list(tasks)
-        if not pending:
-            self.log("slurm: nothing to submit")
-        while pending:
-            settings = replace(self.settings, begin_delay_s=max(t.delay_s for t in pending))
-            submitted_at = time.time()
-            seen: dict[str, str] = {}  # key -> last state reported
-            started: dict[str, float] = {}
+def run_array(tasks: Sequence[Task], output_dir: Path, settings: SlurmSettings, *, wait: bool,
+              worker_script: Path = DEFAULT_WORKER_SCRIPT, python: str = sys.executable,
+              poll_interval_s: float = 5.0, skip_queued: bool = True,
+              log: Callable[[str], None] = print) -> ArrayOutcome:
+    """`esd.backends.array.run_array` on Slurm: submit `tasks` as one job array (task i runs
+    manifest row i) and, with `wait`, follow it to its end. Writes
+    `<output_dir>/slurm/<timestamp>/{manifest.json, job.sbatch, submitted.json}`; raises
+    SlurmError when the settings are bad, sbatch is missing or rejects the job."""
+    from esd.backends.array import run_array as run
+    return run(SlurmScheduler(settings), tasks, output_dir, wait=wait, worker_script=worker_script,
+               python=python, poll_interval_s=poll_interval_s, skip_queued=skip_queued, log=log)
 
-            def on_poll(watch, states, seen=seen, started=started):
-                for n, w in enumerate(watch):
-                    self._live[w.task.key] = w
-                    state = states.get(n)
-                    if state in ("RUNNING", "COMPLETING") and w.task.key not in started:
-                        started[w.task.key] = time.time()
-                        hooks.on_start(w.task, started[w.task.key])
-                hooks.on_tick()
 
-            outcome = run_array(pending, self.output_dir, settings, wait=self.wait,
-                                worker_script=self.worker_script, python=self.python,
-                                poll_interval_s=self.poll_interval_s, log=self.log, on_poll=on_poll)
-            if not self.wait or not outcome.finished:
-                return  # submitted only, or the user stopped following (the arrays keep running)
-            follow_ups: list[Task] = []
-            for task in pending:
-                state = outcome.states.get(task.key)
-                cancelled = task.key in self._cancelled
-                self._cancelled.discard(task.key)
-                self._live.pop(task.key, None)
-                result = TaskResult(task, outcome.exit_codes.get(task.key),
-                                    started.get(task.key, submitted_at), time.time(), state=state,
-                                    cancelled=cancelled)
-                follow_ups += hooks.on_end(result)
-            pending = follow_ups
+def from_config(config, worker_script: Path = DEFAULT_WORKER_SCRIPT) -> ArrayBackend:
+    """`--backend slurm`: the `--slurm_*` flags and `--wait` of the experiment's config."""
+    import logging
+    try:
+        settings = SlurmSettings.from_options(
+            partition=config.slurm_partition, time=config.slurm_time, gres=config.slurm_gres,
+            array_parallelism=config.slurm_array_parallelism, extra=config.slurm_extra)
+    except ValueError as exc:  # --slurm_extra with an open quote
+        raise SlurmError(f"--slurm_extra: {exc}") from None
+    return SlurmBackend(settings, config.output_dir, wait=config.wait, worker_script=worker_script,
+                        log=logging.getLogger("esd_experiment").info)
 
-    def cancel(self, key: str) -> None:
-        watched = self._live.get(key)
-        if watched is None or watched.job_id is None:
-            return
-        self._cancelled.add(key)
-        subprocess.run([_require("scancel"), f"{watched.job_id}_{watched.index}"],
-                       capture_output=True, timeout=60)
+
+__all__ = ["SlurmError", "SlurmSettings", "SlurmScheduler", "SlurmBackend", "SlurmOutcome", "run_array",
+           "render_script", "sbatch_command", "split_extra", "manifest_data", "submissions"]
