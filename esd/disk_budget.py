@@ -86,6 +86,7 @@ def _damage(data) -> str | None:
                   "ours": isinstance(entry.get("ours"), bool),
                   "users": names(entry.get("users")),
                   "had": names(entry.get("had", [])),
+                  "beside_had": names(entry.get("beside_had", [])),
                   "files": isinstance(entry.get("files"), dict) and all(
                       isinstance(k, str) and type(v) is int and v >= 0
                       for k, v in entry["files"].items()),
@@ -133,6 +134,27 @@ def _restore_refs(cache: Path, repo_id: str, before: dict[str, str]) -> None:
             log.info("restored refs/%s of %s to the cache's %s", name, repo_id, commit)
     for name in set(now) - set(before):
         (folder / name).unlink(missing_ok=True)
+
+
+def _beside_snapshot(commit: str) -> tuple[str, ...]:
+    """What huggingface_hub keeps of a revision outside its snapshot (relative to the repo
+    folder): its cached tree listing and its missing-file markers. Deleting a revision with
+    the cache API leaves them; the run removes those it created."""
+    return (f"trees/{commit}.json", f".no_exist/{commit}")
+
+
+def _remove_beside_snapshot(cache: Path, entry: dict) -> None:
+    folder = _repo_folder(cache, entry["repo_id"])
+    for name in _beside_snapshot(entry["commit"]):
+        if name in entry["beside_had"] or not (folder / name).exists():
+            continue
+        if (folder / name).is_dir():
+            import shutil
+            shutil.rmtree(folder / name, ignore_errors=True)
+        else:
+            (folder / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # the folder only if the run made it
+            (folder / name).parent.rmdir()
 
 
 def _size(path: Path) -> int:
@@ -203,6 +225,7 @@ class DownloadLedger:
         for entry in data["revisions"].values():
             if "had" not in entry:   # written before `had` existed: keep all a user might have
                 entry["had"] = [] if entry["ours"] else sorted(entry["files"])
+            entry.setdefault("beside_had", list(_beside_snapshot(entry["commit"])))
         return data
 
     def check(self) -> None:
@@ -231,10 +254,13 @@ class DownloadLedger:
             if entry is None or entry.get("state") == "deleted":
                 if entry is None:
                     had = sorted(cached_files(self.cache, repo_id, commit))
+                    folder = _repo_folder(self.cache, repo_id)
+                    beside = [n for n in _beside_snapshot(commit) if (folder / n).exists()]
                 else:
-                    had = entry["had"]
+                    had, beside = entry["had"], entry["beside_had"]
                 entry = {"repo_id": repo_id, "commit": commit, "ours": not had, "had": had,
-                         "users": [], "files": {n: s for n, s in files.items() if n not in had},
+                         "beside_had": beside, "users": [],
+                         "files": {n: s for n, s in files.items() if n not in had},
                          "bytes": 0, "state": "downloading"}
                 entry["bytes"] = int(sum(entry["files"].values()))
                 data["revisions"][key] = entry
@@ -388,6 +414,8 @@ class DownloadLedger:
             return []
         for key in doomed:
             data["revisions"][key]["state"] = "deleted"
+            with contextlib.suppress(OSError):
+                _remove_beside_snapshot(self.cache, data["revisions"][key])
         log.info("deleted %d downloaded revision(s) (%.1f MB): %s", len(doomed), freed / 1e6,
                  ", ".join(doomed))
         return doomed
