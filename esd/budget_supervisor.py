@@ -86,8 +86,9 @@ class BudgetedSupervisor(Supervisor):
                 missing = _missing(exc, entry)
                 if missing is not None:
                     return missing
-                why = f"{exc.base}'s size is unknown ({type(exc.cause).__name__})" \
-                    if isinstance(exc, BaseUnsized) else f"its size is unknown ({type(exc).__name__})"
+                why = (f"the size of its base {exc.base} is unknown ({type(exc.cause).__name__})"
+                       if isinstance(exc, BaseUnsized)
+                       else f"its size is unknown ({type(exc).__name__})")
                 log.info("disk budget: %s: %s; it will run alone", key, why)
                 self._unsized[key] = why
                 self._sizes[key] = {f"?{key}": self.gate.budget_bytes}
