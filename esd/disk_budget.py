@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,7 +150,6 @@ def _remove_beside_snapshot(cache: Path, entry: dict) -> None:
         if name in entry["beside_had"] or not (folder / name).exists():
             continue
         if (folder / name).is_dir():
-            import shutil
             shutil.rmtree(folder / name, ignore_errors=True)
         else:
             (folder / name).unlink(missing_ok=True)
@@ -536,12 +536,18 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
 def resolved_sizes(repo_id: str, commit: str, listed: dict[str, int]) -> dict[str, int]:
     """`listed` (file → bytes from the tree listing), each raised to the size the file's
     resolve answer gives (`X-Linked-Size`, else `Content-Length`): one HEAD per file, as
-    the client itself sends before it downloads."""
+    the client itself sends before it downloads. A gated file without access keeps its
+    listed size."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import GatedRepoError
     sizes = {}
     for name, size in listed.items():
-        meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit),
-                                    retry_on_errors=True)
+        try:
+            meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit),
+                                        retry_on_errors=True)
+        except GatedRepoError:   # no access: its worker fails `gated` before downloading
+            sizes[name] = int(size)
+            continue
         sizes[name] = max(int(size), int(meta.size or 0))
         if sizes[name] > size:
             log.warning("%s@%s: %s is %d bytes, the tree listing said %d; sizing by the "

@@ -89,7 +89,8 @@ def test_a_listing_that_under_reports_sizes_does_not_get_a_model_over_the_budget
 def test_adapters_naming_themselves_or_each_other_as_base_are_sized_in_few_requests(
         hub, tmp_path, built):
     for name, base in (("org/self", "org/self"), ("org/ping", "org/pong"), ("org/pong", "org/ping")):
-        adapter = save_adapter("gpt2", built["base"], tmp_path / name, base_id=base,
+        adapter = save_adapter("gpt2", built["base"], tmp_path / "built" / name.replace("/", "--"),
+                               base_id=base,
                                target_modules=["c_attn"], fan_in_fan_out=True)
         hub.add_repo(name, adapter)
     rows = [{"model_id": "org/self"}, {"model_id": "org/ping"}, {"model_id": "org/pong"}]
@@ -99,6 +100,7 @@ def test_adapters_naming_themselves_or_each_other_as_base_are_sized_in_few_reque
     recorded = failures(out)
     assert {recorded[k]["reason"] for k in ("org/self", "org/ping", "org/pong")} == \
         {"adapter_unsupported"}, recorded
+    assert len(hub.resolve_calls("org/self")) > 0          # hub ids, not directories
     # sizing: per adapter its listing, its adapter_config and its base's listing, plus a HEAD
     # per file; the workers as many again. Following base after base, thousands.
     assert len(hub.requests("hub")) < 120, len(hub.requests("hub"))
