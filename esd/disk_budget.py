@@ -538,13 +538,12 @@ def resolved_sizes(repo_id: str, commit: str, listed: dict[str, int]) -> dict[st
     resolve answer gives (`X-Linked-Size`, else `Content-Length`): one HEAD per file, as
     the client itself sends before it downloads. A gated file without access keeps its
     listed size."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub import get_hf_file_metadata
     from huggingface_hub.errors import GatedRepoError
     sizes = {}
     for name, size in listed.items():
         try:
-            meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit),
-                                        retry_on_errors=True)
+            meta = get_hf_file_metadata(_resolve_url(repo_id, commit, name), retry_on_errors=True)
         except GatedRepoError:   # no access: its worker fails `gated` before downloading
             sizes[name] = int(size)
             continue
@@ -570,12 +569,19 @@ def _base_parts(base: str | None, stream: bool, trust_remote_code: bool,
         raise BaseUnsized(base, exc) from exc
 
 
+def _resolve_url(repo_id: str, commit: str, name: str) -> str:
+    """The resolve URL of `name` at `commit` on the endpoint `HfApi` uses now
+    (`hf_hub_url` keeps the endpoint read at import when `constants.ENDPOINT` changes)."""
+    from urllib.parse import quote
+    from huggingface_hub import constants
+    return f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(commit, safe='')}/{quote(name)}"
+
+
 def _adapter_base(repo_id: str, commit: str) -> str | None:
     """`base_model_name_or_path` of a hub adapter, read over HTTP (nothing written)."""
-    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
     try:
-        response = get_session().get(hf_hub_url(repo_id, "adapter_config.json", revision=commit),
+        response = get_session().get(_resolve_url(repo_id, commit, "adapter_config.json"),
                                      headers=build_hf_headers(), follow_redirects=True,
                                      timeout=30)
         response.raise_for_status()
