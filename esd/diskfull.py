@@ -91,15 +91,24 @@ def _within(path: Path, folder: Path) -> bool:
 
 def run_message(output_dir=None, failed_path=None) -> str:
     """The one line a run ends with when the disk filled up: which disk (its mount point),
-    how much is free, what to do."""
+    how much is free, what to do there."""
     where = Path(failed_path) if failed_path else Path(output_dir or ".")
-    disk = mount_point(where)
     if output_dir is not None and _within(where, output_dir):
-        what, other = f"under {Path(output_dir)} ", "or use another --output_dir"
+        what = f"under {Path(output_dir)} "
     else:
-        what, other = f"{where} ", "or move what is written there, e.g. HF_HOME, to a disk with room"
+        what = f"{where} "
     return (f"disk full: writing {what}failed ({free_space_text(where)} on the disk mounted at "
-            f"{disk}); free space on that disk ({other}) and run the same command again to resume")
+            f"{mount_point(where)}); free space on that disk ({_elsewhere(where)}) and run the "
+            "same command again to resume")
+
+
+def _elsewhere(where: Path) -> str:
+    """How to write `where` on another disk: the hub cache moves with HF_HOME (or
+    HF_HUB_CACHE), everything else with --output_dir."""
+    from esd.loading.hub import hub_cache_dir
+    if _within(where, hub_cache_dir()):
+        return "or point HF_HOME at a disk with room: the hub cache is there"
+    return "or use another --output_dir"
 
 
 def final_line(output_dir, failed_reasons) -> str | None:
