@@ -209,3 +209,11 @@ def test_a_damaged_ledger_is_said_and_nothing_is_deleted_from_it(hub, tmp_path, 
         assert "Move it aside" in caught.value.message
     assert (snapshot / "model.safetensors").is_file()
     assert ledger.path.read_text() == text
+
+
+def test_the_gate_counts_what_a_running_model_has_on_disk_when_it_exceeds_its_reservation():
+    gate = BudgetGate(100)
+    gate.take("a", {"a@1": 10})                          # the listing promised 10
+    assert gate.fits({"b@1": 50}, kept={"a@1": 10})
+    assert not gate.fits({"b@1": 50}, kept={"a@1": 60})  # 60 are on disk
+    assert gate.used(kept={"a@1": 5}) == {"a@1": 10}     # still downloading: the reservation
