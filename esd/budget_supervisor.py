@@ -1,7 +1,8 @@
 """`--disk_budget GB` in the orchestrator: a model starts only when its download fits.
 
 Owns: `BudgetedSupervisor`, the supervisor with an admission rule (`esd.disk_budget.BudgetGate`):
-sizes come from each model's tree listing before anything is downloaded; a model whose
+sizes come from each model's tree listing, raised to what its files' resolve answers say,
+before anything is downloaded (`esd.disk_budget.download_parts`); a model whose
 download is larger than the whole budget fails at once, typed `disk_budget_exceeded` (not
 retried), with the sizes; adapter bases are planned in the run's ledger so a base stays
 until the last adapter of the run needing it is done; at the end of the run, whatever the
