@@ -35,7 +35,7 @@ from esd.progress import PlainCpuNotice, RunProgress
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import BACKENDS, Backend, BackendError, Task, backend_names, backends_help
 from esd.backends import make_backend as build_backend
-from esd.disk_budget import gigabytes
+from esd.disk_budget import LedgerDamaged, gigabytes
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
 from esd.model_list import ModelEntry, ModelListError, read_model_list
@@ -470,6 +470,8 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
         return supervisor.run(plan_tasks(plan, config))
     except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
         raise ConfigError(f"{config.backend}: {exc}") from exc
+    except LedgerDamaged as exc:  # --disk_budget cannot tell the run's downloads: nothing deleted
+        raise ConfigError(exc.message) from None
     finally:
         if progress is not None:
             progress.close()

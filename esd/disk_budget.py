@@ -2,16 +2,25 @@
 when it no longer needs it; what was in the cache before is never deleted.
 
 Owns: the download ledger `<output_dir>/.hub_downloads.json` (under a file lock): every
-repo revision the run downloads is recorded *before* its download, with the files, their
-sizes (from the tree listing), whether it is ours (nothing of it was in the cache before)
-and which models use it; shared read locks per repo revision under
+repo revision the run downloads is recorded *before* its download, with the files the run
+adds, their sizes (from the tree listing), whether the whole revision is ours (nothing of it
+was in the cache before) or which of its files the user had, which models use it, and the
+repo's `refs/` as they were before the run touched them (restored once no model of the run
+uses the repo: the cache then resolves `main` to the user's commit again). A ledger that
+cannot be read as one is `LedgerDamaged`: nothing is deleted from it. Shared read locks
+per repo revision under
 `<cache>/.esd_locks/` (held by a worker while it reads the files, so another worker,
 even of another run on the same cache, never deletes them under it); deletion through
 huggingface_hub's cache API (`scan_cache_dir().delete_revisions(...).execute()`, which keeps
-blobs other revisions still use); the orchestrator's admission rule (`BudgetGate`).
+blobs other revisions still use; `delete_files` for the files the run added to a revision
+the user partly had); what the run's downloads take on disk now (`on_disk_bytes`: files as
+they are, `.incomplete` ones being written); the orchestrator's admission rule
+(`BudgetGate`) and the sizes it admits by (`download_parts`: the listing, checked against
+the sizes the resolve answers give, which are what the client writes).
 
-Must not: download anything itself, or delete a revision that is not ours, that a model
-still needs (a planned adapter's base included) or that a worker is reading.
+Must not: download anything itself, or delete anything the user had before the run (a
+revision, a file of a revision, a ref), anything a model still needs (a planned adapter's
+base included) or that a worker is reading.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +51,117 @@ def _lock_name(repo_id: str, commit: str) -> str:
 
 def _repo_folder(cache: Path, repo_id: str) -> Path:
     return Path(cache) / ("models--" + repo_id.replace("/", "--"))
+
+
+class LedgerDamaged(ESDFailure):
+    """The ledger exists but is not what this module writes: which revisions the run
+    downloaded is unknown, so nothing may be deleted from it."""
+
+    def __init__(self, path: Path, what: str):
+        super().__init__("resolve", "ledger_damaged",
+                         f"{path} is damaged ({what}): which hub cache files the run downloaded "
+                         f"is unknown, so nothing was deleted. Move it aside (mv {path} "
+                         f"{path}.damaged) and run the same command again; what it listed stays "
+                         "in the hub cache (`hf cache ls` shows it, `hf cache rm` deletes)",
+                         retryable=False)
+
+
+_STATES = ("downloading", "present", "deleted")
+
+
+def _damage(data) -> str | None:
+    """What is wrong with a parsed ledger, or None if it has the shape `DownloadLedger` writes."""
+    def names(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for part in ("revisions", "planned", "refs"):
+        if not isinstance(data.get(part, {}), dict):
+            return f"'{part}' is not an object"
+    for key, entry in data.get("revisions", {}).items():
+        if not isinstance(entry, dict):
+            return f"revision {key!r} is not an object"
+        checks = {"repo_id": isinstance(entry.get("repo_id"), str),
+                  "commit": isinstance(entry.get("commit"), str),
+                  "ours": isinstance(entry.get("ours"), bool),
+                  "users": names(entry.get("users")),
+                  "had": names(entry.get("had", [])),
+                  "beside_had": names(entry.get("beside_had", [])),
+                  "files": isinstance(entry.get("files"), dict) and all(
+                      isinstance(k, str) and type(v) is int and v >= 0
+                      for k, v in entry["files"].items()),
+                  "bytes": type(entry.get("bytes")) is int,
+                  "state": entry.get("state") in _STATES}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            return f"revision {key!r}: bad or missing {', '.join(bad)}"
+        if key != f"{entry['repo_id']}@{entry['commit']}":
+            return f"revision {key!r} names {entry['repo_id']}@{entry['commit']}"
+    for base, users in data.get("planned", {}).items():
+        if not names(users):
+            return f"planned base {base!r}: not a list of model keys"
+    for repo_id, refs in data.get("refs", {}).items():
+        if not isinstance(refs, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in refs.items()):
+            return f"refs of {repo_id!r}: not an object of ref → commit"
+    return None
+
+
+def repo_refs(cache: Path, repo_id: str) -> dict[str, str]:
+    """`refs/` of `repo_id` in the cache: ref name (`main`, `refs/pr/1`…) → commit."""
+    refs = _repo_folder(cache, repo_id) / "refs"
+    if not refs.is_dir():
+        return {}
+    out = {}
+    for path in refs.rglob("*"):
+        if path.is_file():
+            try:
+                out[path.relative_to(refs).as_posix()] = path.read_text(encoding="utf-8").strip()
+            except OSError:
+                continue
+    return out
+
+
+def _restore_refs(cache: Path, repo_id: str, before: dict[str, str]) -> None:
+    """Put `refs/` of `repo_id` back as `before`: refs the run rewrote or deleted get their
+    old commit, refs the run added are removed."""
+    folder = _repo_folder(cache, repo_id) / "refs"
+    now = repo_refs(cache, repo_id)
+    for name, commit in before.items():
+        if now.get(name) != commit:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / name, commit)
+            log.info("restored refs/%s of %s to the cache's %s", name, repo_id, commit)
+    for name in set(now) - set(before):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _beside_snapshot(commit: str) -> tuple[str, ...]:
+    """What huggingface_hub keeps of a revision outside its snapshot (relative to the repo
+    folder): its cached tree listing and its missing-file markers. Deleting a revision with
+    the cache API leaves them; the run removes those it created."""
+    return (f"trees/{commit}.json", f".no_exist/{commit}")
+
+
+def _remove_beside_snapshot(cache: Path, entry: dict) -> None:
+    folder = _repo_folder(cache, entry["repo_id"])
+    for name in _beside_snapshot(entry["commit"]):
+        if name in entry["beside_had"] or not (folder / name).exists():
+            continue
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name, ignore_errors=True)
+        else:
+            (folder / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # the folder only if the run made it
+            (folder / name).parent.rmdir()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def cached_files(cache: Path, repo_id: str, commit: str) -> set[str]:
@@ -83,13 +204,34 @@ class DownloadLedger:
         return FileLock(str(self.output_dir / ".hub_downloads.lock"))
 
     def _read(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        """The ledger; `LedgerDamaged` if it exists and is not one (nothing is decided from
+        a file this module did not write)."""
+        if not self.path.exists():
             data = {}
+        else:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise LedgerDamaged(self.path, f"unreadable: {exc.strerror or exc}") from None
+            except (ValueError, RecursionError) as exc:
+                what = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+                raise LedgerDamaged(self.path, what) from None
+            damage = _damage(data)
+            if damage:
+                raise LedgerDamaged(self.path, damage)
         data.setdefault("revisions", {})
         data.setdefault("planned", {})     # base repo id -> model keys that will need it
+        data.setdefault("refs", {})        # repo id -> its refs before the run touched them
+        for entry in data["revisions"].values():
+            if "had" not in entry:   # written before `had` existed: keep all a user might have
+                entry["had"] = [] if entry["ours"] else sorted(entry["files"])
+            entry.setdefault("beside_had", list(_beside_snapshot(entry["commit"])))
         return data
+
+    def check(self) -> None:
+        """Raise `LedgerDamaged` now if the ledger is damaged (before anything runs)."""
+        with self._lock():
+            self._read()
 
     def _write(self, data: dict) -> None:
         write_text_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
@@ -107,17 +249,25 @@ class DownloadLedger:
         key = f"{repo_id}@{commit}"
         with self._lock():
             data = self._read()
+            data["refs"].setdefault(repo_id, repo_refs(self.cache, repo_id))
             entry = data["revisions"].get(key)
             if entry is None or entry.get("state") == "deleted":
-                present = cached_files(self.cache, repo_id, commit)
-                ours = not present if entry is None else entry["ours"]
-                entry = {"repo_id": repo_id, "commit": commit, "ours": ours, "users": [],
-                         "files": dict(files), "bytes": int(sum(files.values())),
-                         "state": "downloading"}
+                if entry is None:
+                    had = sorted(cached_files(self.cache, repo_id, commit))
+                    folder = _repo_folder(self.cache, repo_id)
+                    beside = [n for n in _beside_snapshot(commit) if (folder / n).exists()]
+                else:
+                    had, beside = entry["had"], entry["beside_had"]
+                entry = {"repo_id": repo_id, "commit": commit, "ours": not had, "had": had,
+                         "beside_had": beside, "users": [],
+                         "files": {n: s for n, s in files.items() if n not in had},
+                         "bytes": 0, "state": "downloading"}
+                entry["bytes"] = int(sum(entry["files"].values()))
                 data["revisions"][key] = entry
             else:
                 for name, size in files.items():
-                    entry["files"].setdefault(name, size)
+                    if name not in entry["had"]:
+                        entry["files"].setdefault(name, size)
                 entry["bytes"] = int(sum(entry["files"].values()))
             if user not in entry["users"]:
                 entry["users"].append(user)
@@ -173,6 +323,7 @@ class DownloadLedger:
                 if not users:
                     del data["planned"][base]
             deleted = self._delete_unneeded(data, force=False)
+            self._restore_unused_refs(data)
             self._write(data)
         return deleted
 
@@ -195,20 +346,45 @@ class DownloadLedger:
             for entry in data["revisions"].values():
                 entry["users"] = []
             deleted = self._delete_unneeded(data, force=True)
+            self._restore_unused_refs(data)
             self._write(data)
         return deleted
 
     def bytes_on_disk(self) -> int:
-        """Bytes of our revisions now in the cache (downloading or present)."""
-        return sum(e["bytes"] for e in self.entries().values()
-                   if e["ours"] and e["state"] != "deleted")
+        """Bytes the run's downloads take in the cache now (`on_disk_bytes` of each)."""
+        return sum(self.kept().values())
+
+    def kept(self) -> dict[str, int]:
+        """`repo@commit` → bytes on disk now, of every revision the run added files to and
+        has not deleted yet."""
+        return {key: self.on_disk_bytes(entry) for key, entry in self.entries().items()
+                if entry["files"] and entry["state"] != "deleted"}
+
+    def on_disk_bytes(self, entry: dict) -> int:
+        """What the files the run added to `entry`'s revision take now: each file as it is on
+        disk; while it downloads, a missing file as listed, or what is being written to the
+        repo's `.incomplete` blobs if that is more (a listing may under-report)."""
+        snapshot = _repo_folder(self.cache, entry["repo_id"]) / "snapshots" / entry["commit"]
+        present = missing = 0
+        for name, listed in entry["files"].items():
+            try:
+                present += (snapshot / name).stat().st_size
+            except OSError:
+                missing += listed
+        if entry["state"] != "downloading":
+            return present
+        blobs = _repo_folder(self.cache, entry["repo_id"]) / "blobs"
+        writing = sum(_size(p) for p in blobs.glob("*.incomplete")) if blobs.is_dir() else 0
+        return present + max(missing, writing)
 
     # ------------------------------------------------------------ deleting
     def _delete_unneeded(self, data: dict, force: bool) -> list[str]:
+        """Delete what the run added and nobody needs: a revision that is ours whole (its
+        refs go with it), else only the files the run added to a revision the user had."""
         planned = data["planned"]
         doomed = []
         for key, entry in data["revisions"].items():
-            if not entry["ours"] or entry["state"] == "deleted":
+            if entry["state"] == "deleted" or not entry["files"]:
                 continue
             if entry["users"] or (not force and planned.get(entry["repo_id"])):
                 continue
@@ -220,19 +396,42 @@ class DownloadLedger:
         from huggingface_hub import scan_cache_dir
         try:
             info = scan_cache_dir(self.cache)
-            commits = {data["revisions"][k]["commit"] for k in doomed}
+            whole = {data["revisions"][k]["commit"] for k in doomed if data["revisions"][k]["ours"]}
+            added = {(e["repo_id"], e["commit"], name) for e in map(data["revisions"].get, doomed)
+                     if not e["ours"] for name in e["files"] if name not in e["had"]}
             known = {r.commit_hash for repo in info.repos for r in repo.revisions}
-            strategy = info.delete_revisions(*(commits & known))
-            strategy.execute()
-            freed = strategy.expected_freed_size
+            files = [f for repo in info.repos for r in repo.revisions for f in r.files
+                     if (repo.repo_id, r.commit_hash,
+                         f.file_path.relative_to(r.snapshot_path).as_posix()) in added]
+            freed = 0
+            for strategy in (info.delete_revisions(*(whole & known)) if whole & known else None,
+                             info.delete_files(*files) if files else None):
+                if strategy is not None:
+                    strategy.execute()
+                    freed += strategy.expected_freed_size
         except Exception as exc:  # noqa: BLE001 - a cache we cannot scan: keep, say why
             log.warning("could not delete downloaded revisions %s: %s", doomed, exc)
             return []
         for key in doomed:
             data["revisions"][key]["state"] = "deleted"
+            with contextlib.suppress(OSError):
+                _remove_beside_snapshot(self.cache, data["revisions"][key])
         log.info("deleted %d downloaded revision(s) (%.1f MB): %s", len(doomed), freed / 1e6,
                  ", ".join(doomed))
         return doomed
+
+    def _restore_unused_refs(self, data: dict) -> None:
+        """Refs of every repo no model of the run uses any more, back as they were before the
+        run; the record is dropped once restored (a later download records them again)."""
+        in_use = {e["repo_id"] for e in data["revisions"].values() if e["users"]}
+        in_use |= {base for base, users in data["planned"].items() if users}
+        for repo_id in [r for r in data["refs"] if r not in in_use]:
+            try:
+                _restore_refs(self.cache, repo_id, data["refs"][repo_id])
+            except OSError as exc:
+                log.warning("could not restore the refs of %s in the cache: %s", repo_id, exc)
+                continue
+            del data["refs"][repo_id]
 
     def _being_read(self, repo_id: str, commit: str) -> bool:
         path = self.cache / ".esd_locks" / _lock_name(repo_id, commit)
@@ -260,9 +459,10 @@ class BudgetGate:
     reserved: dict[str, dict[str, int]] = field(default_factory=dict)   # model key -> parts
 
     def used(self, kept: dict[str, int] | None = None) -> dict[str, int]:
-        parts = dict(kept or {})
+        parts = dict(kept or {})   # what is on disk now may exceed what was reserved
         for model_parts in self.reserved.values():
-            parts.update(model_parts)
+            for key, size in model_parts.items():
+                parts[key] = max(parts.get(key, 0), size)
         return parts
 
     def fits(self, parts: dict[str, int], kept: dict[str, int] | None = None) -> bool:
@@ -286,13 +486,29 @@ def exceeded_failure(key: str, size: int, budget_bytes: int, parts: str = "") ->
                       retryable=False)
 
 
+class BaseUnsized(Exception):
+    """The size of a model's base (an adapter's, or a fine-tune's with --delta_from_base)
+    could not be known; the model itself was sized. `cause` is what the hub raised."""
+
+    def __init__(self, base: str, cause: BaseException):
+        super().__init__(f"base {base}: {type(cause).__name__}")
+        self.base, self.cause = base, cause
+
+
 def download_parts(model_id: str, revision: str | None, source_model: str | None, *,
                    stream: bool, trust_remote_code: bool, cache: Path,
-                   with_base: bool = False) -> dict[str, int]:
+                   with_base: bool = False, as_base: bool = False) -> dict[str, int]:
     """Bytes a worker would download for one model (and an adapter's base, or with
-    `with_base` — --delta_from_base — a full model's `source_model`), by `repo@commit`, from
-    the tree listing; files already in the cache count 0. A local directory is {}. Raises
-    what `hub_listing` raises."""
+    `with_base` — --delta_from_base — a full model's `source_model`), by `repo@commit`; files
+    already in the cache count 0. A local directory is {}. Sizes are the tree listing's,
+    raised to what the resolve answers say (the size the client checks what it writes
+    against): a listing that under-reports does not get a model admitted.
+
+    A base is sized as loading resolves it (`esd.loading.lora.resolve_adapter`: the base
+    is resolved as a model, never as an adapter in turn), so with `as_base` an adapter's own
+    base is not followed: adapters naming themselves or each other end there, and their
+    worker fails `adapter_unsupported`. Raises what `hub_listing` raises for the model, and
+    `BaseUnsized` for its base."""
     from esd.loading import hub
     if Path(model_id).expanduser().is_dir() or not hub.looks_like_hub_id(model_id):
         return _base_parts(source_model, stream, trust_remote_code, cache) if with_base else {}
@@ -301,8 +517,9 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
     parts: dict[str, int] = {}
     files = hub.needed_files(names, trust_remote_code)
     if hub.ADAPTER_CONFIG_FILE in names:
-        base = source_model or _adapter_base(model_id, listing.commit)
-        parts.update(_base_parts(base, stream, trust_remote_code, cache))
+        if not as_base:
+            base = source_model or _adapter_base(model_id, listing.commit)
+            parts.update(_base_parts(base, stream, trust_remote_code, cache))
     else:
         if with_base:
             parts.update(_base_parts(source_model, stream, trust_remote_code, cache))
@@ -310,28 +527,61 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
             streamed = set(hub.streamable(names))
             files = [f for f in files if f not in streamed]
     have = cached_files(cache, model_id, listing.commit)
-    parts[f"{model_id}@{listing.commit}"] = sum(names.get(f, 0) for f in files if f not in have)
+    fetch = [f for f in files if f not in have]
+    sizes = resolved_sizes(model_id, listing.commit, {f: names.get(f, 0) for f in fetch})
+    parts[f"{model_id}@{listing.commit}"] = sum(sizes.values())
     return parts
+
+
+def resolved_sizes(repo_id: str, commit: str, listed: dict[str, int]) -> dict[str, int]:
+    """`listed` (file → bytes from the tree listing), each raised to the size the file's
+    resolve answer gives (`X-Linked-Size`, else `Content-Length`): one HEAD per file, as
+    the client itself sends before it downloads. A gated file without access keeps its
+    listed size."""
+    from huggingface_hub import get_hf_file_metadata
+    from huggingface_hub.errors import GatedRepoError
+    sizes = {}
+    for name, size in listed.items():
+        try:
+            meta = get_hf_file_metadata(_resolve_url(repo_id, commit, name), retry_on_errors=True)
+        except GatedRepoError:   # no access: its worker fails `gated` before downloading
+            sizes[name] = int(size)
+            continue
+        sizes[name] = max(int(size), int(meta.size or 0))
+        if sizes[name] > size:
+            log.warning("%s@%s: %s is %d bytes, the tree listing said %d; sizing by the "
+                        "larger", repo_id, commit[:12], name, sizes[name], size)
+    return sizes
 
 
 def _base_parts(base: str | None, stream: bool, trust_remote_code: bool,
                 cache: Path) -> dict[str, int]:
     """download_parts of a base (an adapter's; with --delta_from_base, a fine-tune's); {}
-    for none."""
+    for none; `BaseUnsized` if the hub cannot size it."""
     if not base:
         return {}
     from esd.model_list import parse_model_id
     base_id, base_rev = parse_model_id(base)
-    return download_parts(base_id, base_rev, None, stream=stream,
-                          trust_remote_code=trust_remote_code, cache=cache)
+    try:
+        return download_parts(base_id, base_rev, None, stream=stream,
+                              trust_remote_code=trust_remote_code, cache=cache, as_base=True)
+    except Exception as exc:  # noqa: BLE001 - the base's worker-side failure says what is wrong
+        raise BaseUnsized(base, exc) from exc
+
+
+def _resolve_url(repo_id: str, commit: str, name: str) -> str:
+    """The resolve URL of `name` at `commit` on the endpoint `HfApi` uses now
+    (`hf_hub_url` keeps the endpoint read at import when `constants.ENDPOINT` changes)."""
+    from urllib.parse import quote
+    from huggingface_hub import constants
+    return f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(commit, safe='')}/{quote(name)}"
 
 
 def _adapter_base(repo_id: str, commit: str) -> str | None:
     """`base_model_name_or_path` of a hub adapter, read over HTTP (nothing written)."""
-    from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
     try:
-        response = get_session().get(hf_hub_url(repo_id, "adapter_config.json", revision=commit),
+        response = get_session().get(_resolve_url(repo_id, commit, "adapter_config.json"),
                                      headers=build_hf_headers(), follow_redirects=True,
                                      timeout=30)
         response.raise_for_status()

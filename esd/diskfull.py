@@ -3,7 +3,9 @@ line telling the user what to free, instead of tracebacks.
 
 Owns: recognising the error, the free space it is reported with, the `disk_full` failure
 of a model, and remembering (per process) that the disk filled up so the run's last line
-says so. Must not retry or delete anything: the orchestrator decides, the user frees space.
+says so — naming the disk that filled (the hub cache's, when a worker's download filled
+it, read back from the model's `disk_full` record), not the output directory's by default.
+Must not retry or delete anything: the orchestrator decides, the user frees space.
 """
 from __future__ import annotations
 
@@ -37,6 +39,16 @@ def free_space_text(path) -> str:
     return f"{free_mb:.1f} MB free of {stats.f_blocks * stats.f_frsize / 1e6:.1f} MB"
 
 
+def mount_point(path) -> Path:
+    """The mount point of the filesystem holding `path` (or its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
 def note(path) -> None:
     """Remember that writing `path` failed for want of space (the run's last line says so)."""
     _seen.append(str(path))
@@ -46,10 +58,20 @@ def seen() -> list[str]:
     return list(_seen)
 
 
+_WRITING = "no space left on the disk writing "
+
+
 def disk_full_failure(path, stage: str = "save") -> ESDFailure:
     note(path)
-    return ESDFailure(stage, "disk_full", f"no space left on the disk writing {path} "
-                      f"({free_space_text(path)}); free space there and rerun", retryable=True)
+    return ESDFailure(stage, "disk_full", f"{_WRITING}{path} ({free_space_text(path)}); free "
+                      "space there and rerun", retryable=True)
+
+
+def _written_path(message: str) -> str | None:
+    """The path a `disk_full_failure` message names (None for another message)."""
+    if not message.startswith(_WRITING):
+        return None
+    return message[len(_WRITING):].rsplit(" (", 1)[0] or None
 
 
 def write_failure(path, exc: OSError, stage: str = "save") -> ESDFailure:
@@ -59,19 +81,59 @@ def write_failure(path, exc: OSError, stage: str = "save") -> ESDFailure:
     return ESDFailure(stage, "write_failed", f"could not write {path}: {exc}")
 
 
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
+        return True
+    except ValueError:
+        return False
+
+
 def run_message(output_dir=None, failed_path=None) -> str:
-    """The one line a run ends with when the disk filled up: where, how much is free, what to do."""
+    """The one line a run ends with when the disk filled up: which disk (its mount point),
+    how much is free, what to do there."""
     where = Path(failed_path) if failed_path else Path(output_dir or ".")
-    under = f"under {Path(output_dir)} " if output_dir else ""
-    return (f"disk full: writing {under}failed ({free_space_text(where)} at {where}); free space on "
-            f"that filesystem (or use another --output_dir) and run the same command again to resume")
+    if output_dir is not None and _within(where, output_dir):
+        what = f"under {Path(output_dir)} "
+    else:
+        what = f"{where} "
+    return (f"disk full: writing {what}failed ({free_space_text(where)} on the disk mounted at "
+            f"{mount_point(where)}); free space on that disk ({_elsewhere(where)}) and run the "
+            "same command again to resume")
+
+
+def _elsewhere(where: Path) -> str:
+    """How to write `where` on another disk: the hub cache moves with HF_HOME (or
+    HF_HUB_CACHE), everything else with --output_dir."""
+    from esd.loading.hub import hub_cache_dir
+    if _within(where, hub_cache_dir()):
+        return "or point HF_HOME at a disk with room: the hub cache is there"
+    return "or use another --output_dir"
 
 
 def final_line(output_dir, failed_reasons) -> str | None:
-    """`run_message` if this process met a full disk or some model failed with `disk_full`."""
+    """`run_message` if this process met a full disk or some model failed with `disk_full`
+    (then about the disk its record names: a worker's download may have filled the cache)."""
     hit = seen()
-    if hit or any(str(r).endswith("disk_full") for r in failed_reasons):
-        return run_message(output_dir, hit[0] if hit else None)
+    if hit:
+        return run_message(output_dir, hit[0])
+    if any(str(r).endswith("disk_full") for r in failed_reasons):
+        return run_message(output_dir, _recorded_path(output_dir))
+    return None
+
+
+def _recorded_path(output_dir) -> str | None:
+    """The path the first `disk_full` failure recorded in `output_dir` names, if any."""
+    from esd.failures import read_failures
+    try:
+        records = read_failures(output_dir)
+    except OSError:
+        return None
+    for record in records.values():
+        if record.reason == "disk_full":
+            path = _written_path(record.message)
+            if path:
+                return path
     return None
 
 
