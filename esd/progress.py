@@ -43,8 +43,16 @@ class PlainCpuNotice(logging.Filter):
 
     NVML_LINE = re.compile(r"^gputracker: (?P<why>.+); CPU mode: jobs run with CUDA_VISIBLE_DEVICES=''$")
 
+    def __init__(self, cpu_fallback: bool = True):
+        """`cpu_fallback=False`: GPUs were named (`--gpus 0 1`), so no usable GPU is an error the
+        run says itself; the console then gets no "running on CPU" line before it."""
+        super().__init__()
+        self.cpu_fallback = cpu_fallback
+
     def filter(self, record: logging.LogRecord) -> bool:
         found = self.NVML_LINE.match(record.getMessage())
+        if found and not self.cpu_fallback:
+            return False
         if found:
             record.msg, record.args = (
                 "no GPU can be used (%s): running on CPU; --cpu_workers N runs N models at once, "
