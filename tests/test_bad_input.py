@@ -195,6 +195,16 @@ def test_runs_csv_from_an_older_version_keeps_rows_aligned_under_the_union_of_co
                     {"run_id": "r2", "status": "interrupted", "old_column": "", "done": "3"}]
 
 
+def test_a_runs_csv_field_of_200_kb_is_read_back_and_kept(tmp_path):
+    runs_csv = tmp_path / "runs.csv"
+    long_path = "models/" + "x" * 200_000 + ".csv"   # the csv module's default limit is 128 kB
+    run_record._append_run_row(runs_csv, {"run_id": "r1", "status": "completed", "model_list": long_path})
+    run_record._append_run_row(runs_csv, {"run_id": "r2", "status": "completed", "model_list": "m.csv"})
+    with runs_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["run_id"], r["model_list"]) for r in rows] == [("r1", long_path), ("r2", "m.csv")]
+
+
 # ---------------------------------------------------------------- Ctrl-C
 
 # Ctrl-C tests wait for what the program announces (a line, a file), never a fixed time; this

@@ -154,3 +154,17 @@ def test_without_nvml_the_console_says_once_and_plainly_that_it_runs_on_cpu(two_
     assert "CUDA_VISIBLE_DEVICES" not in console
     log = (tmp_path / "out" / "logs" / "esd_experiment.log").read_text()
     assert "CUDA_VISIBLE_DEVICES=''" in log        # the log file keeps gputracker's own words
+
+
+def test_gpus_named_on_a_machine_without_nvml_say_one_thing_the_error(two_models, tmp_path):
+    env = orchestrator_env(tmp_path)
+    env.pop("FAKE_NVML_SCRIPT")                  # a machine without NVML
+    args = run_args(two_models, tmp_path / "out")
+    result = subprocess.run(args[:4] + ["--output_dir", str(tmp_path / "out"), "--gpus", "0", "1", "2", "3"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    console = result.stdout + result.stderr
+    assert result.returncode == 2, console
+    assert "running on CPU" not in console and "CPU mode" not in console, console
+    said = [line for line in console.splitlines() if "GPU" in line]
+    assert len(said) == 1 and said[0].startswith("error: ") and "--gpus 0 1 2 3: no GPU can be used here" in said[0]
+    assert "use --gpus none to run on CPU" in said[0]
