@@ -66,6 +66,22 @@ def test_not_on_a_terminal_a_status_line_names_counts_eta_running_and_waiting(tm
     assert any(r.startswith("progress: 2/4 models finished") for r in records)
 
 
+def test_the_eta_moves_with_the_layers_of_a_running_model_before_any_model_ends(tmp_path):
+    log_path = tmp_path / "w.log"
+    progress = RunProgress(2, tty=False).follow(running=lambda: [("org/big", time.time(), log_path)])
+    try:
+        log_path.write_text("  layer    3/10  model.layers.0.mlp\n")
+        early = progress.counts_text(now=progress.started + 30)
+        with log_path.open("a") as handle:
+            handle.write("  layer    6/10  model.layers.2.mlp\n")
+        later = progress.counts_text(now=progress.started + 60)
+    finally:
+        progress.close()
+    # 0.3 of a model in 30s: 1.7 models left take 170s; then 0.6 in 60s: 1.4 left take 140s
+    assert early == "0/2 models finished (0 failed), 30s elapsed, ETA 2m50s"
+    assert later == "0/2 models finished (0 failed), 1m00s elapsed, ETA 2m20s"
+
+
 # ---------------------------------------------------------------- the real orchestrator
 
 @pytest.fixture(scope="module")
