@@ -4,7 +4,7 @@ GPUs cannot exist here, so NVML is the fake of the *library* (`tests/fake_nvml/p
 scripted by `$FAKE_NVML_SCRIPT`) put first on PYTHONPATH; everything else is real: the
 installed packages, huggingface_hub reading the token, the file system, the Slurm commands.
 
-Each run imports torch, transformers and peft (~4 s of CPU), so the runs the selected tests
+Each run imports torch (its CUDA check; a few seconds of CPU), so the runs the selected tests
 need are started together, two at a time, when the first of them is asked for; each test
 names its scenario with `@scenario(...)` and asserts on the finished run.
 """
