@@ -532,7 +532,7 @@ def run(config: ExperimentConfig) -> int:
              len(plan.pending), f" (--limit; {len(plan.beyond_limit)} left for later)" if plan.beyond_limit else "")
     # on record from now on: a run killed with kill -9 stays a `running` row, shown as crashed
     diskfull.tolerate(start_run_record, config.output_dir, run_id, started,
-                      **{k: v for k, v in _run_record_fields(config, plan, None).items() if k != "failed"})
+                      **_run_record_fields(config, plan, None))
     if config.is_demo:
         prepare_demo()
     outcome, status = None, "interrupted"

@@ -62,11 +62,12 @@ def _stamp(epoch: float) -> str:
 
 
 def start_run_record(output_dir: Path, run_id: str, started: float, *, settings: dict, counts: dict,
-                     row: dict) -> None:
+                     row: dict, failed: dict | None = None) -> None:
     """`runs/<run_id>/` and a `running` row in runs.csv, before any model is dispatched, so a
     run killed with kill -9 is still on record. `settings`: the resolved configuration;
     `row`: the columns of runs.csv beyond the record's own (model list, backend, settings)."""
-    record_run(output_dir, run_id, started, RUNNING, settings=settings, counts=counts, row=row)
+    record_run(output_dir, run_id, started, RUNNING, settings=settings, counts=counts, row=row,
+               failed=failed)
 
 
 def record_run(output_dir: Path, run_id: str, started: float, status: str, *, settings: dict,
