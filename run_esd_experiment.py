@@ -13,25 +13,20 @@ It computes no metric and loads no model: `esd_worker.py` does that in its own p
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import math
 import os
-import platform
 import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
-from importlib import metadata
 from pathlib import Path
 
-from filelock import FileLock
-
 from esd import diskfull, run_lock, safe_output
-from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
+from esd.atomic_files import remove_stale_temp_files
 from esd.cli_flags import FlagParser, add_bool_flag, add_flag
-from esd.progress import PlainCpuNotice, RunProgress
+from esd.progress import RunProgress
+from esd.run_record import record_run, setup_logging, start_run_record, teardown_logging
 from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
 from esd.backends import BACKENDS, Backend, BackendError, Task, backend_names, backends_help
 from esd.backends import make_backend as build_backend
@@ -46,8 +41,6 @@ DEMO_MODEL_LIST = PROJECT_DIR / "examples" / "models.csv"
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 ESD_SETTINGS_FILE = run_lock.SETTINGS_FILE
 EXIT_INTERRUPTED = 130
-TRACKED_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "numpy",
-                    "pandas", "nvidia-ml-py")
 
 log = logging.getLogger("esd_experiment")
 dispatch_log = logging.getLogger("esd_experiment.dispatch")
@@ -367,62 +360,6 @@ def check_esd_settings(config: ExperimentConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
-
-
-# ---------------------------------------------------------------- logging and progress
-
-class _ConsoleHandler(logging.StreamHandler):
-    """Console lines that do not tear a progress bar apart (tqdm.write clears and redraws it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            from tqdm import tqdm
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:  # noqa: BLE001 - logging must never raise
-            self.handleError(record)
-
-
-def setup_logging(output_dir: Path) -> Path:
-    log_path = output_dir / "logs" / "esd_experiment.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    file_handler = logging.FileHandler(log_path, encoding="utf-8")
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    console = _ConsoleHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(file_handler)
-    log.addHandler(console)
-    # the dispatcher's per-job lines go to the log file; only its warnings reach the console
-    dispatch_log.setLevel(logging.INFO)
-    dispatch_log.propagate = False
-    for handler in list(dispatch_log.handlers):
-        dispatch_log.removeHandler(handler)
-    quiet_console = _ConsoleHandler(sys.stdout)
-    quiet_console.setLevel(logging.WARNING)
-    quiet_console.setFormatter(console.formatter)
-    quiet_console.addFilter(PlainCpuNotice())  # "no GPU can be used (…): running on CPU", once
-    dispatch_log.addHandler(file_handler)
-    dispatch_log.addHandler(quiet_console)
-    safe_output.guard_logging(log, dispatch_log)  # a full disk or `| head`: no logging tracebacks
-    return log_path
-
-
-def teardown_logging() -> None:
-    """Give the loggers back as they were (the API runs us inside a notebook or a test)."""
-    for logger in (log, dispatch_log):
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-            if isinstance(handler, logging.FileHandler):
-                handler.close()
-        logger.propagate = True
-
-
 # ---------------------------------------------------------------- tasks and backends
 
 def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
@@ -480,21 +417,8 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
 
 # ---------------------------------------------------------------- records of the run
 
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan,
-               outcome: Outcome | None, status: str) -> None:
-    """runs/<run_id>/run.json (resolved config, versions, times, counts) and a row in runs.csv."""
-    import yaml
-    ended = time.time()
+def _run_record_fields(config: ExperimentConfig, plan: Plan, outcome: Outcome | None) -> dict:
+    """What the run's record (esd/run_record.py) holds beyond its id, times and status."""
     counts = {
         "models": len(plan.entries), "already_done": len(plan.done),
         "skipped_failed": len(plan.skipped_failed), "beyond_limit": len(plan.beyond_limit),
@@ -502,38 +426,9 @@ def record_run(config: ExperimentConfig, run_id: str, started: float, plan: Plan
         "done": len(outcome.succeeded) if outcome else 0,
         "failed": len(outcome.failed) if outcome else 0,
     }
-    run_dir = config.output_dir / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    settings = config_as_dict(config)
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=True))
-    record = {"run_id": run_id, "status": status, "command": sys.argv,
-              "start_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-              "end_time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ended)),
-              "duration_s": round(ended - started, 2), "counts": counts,
-              "failed": outcome.failed if outcome else {}, "config": settings,
-              "versions": package_versions()}
-    _write_json_atomic(run_dir / "run.json", record)
-    row = {"run_id": run_id, "status": status, "start_time": record["start_time"],
-           "end_time": record["end_time"], "duration_s": record["duration_s"], **counts,
-           "model_list": str(config.model_list), "backend": config.backend, **asdict(config.esd)}
-    with FileLock(str(config.output_dir / ".runs.lock")):
-        _append_run_row(config.output_dir / "runs.csv", row)
-
-
-def _append_run_row(runs_csv: Path, row: dict) -> None:
-    """Add a row to runs.csv, rewritten whole and atomically: when the columns changed between
-    versions, earlier rows keep their values under the union of the columns."""
-    rows, columns = [], []
-    if runs_csv.exists():
-        with runs_csv.open(newline="", encoding="utf-8", errors="replace") as handle:
-            reader = csv.DictReader(handle)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
-    columns += [c for c in row if c not in columns]
-    with atomic_path(runs_csv) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows + [row])
+    return {"settings": config_as_dict(config), "counts": counts,
+            "failed": outcome.failed if outcome else {},
+            "row": {"model_list": str(config.model_list), "backend": config.backend, **asdict(config.esd)}}
 
 
 def write_summary(config: ExperimentConfig) -> Path | None:
@@ -617,7 +512,7 @@ def make_output_dir(path: Path) -> None:
 def run(config: ExperimentConfig) -> int:
     entries, list_warnings = read_entries(config)
     make_output_dir(config.output_dir)
-    setup_logging(config.output_dir)
+    setup_logging(config.output_dir, gpus_asked=bool(config.gpus))
     for warning in safe_output.summarised(list_warnings):  # 212 duplicates: a few lines, not 212
         log.warning(warning)
     check_esd_settings(config)
@@ -629,6 +524,9 @@ def run(config: ExperimentConfig) -> int:
     log.info("run %s: %d models in %s; %d already done, %d skipped (failed before), %d to run%s",
              run_id, len(entries), config.model_list, len(plan.done), len(plan.skipped_failed),
              len(plan.pending), f" (--limit; {len(plan.beyond_limit)} left for later)" if plan.beyond_limit else "")
+    # on record from now on: a run killed with kill -9 stays a `running` row, shown as crashed
+    diskfull.tolerate(start_run_record, config.output_dir, run_id, started,
+                      **_run_record_fields(config, plan, None))
     if config.is_demo:
         prepare_demo()
     outcome, status = None, "interrupted"
@@ -641,7 +539,8 @@ def run(config: ExperimentConfig) -> int:
         raise
     finally:  # a full disk here is said by the report's last line, not a traceback
         diskfull.tolerate(compact_failures, config.output_dir)
-        diskfull.tolerate(record_run, config, run_id, started, plan, outcome, status)
+        diskfull.tolerate(record_run, config.output_dir, run_id, started, status,
+                          **_run_record_fields(config, plan, outcome))
     # interrupted too: the summary of what is done (the rerun completes it)
     summary = write_summary(config) if status in ("completed", "interrupted") else None
     # the demo ends with what it found, in a browser

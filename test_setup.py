@@ -7,7 +7,10 @@ hub cache and its free disk, that the output directory is writable, and with `--
 Slurm commands. Each check says OK / WARN / FAIL, what it found and, when not OK, what to
 do; the exit status is non-zero iff a check FAILs. `--json` prints the same for scripts.
 
-Owns: the `Check` result and one `check_*` function per concern; `run_checks()` runs them.
+Owns: the `Check` result and one `check_*` function per concern; `iter_checks()` makes them
+one by one (the report prints each line as its check ends: a loaded machine takes most of
+a minute to import torch, and only the checks that need torch import it); `run_checks()`
+collects them.
 Must not: change anything it inspects (the output directory is created for the write test
 only if missing, and removed again), print a secret, or run work at import time. Despite
 its historical name this is not a pytest module (pytest.ini collects `tests/` only) and it
@@ -31,7 +34,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 STATUSES = (OK, WARN, FAIL)
@@ -142,11 +145,11 @@ def _version_problem(found: str, req: Requirement) -> tuple[str, str] | None:
     return None if satisfied else (WARN, f"{found} does not satisfy {req.op}{req.version}")
 
 
-def _installed_version(req: Requirement, module=None) -> str:
+def _installed_version(req: Requirement) -> str:
     try:
         return importlib.metadata.version(req.name)
     except importlib.metadata.PackageNotFoundError:
-        return str(getattr(module, "__version__", "") or "")
+        return ""
 
 
 def check_python() -> list[Check]:
@@ -171,21 +174,20 @@ def check_required_packages(requirements_path: Path = REQUIREMENTS) -> list[Chec
 
 
 def _check_required_package(req: Requirement) -> Check:
+    """Installed (by its distribution's metadata), its modules findable, at the right version;
+    nothing is imported (torch alone takes most of a minute on a loaded machine; the checks
+    that need torch import it)."""
     name = f"package {req.name}"
-    try:
-        # Some packages print on import; keep stdout clean for --json.
-        with contextlib.redirect_stdout(io.StringIO()):
-            module = importlib.import_module(req.import_name)
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        # a missing *dependency* of an installed package is a broken install, not a missing one
-        missing = isinstance(exc, ModuleNotFoundError) and exc.name == req.import_name
-        reason = "not installed" if missing else \
-            f"cannot import {req.import_name}: {type(exc).__name__}: {_first_line(exc)}"
-        return Check(FAIL, name, f"{reason} (need {req})", INSTALL_HINT)
-    found = _installed_version(req, module)
+    found = _installed_version(req)
+    missing = [m for m in _module_names(req) if not _findable(m)]
+    if not found and missing:
+        return Check(FAIL, name, f"not installed (need {req})", INSTALL_HINT)
+    if missing:
+        return Check(FAIL, name, f"{found} installed, but its module {missing[0]} cannot be found "
+                     f"(a broken install; need {req})", INSTALL_HINT, {"version": found})
     details = {"version": found, "required": f"{req.op}{req.version}"}
     if not found:
-        return Check(WARN, name, f"imports, version unknown (need {req})", INSTALL_HINT, details)
+        return Check(WARN, name, f"importable, version unknown (need {req})", INSTALL_HINT, details)
     problem = _version_problem(found, req)
     if problem:
         status, reason = problem
@@ -194,27 +196,54 @@ def _check_required_package(req: Requirement) -> Check:
                  details=details)
 
 
+def _module_names(req: Requirement) -> list[str]:
+    """The top-level modules a distribution installs, from its own metadata (`pytest-xdist`
+    installs `xdist`, `PyYAML` installs `yaml`); the name's usual spelling when unknown."""
+    names = sorted(module for module, dists in _distributions_of_modules().items()
+                   if _normalise(req.name) in dists and module.isidentifier())
+    return names[:1] or [req.import_name]
+
+
+_MODULE_DISTRIBUTIONS: dict[str, set[str]] | None = None
+
+
+def _distributions_of_modules() -> dict[str, set[str]]:
+    global _MODULE_DISTRIBUTIONS
+    if _MODULE_DISTRIBUTIONS is None:
+        try:
+            found = importlib.metadata.packages_distributions()
+        except Exception:  # noqa: BLE001 - a damaged metadata directory: fall back to the names
+            found = {}
+        _MODULE_DISTRIBUTIONS = {module: {_normalise(d) for d in dists} for module, dists in found.items()}
+    return _MODULE_DISTRIBUTIONS
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def check_optional_packages(requirements_path: Path = TEST_REQUIREMENTS) -> list[Check]:
-    """Test-only packages (pytest, weightwatcher): present or WARN; not imported (slow)."""
+    """Test-only packages (pytest, pytest-xdist, weightwatcher): installed or WARN, found by
+    their distribution's metadata (pytest-xdist's module is `xdist`); not imported (slow)."""
     try:
         requirements = read_requirements(requirements_path)
     except OSError:
         requirements = [Requirement("pytest", ">=", "8"), Requirement("weightwatcher")]
-    checks = []
-    for req in requirements:
-        name = f"optional {req.name}"
-        if importlib.util.find_spec(req.import_name) is None:
-            checks.append(Check(WARN, name, f"not installed (need {req} to run the tests)",
-                                TEST_INSTALL_HINT))
-            continue
-        found = _installed_version(req)
-        problem = _version_problem(found, req)
-        if problem:
-            checks.append(Check(WARN, name, f"{found}: {problem[1]}", TEST_INSTALL_HINT,
-                                {"version": found}))
-        else:
-            checks.append(Check(OK, name, found or "installed", details={"version": found}))
-    return checks
+    return [_check_optional_package(req) for req in requirements]
+
+
+def _check_optional_package(req: Requirement) -> Check:
+    name = f"optional {req.name}"
+    if not _installed_version(req) and not any(_findable(m) for m in _module_names(req)):
+        return Check(WARN, name, f"not installed (need {req} to run the tests)", TEST_INSTALL_HINT)
+    found = _installed_version(req)
+    problem = _version_problem(found, req)
+    if problem:
+        return Check(WARN, name, f"{found}: {problem[1]}", TEST_INSTALL_HINT, {"version": found})
+    return Check(OK, name, found or "installed", details={"version": found})
 
 
 # --------------------------------------------------------------------------- torch, NVML
@@ -530,24 +559,45 @@ def _guarded(check: Callable[..., list[Check]], *args) -> list[Check]:
                       "please report this with the full output")]
 
 
+def iter_checks(output_dir: str | os.PathLike = "results", slurm: bool = False) -> Iterator[Check]:
+    """Every check, in the order a user fixes things, each as soon as it is made."""
+    made: list[Check] = []
+    steps: list[tuple] = [(check_python,), (check_required_packages,), (check_optional_packages,),
+                          (check_torch_cuda,), (check_nvml,), (check_gpu_consistency, made),
+                          (check_hf_token,), (check_hf_offline,), (check_hf_hub_reachable,),
+                          (check_hf_cache,), (check_output_dir, output_dir)]
+    if slurm:
+        steps += [(check_slurm_commands,), (check_sinfo,)]
+    for check, *args in steps:
+        if check is check_required_packages or check is check_optional_packages:
+            found = _per_requirement(check)   # one line per package as it is checked
+        else:
+            found = iter(_guarded(check, *args))
+        for each in found:
+            made.append(each)
+            yield each
+
+
+def _per_requirement(check: Callable[..., list[Check]]) -> Iterator[Check]:
+    """check_required_packages / check_optional_packages one requirement at a time."""
+    required = check is check_required_packages
+    path = REQUIREMENTS if required else TEST_REQUIREMENTS
+    try:
+        requirements = read_requirements(path)
+    except OSError:
+        yield from _guarded(check)  # says it cannot read the file (or uses its fallback)
+        return
+    for req in requirements:
+        try:
+            yield _check_required_package(req) if required else _check_optional_package(req)
+        except Exception as exc:  # noqa: BLE001 - as _guarded: that check fails, the doctor goes on
+            yield Check(FAIL, f"package {req.name}", f"the check itself failed: {type(exc).__name__}",
+                        "please report this with the full output")
+
+
 def run_checks(output_dir: str | os.PathLike = "results", slurm: bool = False) -> list[Check]:
     """All checks, in the order a user fixes things."""
-    checks: list[Check] = []
-    checks += _guarded(check_python)
-    checks += _guarded(check_required_packages)
-    checks += _guarded(check_optional_packages)
-    checks += _guarded(check_torch_cuda)
-    checks += _guarded(check_nvml)
-    checks += _guarded(check_gpu_consistency, checks)
-    checks += _guarded(check_hf_token)
-    checks += _guarded(check_hf_offline)
-    checks += _guarded(check_hf_hub_reachable)
-    checks += _guarded(check_hf_cache)
-    checks += _guarded(check_output_dir, output_dir)
-    if slurm:
-        checks += _guarded(check_slurm_commands)
-        checks += _guarded(check_sinfo)
-    return checks
+    return list(iter_checks(output_dir, slurm))
 
 
 def count_statuses(checks: list[Check]) -> dict[str, int]:
@@ -587,10 +637,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def name_width() -> int:
+    """The width of the name column, known before any check runs (lines print as they come)."""
+    names = ["gpu vs torch", "hf hub reachable", "slurm scontrol"]
+    for prefix, path in (("package", REQUIREMENTS), ("optional", TEST_REQUIREMENTS)):
+        with contextlib.suppress(OSError):
+            names += [f"{prefix} {req.name}" for req in read_requirements(path)]
+    return max(map(len, names)) + 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    checks = run_checks(args.output_dir, slurm=args.slurm)
-    print(format_json(checks) if args.json else format_report(checks), flush=True)
+    if args.json:
+        checks = run_checks(args.output_dir, slurm=args.slurm)
+        print(format_json(checks), flush=True)
+    else:  # each line as its check ends: importing torch alone can take a minute
+        checks, width = [], name_width()
+        for check in iter_checks(args.output_dir, slurm=args.slurm):
+            checks.append(check)
+            print(format_check(check, width), flush=True)
+        print(format_report(checks).splitlines()[-1], flush=True)
     return 1 if any(c.status == FAIL for c in checks) else 0
 
 

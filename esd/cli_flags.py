@@ -6,7 +6,8 @@
 - A boolean `--x` has a `--no_x`, so a config file's choice can be switched off.
 - The flags of the tools this project grew from (`--gpu-list`, `--max-checks`, …) are
   accepted where the meaning is the same (`SEED_ALIASES`), and refused with what to type
-  instead where it is not (`SEED_REFUSED`); any other unknown flag gets "did you mean …".
+  instead where it is not, or why none is needed (`SEED_REFUSED`); any other unknown flag
+  gets "did you mean …". An error message comes last, after a one-line usage.
 
 Owns the parser class and the flag helpers; knows no flag's meaning beyond those tables.
 gputracker/ keeps its own parser (being self-contained) and lists its aliases itself.
@@ -37,15 +38,42 @@ SEED_REFUSED = {
     "base-model": "an adapter's base goes in the model list's source_model column "
                   "(create_model_list.py create --models ADAPTER --source_model BASE)",
     "log-dir": "logs go to OUTPUT_DIR/logs/ (set --output_dir)",
+    # the GPU-managed pipeline (kinexp): its modes are two commands here
+    "mode": "there are no modes: `--mode esd` is what run_esd_experiment.py does; for "
+            "`--mode custom` (a file of commands run on free GPUs) use python -m gputracker COMMANDS.txt",
+    "commands": "a file of commands run on free GPUs: python -m gputracker COMMANDS.txt",
+    # the batch pipeline: GPUs inside one model's analysis, and its periodic saves
+    "max-gpu-workers": "each model's layers are computed on every GPU the model is given: "
+                       "--num_gpus_per_job N gives each model N GPUs (--gpus chooses which)",
+    "no-parallel-gpu": "no counterpart needed: a model computes on the GPUs it is given, one by "
+                       "default (--num_gpus_per_job 1)",
+    "checkpoint-freq": "no counterpart needed: each model's CSV is written the moment it is done, "
+                       "and running the same command again resumes",
+    "device-map": "weights are loaded on CPU and computed on the model's GPU; to run on CPU "
+                  "only use --gpus none",
 }
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse without prefix matching, with the seed refusals and "did you mean"."""
+    """argparse without prefix matching, with the seed refusals and "did you mean"; an error is
+    a short usage, then the one line that says what to do (not forty lines of flags)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\n")
+
+    def short_usage(self) -> str:
+        """`usage: prog {create,merge} [flags]  (every flag: prog --help)`: the positionals and
+        the required flags only."""
+        needed = [a for a in self._actions
+                  if not a.option_strings or (a.required and a.help is not argparse.SUPPRESS)]
+        formatter = self._get_formatter()
+        formatter.add_usage(None, needed, [], prefix="")
+        shown = " ".join(formatter.format_help().split())
+        return f"usage: {shown} [flags]  (every flag: {self.prog} --help)"
 
     def parse_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)

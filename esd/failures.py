@@ -16,14 +16,23 @@ runs the file holds exactly the current records. `read_failures` remembers what 
 reads only the lines appended since (a long-lived orchestrator never re-reads the file per
 job). A write that fails half-way (a full disk) is cut back, so no line is ever half there.
 
+Recording or clearing one model never reads the journal: `.failures/` holds each failed
+model's current record in a file of its own (named by a hash of its key), which gives the
+previous attempt (to count attempts, and to know whether failed_models.txt lists it) in
+one small read, however long the journal is. The journal stays the record readers read;
+`.failures/` is rebuilt from it whenever it is missing (a directory from before it existed),
+atomically, and dropped with the journal.
+
 Must not: decide retries (the orchestrator does), or know about models beyond their key.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +51,7 @@ RETRYABLE_REASONS = frozenset({
 
 FAILED_MODELS_TXT = "failed_models.txt"
 FAILURES_JSONL = "failures.jsonl"
+CURRENT_DIR = ".failures"   # one file per failed model: its current record
 
 log = logging.getLogger("esd_experiment.failures")  # under the run's log; the worker's root log
 
@@ -219,24 +229,70 @@ def _append(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def _last_record_of(output_dir: Path, model_id: str) -> FailureRecord | None:
-    """The current record of one model, found by its line prefix without parsing the
-    whole journal (a worker records one failure; the journal may hold 50,000)."""
-    path = output_dir / FAILURES_JSONL
+# ---------------------------------------------------------------- each failed model's current record
+
+def _current_path(output_dir: Path, model_id: str) -> Path:
+    return output_dir / CURRENT_DIR / (hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".json")
+
+
+def _current_record(output_dir: Path, model_id: str) -> FailureRecord | None:
+    """The model's current record (call under the lock, after `_current_index`): one small read."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        text = _current_path(output_dir, model_id).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    prefix = ("{" + json.dumps("model_id") + ": " + json.dumps(model_id) + ",").encode("utf-8")
-    at = data.rfind(b"\n" + prefix)
-    start = at + 1 if at >= 0 else (0 if data.startswith(prefix) else -1)
-    if start < 0:
-        return None
-    end = data.find(b"\n", start)
-    if end < 0:  # cut short: not a record
-        return None
-    parsed = _parse_line(data[start:end].decode("utf-8", errors="replace"))
-    return parsed[1] if parsed and parsed[0] == "record" else None
+    parsed = _parse_line(text)
+    return parsed[1] if parsed and parsed[0] == "record" and parsed[1].model_id == model_id else None
+
+
+def _set_current(output_dir: Path, record: FailureRecord) -> None:
+    write_text_atomic(_current_path(output_dir, record.model_id), json.dumps(asdict(record)) + "\n")
+
+
+def _current_index(output_dir: Path) -> None:
+    """Make `.failures/` agree with the journal (call under the lock): built from the journal
+    when missing (once), removed when the journal is gone. Two stats when all is in place."""
+    index, journal = output_dir / CURRENT_DIR, output_dir / FAILURES_JSONL
+    if not journal.exists():
+        if index.exists():
+            shutil.rmtree(index, ignore_errors=True)
+        return
+    if not index.is_dir():
+        _write_index(output_dir, _read_records(output_dir))
+
+
+def _sync_index(output_dir: Path, records: dict[str, FailureRecord]) -> None:
+    """`.failures/` holding exactly the files of `records` (the compaction's check): missing
+    ones written, others removed; the ones in place are kept as they are."""
+    index = output_dir / CURRENT_DIR
+    if not index.is_dir():
+        _write_index(output_dir, records)
+        return
+    wanted = {_current_path(output_dir, r.model_id).name: r for r in records.values()}
+    present = set(os.listdir(index))
+    for name in present - wanted.keys():
+        (index / name).unlink(missing_ok=True)
+    for name in wanted.keys() - present:
+        _set_current(output_dir, wanted[name])
+
+
+def _write_index(output_dir: Path, records: dict[str, FailureRecord]) -> None:
+    """`.failures/` replaced whole by one file per record; renamed into place when complete."""
+    index = output_dir / CURRENT_DIR
+    building = output_dir / f"{CURRENT_DIR}.building-{os.getpid()}"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        for record in records.values():
+            path = building / _current_path(output_dir, record.model_id).name
+            path.write_text(json.dumps(asdict(record)) + "\n", encoding="utf-8")
+        old = output_dir / f"{CURRENT_DIR}.old-{os.getpid()}"
+        if index.exists():
+            os.replace(index, old)
+        os.replace(building, index)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def _rewrite_txt_without(output_dir: Path, model_ids: set[str]) -> None:
@@ -263,7 +319,8 @@ def record_failure(output_dir, model_id: str, failure: ESDFailure) -> FailureRec
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with _lock(output_dir):
-        previous = _last_record_of(output_dir, model_id)
+        _current_index(output_dir)
+        previous = _current_record(output_dir, model_id)
         record = FailureRecord.from_failure(model_id, failure, previous.attempts + 1 if previous else 1)
         _append(output_dir / FAILURES_JSONL, json.dumps(asdict(record)) + "\n")
         txt = output_dir / FAILED_MODELS_TXT
@@ -274,6 +331,8 @@ def record_failure(output_dir, model_id: str, failure: ESDFailure) -> FailureRec
         elif _txt_line(previous) != _txt_line(record):
             _rewrite_txt_without(output_dir, {model_id})
             _append(txt, _txt_line(record))
+        (output_dir / CURRENT_DIR).mkdir(exist_ok=True)  # (a journal just begun)
+        _set_current(output_dir, record)
     return record
 
 
@@ -285,7 +344,8 @@ def clear_failures(output_dir, model_ids) -> int:
     if not wanted or not (output_dir / FAILURES_JSONL).exists():
         return 0
     with _lock(output_dir):
-        listed = wanted & set(_read_records(output_dir))
+        _current_index(output_dir)
+        listed = {m for m in wanted if _current_path(output_dir, m).exists()}
         if listed:
             stamp = time.time()
             try:
@@ -293,6 +353,8 @@ def clear_failures(output_dir, model_ids) -> int:
                         "".join(json.dumps({"model_id": m, "cleared": True, "time": stamp}) + "\n"
                                 for m in sorted(listed)))
                 _rewrite_txt_without(output_dir, listed)
+                for model_id in listed:
+                    _current_path(output_dir, model_id).unlink(missing_ok=True)
             except OSError as exc:  # the result exists; the next run's planning clears it
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
@@ -321,7 +383,9 @@ def compact_failures(output_dir) -> None:
     if not (output_dir / FAILURES_JSONL).exists():
         return
     with _lock(output_dir):
-        _write_compacted(output_dir, _read_records(output_dir))
+        records = _read_records(output_dir)
+        _write_compacted(output_dir, records)
+        _sync_index(output_dir, records)
 
 
 
@@ -332,5 +396,6 @@ def failure_recorded_since(output_dir, model_id: str, since: float) -> FailureRe
     if not (output_dir / FAILURES_JSONL).exists():
         return None
     with _lock(output_dir):
-        record = _last_record_of(output_dir, model_id)
+        _current_index(output_dir)
+        record = _current_record(output_dir, model_id)
     return record if record is not None and record.time >= since else None

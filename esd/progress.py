@@ -6,8 +6,11 @@ On a terminal (stderr is a TTY) two lines, redrawn every `tick_s`:
     models:  50%|█████     | 2/4 [01:10<01:10, 35.0s/model, failed=0]
     running: org--a (layer 12), org--b (layer 3) | waiting: GPU 0: 30000 MB used > 500 MB threshold
 
-Elapsed time ticks even while no model ends; the ETA comes from the models finished in
-this run. Under nohup (not a TTY) one log line per tenth of the models and a status line
+Elapsed time ticks even while no model ends; the ETA comes from the work done in this run:
+the models finished and the layers of the running ones (`layer 12/30` is 0.4 of a model),
+so it moves while a large model runs instead of waiting for it to end (models not started
+yet count as the average so far). Under nohup (not a TTY) one log line per tenth of the
+models and a status line
 (counts, elapsed, ETA, running models with their layer, why others wait) every
 `status_every_s`, so `tail -f logs/esd_experiment.log` shows the run is alive.
 
@@ -43,8 +46,16 @@ class PlainCpuNotice(logging.Filter):
 
     NVML_LINE = re.compile(r"^gputracker: (?P<why>.+); CPU mode: jobs run with CUDA_VISIBLE_DEVICES=''$")
 
+    def __init__(self, cpu_fallback: bool = True):
+        """`cpu_fallback=False`: GPUs were named (`--gpus 0 1`), so no usable GPU is an error the
+        run says itself; the console then gets no "running on CPU" line before it."""
+        super().__init__()
+        self.cpu_fallback = cpu_fallback
+
     def filter(self, record: logging.LogRecord) -> bool:
         found = self.NVML_LINE.match(record.getMessage())
+        if found and not self.cpu_fallback:
+            return False
         if found:
             record.msg, record.args = (
                 "no GPU can be used (%s): running on CPU; --cpu_workers N runs N models at once, "
@@ -52,8 +63,8 @@ class PlainCpuNotice(logging.Filter):
         return True
 
 
-def current_layer(log_path) -> str | None:
-    """`layer 12/30` (or `layer 12`) from the last layer line of a worker log; None if none yet."""
+def last_layer(log_path) -> tuple[int, int | None] | None:
+    """(i, n) of the last `layer i/n` line of a worker log, n None for `layer i`; None if none yet."""
     if log_path is None:
         return None
     try:
@@ -68,7 +79,25 @@ def current_layer(log_path) -> str | None:
     if not found:
         return None
     done, total = found[-1].groups()
-    return f"layer {int(done)}/{int(total)}" if total else f"layer {int(done)}"
+    return int(done), int(total) if total else None
+
+
+def current_layer(log_path) -> str | None:
+    """`layer 12/30` (or `layer 12`) from the last layer line of a worker log; None if none yet."""
+    layer = last_layer(log_path)
+    if layer is None:
+        return None
+    done, total = layer
+    return f"layer {done}/{total}" if total else f"layer {done}"
+
+
+def model_fraction(log_path) -> float | None:
+    """How much of a running model is done, by its layers (`layer 12/30`: 0.4); None while its
+    worker has not said how many layers the model has."""
+    layer = last_layer(log_path)
+    if layer is None or not layer[1]:
+        return None
+    return min(1.0, layer[0] / layer[1])
 
 
 def format_duration(seconds: float) -> str:
@@ -152,11 +181,20 @@ class RunProgress:
         done = self.done_before + self.finished
         text = f"{done}/{self.total} models finished ({self.failed} failed), {format_duration(elapsed)} elapsed"
         remaining = self.total - done
-        if remaining and self.finished:
-            text += f", ETA {format_duration(elapsed / self.finished * remaining)}"
+        # work done in this run, in models: the finished ones and the layers of the running ones
+        # (a model at `layer 12/30` is 0.4 done), so the ETA moves while a large model runs
+        worked = self.finished + self._running_fraction()
+        if remaining and worked > 0:
+            text += f", ETA {format_duration(elapsed / worked * (remaining - (worked - self.finished)))}"
         elif remaining:
             text += ", ETA after the first model ends"
         return text
+
+    def _running_fraction(self) -> float:
+        try:
+            return sum(model_fraction(log_path) or 0.0 for _, _, log_path in self._running())
+        except Exception:  # noqa: BLE001 - a display must never stop the run
+            return 0.0
 
     def activity_text(self) -> str:
         """`running: a (layer 12), b | waiting: GPU 0: 30000 MB used > 500 MB threshold`."""

@@ -20,7 +20,7 @@ import sys
 from esd import diskfull
 from esd.failures import escape_line_text
 
-_DEAD_OUTPUT = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO)
+DEAD_OUTPUT = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EIO)  # errors of an output that is gone
 
 
 def _silence_fd(stream) -> None:
@@ -49,7 +49,7 @@ class _TolerantStream(io.TextIOBase):
         try:
             return call(*args)
         except (BrokenPipeError, OSError) as exc:
-            if getattr(exc, "errno", None) not in _DEAD_OUTPUT:
+            if getattr(exc, "errno", None) not in DEAD_OUTPUT:
                 raise
             self.dead = True
             if diskfull.is_disk_full(exc):
@@ -113,7 +113,7 @@ def _quiet_handle_error(handler: logging.Handler):
 
     def handle_error(record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, OSError) and exc.errno in _DEAD_OUTPUT:
+        if isinstance(exc, OSError) and exc.errno in DEAD_OUTPUT:
             if diskfull.is_disk_full(exc):
                 diskfull.note(getattr(handler, "baseFilename", "the log"))
             return  # the line is lost; the run goes on, and its last line says why

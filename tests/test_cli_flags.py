@@ -88,3 +88,16 @@ def test_switch_off_flags_are_in_help():
     help_text = run_esd_experiment.build_parser().format_help()
     assert "--no_overwrite" in help_text and "--no_skip_failed" in help_text
     assert run_esd_experiment.parse_config(["--overwrite", "--no_overwrite"]).overwrite is False
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--mode", "esd"], "`--mode esd` is what run_esd_experiment.py does"),
+    (["--max-gpu-workers", "4"], "--num_gpus_per_job N gives each model N GPUs"),
+    (["--no-parallel-gpu"], "one by default (--num_gpus_per_job 1)"),
+    (["--checkpoint-freq", "10"], "each model's CSV is written the moment it is done"),
+])
+def test_seed_flags_say_what_they_meant_here_in_the_last_line_after_a_short_usage(capsys, argv, says):
+    lines = _error(capsys, run_esd_experiment.parse_config, argv).strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: ") and lines[0].endswith(" --help)")
+    assert f"error: {argv[0]} is not a flag of this command" in lines[1] and says in lines[1]
+    assert "did you mean" not in lines[1]

@@ -209,6 +209,36 @@ def test_kill9_orchestrator_then_rerun_completes_every_model_once(slow_models, t
     assert not [p for p in out.rglob(".*.tmp*")]
 
 
+def test_kill9_orchestrator_leaves_its_run_on_record_and_the_report_shows_it_crashed(
+        slow_models, tmp_path, env):
+    out = tmp_path / "out"
+    model_list = write_model_list(tmp_path / "models.csv", [{"model_id": str(slow_models / "llama-0")}])
+    args = RUN + ["--model_list", str(model_list), "--output_dir", str(out)] + FAST
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: _worker_pids(out)), "worker never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        for pid in _worker_pids(out):
+            os.kill(pid, signal.SIGKILL)
+    (run_dir,) = (out / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "running" and record["pid"] == proc.pid and record["counts"]["attempted"] == 1
+    killed = pd.read_csv(out / "runs.csv")
+    assert killed["run_id"].tolist() == [run_dir.name] and killed["status"].tolist() == ["running"]
+
+    rerun = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    rows = pd.read_csv(out / "runs.csv")
+    assert rows["status"].tolist() == ["running", "completed"]   # the file says what it knew
+    from analyze_results import write_report
+    page = write_report(out).read_text()
+    runs_table = page[page.index("<h3>Runs"):]
+    runs_table = runs_table[:runs_table.index("</table>")]
+    assert "crashed" in runs_table and "completed" in runs_table and ">running<" not in runs_table
+
+
 def test_kill9_worker_is_retried_and_ends_done(slow_models, tmp_path, env):
     out = tmp_path / "out"
     model_list = write_model_list(tmp_path / "models.csv", [{"model_id": str(slow_models / "llama-0")}])

@@ -73,3 +73,23 @@ def test_a_worker_whose_result_does_not_fit_records_a_retryable_disk_full_failur
     if result.returncode == 75:  # the record fitted
         record = read_failures(out)[str(model)]
         assert record.reason == "disk_full" and record.retryable and str(out) in record.message
+
+
+def test_closing_the_run_log_on_a_full_disk_is_no_traceback(disk):
+    """The log's last lines cannot be written: the run has said the disk is full, and closing
+    the log (which flushes them once more) must not end in a traceback."""
+    from esd import diskfull, run_record
+    out = disk / "out"
+    out.mkdir()
+    run_record.setup_logging(out)
+    try:
+        fill_leaving(disk, 0)
+        with pytest.raises(OSError):  # the disk is really full: not one more byte fits
+            with open(disk / "one_more", "wb") as handle:
+                handle.write(b"x" * 4096)
+        run_record.log.info("a line that stays in the handler's buffer")  # said nothing: guarded
+        run_record.teardown_logging()  # used to raise OSError [Errno 28] from the close
+        assert not run_record.log.handlers and str(out / "logs" / "esd_experiment.log") in diskfull.seen()
+    finally:
+        run_record.teardown_logging()
+        diskfull._seen.clear()

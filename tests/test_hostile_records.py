@@ -142,6 +142,42 @@ def test_a_failure_is_appended_to_the_journal_never_rewriting_it(tmp_path):
     assert len(lines) == 48 and len({json.loads(line)["model_id"] for line in lines}) == 48
 
 
+def test_recording_or_clearing_a_failure_reads_nothing_of_a_long_journal(tmp_path):
+    """A new worker process records a failure, or a model's next one: what it reads does not
+    grow with the journal (counted by the kernel: /proc/self/io rchar; the journal is ~4 MB).
+    (Clearing a model, or a failure with other words, rewrites failed_models.txt without its
+    old line: that file must lose the line, so that one reads the listing.)"""
+    lines = "".join(json.dumps({"model_id": f"org/m{i}", "stage": "resolve", "reason": "repo_not_found",
+                                "message": "gone " * 10, "retryable": False, "attempts": 1, "time": 1.0}) + "\n"
+                    for i in range(20_000))
+    (tmp_path / failures.FAILURES_JSONL).write_text(lines)
+    compact_failures(tmp_path)  # the orchestrator's start of a run
+    code = """if True:
+        import sys
+        from pathlib import Path
+        from esd.failures import ESDFailure, record_failure
+        def read_so_far():
+            return int(Path("/proc/self/io").read_text().split("rchar: ")[1].split()[0])
+        out = sys.argv[1]
+        record_failure(out, "org/warm-up", ESDFailure("load", "corrupt_file", "x"))  # imports done
+        before = read_so_far()
+        record_failure(out, "org/new", ESDFailure("load", "corrupt_file", "cut"))
+        again = record_failure(out, "org/m7", ESDFailure("resolve", "repo_not_found", "gone " * 10))
+        print(read_so_far() - before, again.attempts)
+    """
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    read_bytes, attempts = map(int, done.stdout.split())
+    journal_bytes = (tmp_path / failures.FAILURES_JSONL).stat().st_size
+    assert journal_bytes > 3_000_000 and read_bytes < 256 * 1024, (read_bytes, journal_bytes)
+    assert attempts == 2
+    current = read_failures(tmp_path)
+    assert "org/new" in current and current["org/m7"].attempts == 2
+    listed = [line.split("\t")[0] for line in txt_lines(tmp_path)]
+    assert len(listed) == len(set(listed)) == 20_000 + 2
+
+
 def test_a_reader_sees_appends_by_other_processes_and_a_compaction(tmp_path):
     record_failure(tmp_path, "org/a", ESDFailure("resolve", "repo_not_found", "gone"))
     assert set(read_failures(tmp_path)) == {"org/a"}

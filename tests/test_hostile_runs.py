@@ -65,6 +65,32 @@ def test_settings_claimed_by_a_live_run_cannot_be_replaced_even_with_overwrite(t
     assert json.loads((out / "esd_settings.json").read_text())["fix_fingers"] == "DKS"
 
 
+def test_overwrite_with_new_settings_cut_short_leaves_no_old_result_to_count_as_done(tmp_path, env):
+    models = [save_gpt2(tmp_path / f"gpt2-{i}", seed=i) for i in range(2)]
+    model_list = write_model_list(tmp_path / "models.csv", [{"model_id": str(m)} for m in models])
+    out = tmp_path / "out"
+    args = RUN + ["--model_list", str(model_list), "--output_dir", str(out)] + FAST
+    first = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    names = [f"{safe_id(str(m))}.csv" for m in models]
+    old = {name: (out / name).read_bytes() for name in names}
+
+    dks = args + ["--fix_fingers", "DKS"]
+    cut = subprocess.run(dks + ["--overwrite", "--limit", "1"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert cut.returncode == 0, cut.stdout + cut.stderr
+    (aside,) = (out / "superseded").iterdir()   # the old settings' results, with their settings
+    assert {name: (aside / name).read_bytes() for name in names} == old
+    assert json.loads((aside / "esd_settings.json").read_text())["fix_fingers"] == "xmin_mid"
+    (new,) = [out / name for name in names if (out / name).exists()]   # only what the new settings made
+    assert new.read_bytes() != old[new.name]
+
+    rerun = subprocess.run(dks, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "1 already done, 0 skipped (failed before), 1 to run" in rerun.stdout, rerun.stdout
+    assert all((out / name).exists() for name in names) and len(list((out / "superseded").iterdir())) == 1
+
+
 def test_a_second_run_with_other_settings_is_refused_while_the_first_runs(tmp_path, env):
     model = save_gpt2(tmp_path / "gpt2", seed=1)
     models = write_model_list(tmp_path / "models.csv", [{"model_id": str(model)}])

@@ -66,6 +66,22 @@ def test_not_on_a_terminal_a_status_line_names_counts_eta_running_and_waiting(tm
     assert any(r.startswith("progress: 2/4 models finished") for r in records)
 
 
+def test_the_eta_moves_with_the_layers_of_a_running_model_before_any_model_ends(tmp_path):
+    log_path = tmp_path / "w.log"
+    progress = RunProgress(2, tty=False).follow(running=lambda: [("org/big", time.time(), log_path)])
+    try:
+        log_path.write_text("  layer    3/10  model.layers.0.mlp\n")
+        early = progress.counts_text(now=progress.started + 30)
+        with log_path.open("a") as handle:
+            handle.write("  layer    6/10  model.layers.2.mlp\n")
+        later = progress.counts_text(now=progress.started + 60)
+    finally:
+        progress.close()
+    # 0.3 of a model in 30s: 1.7 models left take 170s; then 0.6 in 60s: 1.4 left take 140s
+    assert early == "0/2 models finished (0 failed), 30s elapsed, ETA 2m50s"
+    assert later == "0/2 models finished (0 failed), 1m00s elapsed, ETA 2m20s"
+
+
 # ---------------------------------------------------------------- the real orchestrator
 
 @pytest.fixture(scope="module")
@@ -154,3 +170,17 @@ def test_without_nvml_the_console_says_once_and_plainly_that_it_runs_on_cpu(two_
     assert "CUDA_VISIBLE_DEVICES" not in console
     log = (tmp_path / "out" / "logs" / "esd_experiment.log").read_text()
     assert "CUDA_VISIBLE_DEVICES=''" in log        # the log file keeps gputracker's own words
+
+
+def test_gpus_named_on_a_machine_without_nvml_say_one_thing_the_error(two_models, tmp_path):
+    env = orchestrator_env(tmp_path)
+    env.pop("FAKE_NVML_SCRIPT")                  # a machine without NVML
+    args = run_args(two_models, tmp_path / "out")
+    result = subprocess.run(args[:4] + ["--output_dir", str(tmp_path / "out"), "--gpus", "0", "1", "2", "3"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    console = result.stdout + result.stderr
+    assert result.returncode == 2, console
+    assert "running on CPU" not in console and "CPU mode" not in console, console
+    said = [line for line in console.splitlines() if "GPU" in line]
+    assert len(said) == 1 and said[0].startswith("error: ") and "--gpus 0 1 2 3: no GPU can be used here" in said[0]
+    assert "use --gpus none to run on CPU" in said[0]

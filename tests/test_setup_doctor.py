@@ -4,7 +4,7 @@ GPUs cannot exist here, so NVML is the fake of the *library* (`tests/fake_nvml/p
 scripted by `$FAKE_NVML_SCRIPT`) put first on PYTHONPATH; everything else is real: the
 installed packages, huggingface_hub reading the token, the file system, the Slurm commands.
 
-Each run imports torch, transformers and peft (~4 s of CPU), so the runs the selected tests
+Each run imports torch (its CUDA check; a few seconds of CPU), so the runs the selected tests
 need are started together, two at a time, when the first of them is asked for; each test
 names its scenario with `@scenario(...)` and asserts on the finished run.
 """
@@ -329,3 +329,44 @@ def test_importing_the_doctor_runs_nothing_and_defines_no_test_functions():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]" and done.stderr == ""
     assert not [name for name in vars(test_setup) if name.startswith("test")]
+
+
+# ------------------------------------------------------------------ finding and printing packages
+
+def test_pytest_xdist_is_found_by_its_module_xdist():
+    import importlib.metadata
+    pytest.importorskip("xdist")
+    (check,) = [c for c in test_setup.check_optional_packages() if c.name == "optional pytest-xdist"]
+    assert check.status == "OK" and check.finding == importlib.metadata.version("pytest-xdist")
+
+
+def test_the_package_checks_import_no_package():
+    done = subprocess.run([sys.executable, "-c", "import sys, test_setup; "
+                           "checks = test_setup.check_required_packages(); "
+                           "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pandas') if m in sys.modules), "
+                           "[c.status for c in checks if c.name == 'package torch'])"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "[] ['OK']", done.stdout + done.stderr
+
+
+def test_each_check_line_is_printed_as_its_check_ends(tmp_path):
+    """`sbatch --version` (the last checks) waits until the test has read every line before it:
+    a doctor that prints at the end would make it wait until its 15 s timeout, answerless."""
+    bin_dir, go = tmp_path / "bin", tmp_path / "go"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\nwhile [ ! -e '{go}' ]; do sleep 0.05; done\necho 'slurm 99.1'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT="http://127.0.0.1:9",
+               PATH=os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(DOCTOR), "--slurm"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    early = []
+    while not early or early[-1].split()[1:3] != ["output", "dir"]:  # the check before Slurm's
+        line = proc.stdout.readline()
+        assert line, "".join(early)
+        early.append(line)
+    go.write_text("")
+    rest, _ = proc.communicate(timeout=300)
+    assert [line.split()[1] for line in early[:2]] == ["python", "package"]
+    assert "slurm 99.1" in line_of(rest, "slurm sbatch"), "".join(early) + rest

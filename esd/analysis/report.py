@@ -184,11 +184,16 @@ def _read_json(path: Path):
 
 
 def _read_runs(results_dir: Path):
+    """runs.csv, a `running` run whose process is gone shown as `crashed` (esd/run_record.py)."""
+    from esd.run_record import run_state
     path = results_dir / "runs.csv"
     try:
-        return pd.read_csv(path) if path.is_file() else None
+        runs = pd.read_csv(path) if path.is_file() else None
     except (OSError, ValueError, pd.errors.ParserError):
         return None
+    if runs is not None and {"status", "pid", "host"} <= set(runs.columns):
+        runs["status"] = [run_state(*row) for row in zip(runs["status"], runs["pid"], runs["host"])]
+    return runs
 
 
 def _pairs_html(items) -> str:
