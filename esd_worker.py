@@ -5,15 +5,16 @@ run the estimator, write `<output_dir>/<safe_id>.csv` atomically.
                          [--revision REV] [ESD flags] [--device cpu|cuda] [--overwrite]
     python esd_worker.py --manifest results/slurm/<stamp>/manifest.json --task_index 3
 
-Owns: the flags of the ESD settings (derived from `net_esd.ESDSettings`, shared with the
-orchestrator), which layer modes a model gets (its weight rows, then with --delta_from_base
-a fine-tune's W_ft − W_base rows and with --adapter_update a LoRA's (α/r)·B·A rows:
-`analysed_modes`), the progress line `layer i/n` (n over all modes), the per-model CSV and
-eigenvalue files, turning any failure into a typed
-record in `failed_models.txt` / `failures.jsonl`. Exit status: 0 done, 1 failed (final),
+Owns: the worker's flags (derived from `esd.settings.ESDSettings` and `WorkerOptions`,
+shared with the orchestrator, plus `--device`; `worker_argv` writes them), which layer modes
+a model gets (its weight rows, then with --delta_from_base a fine-tune's W_ft − W_base rows
+and with --adapter_update a LoRA's (α/r)·B·A rows: `analysed_modes`), the progress line
+`layer i/n` (n over all modes), the per-model CSV and eigenvalue files, turning any failure
+into a typed record in `failed_models.txt` / `failures.jsonl`. Exit status: 0 done, 1 failed (final),
 75 failed (a retry can help), 74 the disk is full and not even the failure could be recorded
-(the orchestrator records it as `disk_full`). The loader and whatever it needs (transformers, peft) are
-imported inside functions, only when a model needs them.
+(the orchestrator records it as `disk_full`). The loader and whatever it needs (torch,
+transformers, peft) are imported inside functions, only when a model needs them: importing
+this module (as the orchestrator does, for `worker_argv`) loads no torch.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -33,75 +34,38 @@ from filelock import FileLock, Timeout
 
 from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path
-from esd.cli_flags import FlagParser, add_bool_flag, add_flag
-from esd.disk_budget import gigabytes
+from esd.cli_flags import FlagParser, add_flag
 from esd.failures import ESDFailure, clear_failure, failure_recorded_since, record_failure
-from esd.loading.hub import hub_session
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args, unsafe_characters)
+from esd.options import add_options, option, options_argv, options_from_args
 from esd.schema import LAYER_MODES, layer_mode_of
-from net_esd import ESDSettings  # noqa: F401 - re-exported: the settings' home is net_esd
+from esd.settings import (ESDSettings, WorkerOptions, add_esd_arguments,  # noqa: F401 - re-exported
+                          esd_argv, esd_settings_from_args)
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
 
 log = logging.getLogger("esd_worker")
 
 
-def add_esd_arguments(parser: argparse.ArgumentParser, defaults: ESDSettings = ESDSettings()) -> None:
-    """One flag per ESDSettings field (`--name`, booleans also `--no_name`), help from its metadata."""
-    group = parser.add_argument_group("ESD parameters")
-    for item in fields(ESDSettings):
-        default = getattr(defaults, item.name)
-        if isinstance(default, bool):
-            add_bool_flag(group, item.name, default,
-                          f"{item.metadata['help']} (default {'on' if default else 'off'}; --no_{item.name})")
-        else:
-            add_flag(group, item.name, type=type(default), default=default,
-                     help=f"{item.metadata['help']} (default %(default)s)")
-
-
-def esd_settings_from_args(args) -> ESDSettings:
-    """The ESDSettings of parsed flags; ValueError names the bad flag."""
-    return ESDSettings(**{item.name: getattr(args, item.name) for item in fields(ESDSettings)})
-
-
-def esd_argv(esd: ESDSettings) -> list[str]:
-    """The flags that give `esd` back through add_esd_arguments (exact: floats by repr)."""
-    argv = []
-    for item in fields(ESDSettings):
-        value = getattr(esd, item.name)
-        if isinstance(value, bool):
-            argv.append(f"--{item.name}" if value else f"--no_{item.name}")
-        else:
-            argv += [f"--{item.name}", repr(value) if isinstance(value, float) else str(value)]
-    return argv
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig(WorkerOptions):
+    """One worker's task: the model, where its results go, the run's settings and options."""
     entry: ModelEntry
     output_dir: Path
     esd: ESDSettings
-    device: str = "auto"
-    overwrite: bool = False
-    save_eigs: bool = False
-    trust_remote_code: bool = False
+    device: str = option("auto", "where eigenvalues are computed (auto: cuda when visible)",
+                         choices=("auto", "cpu", "cuda"))
     log_path: Path | None = None   # Slurm manifest task: send our output there
-    disk_budget: float | None = None   # GB: delete what this run downloads when done (esd/disk_budget.py)
-    stream: bool = False           # hub safetensors weights read by HTTP ranges, never written to disk
 
 
-def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings, *, device: str = "auto",
-                overwrite=False, save_eigs=False, trust_remote_code=False,
-                disk_budget: float | None = None, stream: bool = False) -> list[str]:
+def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings,
+                options: WorkerOptions = WorkerOptions(), *, device: str = "auto") -> list[str]:
     """The worker's arguments for one model (after the script path); no shell involved.
-    The model's part is `model_list.entry_argv` (read back by `entry_from_args`)."""
-    argv = entry_argv(entry) + ["--output_dir", str(output_dir)]
-    argv += esd_argv(esd) + ["--device", device]
-    argv += ["--overwrite"] * overwrite + ["--save_eigs"] * save_eigs
-    argv += ["--trust_remote_code"] * trust_remote_code
-    argv += ["--disk_budget", repr(disk_budget)] * (disk_budget is not None) + ["--stream"] * stream
-    return argv
+    The model's part is `model_list.entry_argv` (read back by `entry_from_args`), the rest
+    is derived from the settings' fields (`esd/options.py`)."""
+    return (entry_argv(entry) + ["--output_dir", str(output_dir)] + esd_argv(esd)
+            + ["--device", device] + options_argv(options))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,15 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_entry_flags(parser)
     add_flag(parser, "output_dir", help="where the per-model CSV goes")
     add_esd_arguments(parser)
-    add_flag(parser, "device", default="auto", choices=["auto", "cpu", "cuda"],
-             help="where eigenvalues are computed (auto: cuda when visible)")
-    add_flag(parser, "overwrite", action="store_true", help="recompute even if the CSV exists")
-    add_flag(parser, "save_eigs", action="store_true", help="also keep eigenvalues in eigs/<safe_id>.npz")
-    add_flag(parser, "trust_remote_code", action="store_true", help="allow the model's own code (off by default)")
-    add_flag(parser, "disk_budget", type=gigabytes, metavar="GB",
-             help="delete what this run downloads once it is analysed; refuse a model larger than GB")
-    add_flag(parser, "stream", action="store_true",
-             help="read hub safetensors weights by HTTP ranges (nothing of them written to disk)")
+    add_options(parser, WorkerConfig)   # device and the run's WorkerOptions
     add_flag(parser, "manifest", help="run task --task_index of a Slurm manifest instead")
     add_flag(parser, "task_index", type=int, help="index into --manifest (Slurm: $SLURM_ARRAY_TASK_ID)")
     return parser
@@ -201,8 +157,8 @@ def parse_config(argv: list[str]) -> WorkerConfig:
         esd = esd_settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    return WorkerConfig(entry, Path(args.output_dir), esd, args.device, args.overwrite,
-                        args.save_eigs, args.trust_remote_code, log_path, args.disk_budget, args.stream)
+    return options_from_args(WorkerConfig, args, entry=entry, output_dir=Path(args.output_dir),
+                             esd=esd, log_path=log_path)
 
 
 def pick_device(requested: str):
@@ -413,6 +369,7 @@ def run_worker(config: WorkerConfig) -> int:
                   f"{earlier.message}", flush=True)
             return EXIT_RETRYABLE if earlier.retryable else EXIT_FAILED
         started = time.time()
+        from esd.loading.hub import hub_session
         from esd.loading.plans import use_plan_cache
         use_plan_cache(config.output_dir / ".cache" / "plans")  # the run's workers share plans
         try:

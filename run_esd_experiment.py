@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -30,11 +30,12 @@ from filelock import FileLock
 
 from esd import diskfull, run_lock, safe_output
 from esd.atomic_files import atomic_path, remove_stale_temp_files, write_text_atomic
-from esd.cli_flags import FlagParser, add_bool_flag, add_flag
+from esd.cli_flags import FlagParser, add_flag
+from esd.options import add_options, option, options_from_args, options_part, options_record
 from esd.progress import PlainCpuNotice, RunProgress
-from esd_worker import ESDSettings, add_esd_arguments, esd_settings_from_args, worker_argv
+from esd.settings import ESDSettings, WorkerOptions, add_esd_arguments, esd_settings_from_args
+from esd_worker import worker_argv
 from esd.backends import Backend, BackendError, Task
-from esd.disk_budget import gigabytes
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
 from esd.model_list import ModelEntry, ModelListError, read_model_list
@@ -56,37 +57,87 @@ class ConfigError(ValueError):
     """A flag, config file or output directory the run cannot use; the message says which."""
 
 
+def _optional_number(kind):
+    """`--limit 0`, `--limit none` switch a limit off (e.g. one set in a config file)."""
+    def parse(text):
+        if text is None or str(text).strip().lower() in ("", "none", "null", "0", "off"):
+            return None
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not value >= 0:  # also refuses nan
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what} >= 0 or 'none', got {text!r}")
+        return value
+    return parse
+
+
+def _path(text) -> Path:
+    """A path flag's value; an empty one (an unset "$VAR") would silently mean the current directory."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty value")
+    return Path(text)
+
+
+def _parse_gpus(values) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, (str, int)):
+        values = [values]
+    words = [str(v).strip().lower() for v in values]
+    if words in (["none"], ["cpu"], []):
+        return ()
+    try:
+        indices = tuple(int(w) for w in words)
+    except ValueError:
+        indices = (-1,)
+    if min(indices) < 0:
+        raise ConfigError(f"--gpus takes GPU indices (0, 1, …) or 'none', got {list(values)}")
+    return indices
+
+
+def _gpus_record(gpus: tuple[int, ...] | None):
+    return "none" if gpus == () else (list(gpus) if gpus else None)
+
+
 @dataclass(frozen=True)
-class ExperimentConfig:
-    model_list: Path = DEMO_MODEL_LIST
-    output_dir: Path = Path("results")
+class ExperimentConfig(WorkerOptions):
+    """The run's configuration in its one form: each option field is a flag (`build_parser`),
+    a key of `--config` files, and a value of the run's records (`config_as_dict`); the
+    fields of `WorkerOptions` reach every worker (`worker_argv`), `esd` is the ESD settings."""
+    config: Path | None = option(None, "YAML file with any of these flags (command-line flags override it)",
+                                 type=Path)
+    model_list: Path = option(DEMO_MODEL_LIST, "model list CSV (%(default)s)", type=_path)
+    output_dir: Path = option(Path("results"), "where everything goes (%(default)s)", type=_path)
+    gpus: tuple[int, ...] | None = option(  # None: all NVML sees; (): CPU only
+        None, "GPU indices that may be used, or 'none' for CPU (all NVML sees)", type=str, nargs="+",
+        parse=_parse_gpus, record=_gpus_record)
+    cpu_workers: int = option(1, "concurrent workers on CPU (%(default)s)")
+    num_gpus_per_job: int = option(1, "GPUs per model (%(default)s)")
+    gpu_memory_threshold: int = option(  # MB
+        500, "a GPU is free while its used memory stays under this many MB (%(default)s)")
+    max_check: int = option(10, "consecutive free polls before a GPU is granted (%(default)s)")
+    poll_interval: float = option(10.0, "seconds between GPU polls (%(default)s)")
+    skip_failed: bool = option(False, "do not retry models listed in failed_models.txt")
+    limit: int | None = option(None, "only the first N models left to run", type=_optional_number(int))
+    max_retries: int = option(2, "retries of a retryable failure (%(default)s)")
+    retry_backoff: float = option(10.0, "seconds before the first retry, doubling (%(default)s)")
+    timeout: float | None = option(None, "wall-clock seconds per model (none)", type=_optional_number(float))
+    stall_timeout: float | None = option(
+        1800.0, "a worker whose log shows no progress for this many seconds is stopped as "
+        "'stalled' (%(default)s; 0 or none: never)", type=_optional_number(float))
+    status_interval: float = option(
+        60.0, "not on a terminal (nohup): seconds between status lines in the log (%(default)s)")
+    backend: str = option("local", "where workers run (%(default)s)", choices=("local", "slurm"))
+    slurm_partition: str | None = option(None, "sbatch --partition", type=str)
+    slurm_time: str | None = option(None, "sbatch --time, e.g. 04:00:00", type=str)
+    slurm_gres: str | None = option(None, "sbatch --gres, e.g. gpu:1", type=str)
+    slurm_array_parallelism: int | None = option(
+        None, "at most this many array tasks at once (the %%K of --array)", type=int)
+    slurm_extra: str | None = option(None, "more sbatch arguments, e.g. \"--account=abc --qos=low\"", type=str)
+    wait: bool = option(False, "with --backend slurm: follow the array until it ends")
     esd: ESDSettings = field(default_factory=ESDSettings)
-    gpus: tuple[int, ...] | None = None      # None: all NVML sees; (): CPU only
-    cpu_workers: int = 1
-    num_gpus_per_job: int = 1
-    gpu_memory_threshold: int = 500          # MB
-    max_check: int = 10
-    poll_interval: float = 10.0              # seconds
-    overwrite: bool = False
-    skip_failed: bool = False
-    limit: int | None = None
-    max_retries: int = 2
-    retry_backoff: float = 10.0              # seconds before the first retry, doubling
-    timeout: float | None = None             # seconds per model
-    stall_timeout: float | None = 1800.0     # seconds without output in a worker's log
-    status_interval: float = 60.0            # seconds between status lines when not on a terminal
-    save_eigs: bool = False
-    trust_remote_code: bool = False
-    disk_budget: float | None = None         # GB (esd/budget_supervisor.py)
-    stream: bool = False                     # hub safetensors weights by HTTP ranges
-    backend: str = "local"
-    slurm_partition: str | None = None
-    slurm_time: str | None = None
-    slurm_gres: str | None = None
-    slurm_array_parallelism: int | None = None
-    slurm_extra: str | None = None
-    wait: bool = False
-    config: Path | None = None
 
     def validate(self) -> None:
         self.esd.validate()
@@ -124,69 +175,14 @@ class ExperimentConfig:
 
 # ---------------------------------------------------------------- flags and config file
 
-def _optional_number(kind):
-    """`--limit 0`, `--limit none` switch a limit off (e.g. one set in a config file)."""
-    def parse(text):
-        if text is None or str(text).strip().lower() in ("", "none", "null", "0", "off"):
-            return None
-        try:
-            value = kind(text)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or not value >= 0:  # also refuses nan
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what} >= 0 or 'none', got {text!r}")
-        return value
-    return parse
-
-
-def _path(text) -> Path:
-    """A path flag's value; an empty one (an unset "$VAR") would silently mean the current directory."""
-    if not str(text).strip():
-        raise argparse.ArgumentTypeError("expected a path, got an empty value")
-    return Path(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, derived from ExperimentConfig's fields (the ESD settings in their own group)."""
     p = FlagParser(
         description="Compute per-layer ESD metrics for every model of a model list (resumable).",
         epilog="With no arguments: the embedded demo, examples/models.csv into results/.")
-    add_flag(p, "config", type=Path, help="YAML file with any of these flags (command-line flags override it)")
-    add_flag(p, "model_list", type=_path, default=DEMO_MODEL_LIST, help="model list CSV (%(default)s)")
-    add_flag(p, "output_dir", type=_path, default=Path("results"), help="where everything goes (%(default)s)")
-    add_flag(p, "gpus", nargs="+", help="GPU indices that may be used, or 'none' for CPU (all NVML sees)")
-    add_flag(p, "cpu_workers", type=int, default=1, help="concurrent workers on CPU (%(default)s)")
-    add_flag(p, "num_gpus_per_job", type=int, default=1, help="GPUs per model (%(default)s)")
-    add_flag(p, "gpu_memory_threshold", type=int, default=500,
-             help="a GPU is free while its used memory stays under this many MB (%(default)s)")
-    add_flag(p, "max_check", type=int, default=10, help="consecutive free polls before a GPU is granted (%(default)s)")
-    add_flag(p, "poll_interval", type=float, default=10.0, help="seconds between GPU polls (%(default)s)")
+    add_options(p, ExperimentConfig, exclude=(WorkerOptions,))
     add_esd_arguments(p)
-    add_bool_flag(p, "overwrite", False, "recompute models that already have results")
-    add_bool_flag(p, "skip_failed", False, "do not retry models listed in failed_models.txt")
-    add_flag(p, "limit", type=_optional_number(int), default=None, help="only the first N models left to run")
-    add_flag(p, "max_retries", type=int, default=2, help="retries of a retryable failure (%(default)s)")
-    add_flag(p, "retry_backoff", type=float, default=10.0, help="seconds before the first retry, doubling (%(default)s)")
-    add_flag(p, "timeout", type=_optional_number(float), default=None, help="wall-clock seconds per model (none)")
-    add_flag(p, "stall_timeout", type=_optional_number(float), default=1800.0,
-             help="a worker whose log shows no progress for this many seconds is stopped as "
-                  "'stalled' (%(default)s; 0 or none: never)")
-    add_flag(p, "status_interval", type=float, default=60.0,
-             help="not on a terminal (nohup): seconds between status lines in the log (%(default)s)")
-    add_bool_flag(p, "save_eigs", False, "also keep each layer's eigenvalues (eigs/<model>.npz)")
-    add_bool_flag(p, "trust_remote_code", False, "allow models' own code (off unless asked)")
-    add_flag(p, "disk_budget", type=gigabytes, metavar="GB", default=None,
-             help="bounded disk: delete what the run downloads once analysed, start a model only "
-                  "when its download fits beside the running ones (off: the cache keeps everything)")
-    add_bool_flag(p, "stream", False, "read hub safetensors weights by HTTP ranges while analysing; "
-                  "nothing of them is written to disk")
-    add_flag(p, "backend", choices=["local", "slurm"], default="local", help="where workers run (%(default)s)")
-    add_flag(p, "slurm_partition", help="sbatch --partition")
-    add_flag(p, "slurm_time", help="sbatch --time, e.g. 04:00:00")
-    add_flag(p, "slurm_gres", help="sbatch --gres, e.g. gpu:1")
-    add_flag(p, "slurm_array_parallelism", type=int, help="at most this many array tasks at once (the %%K of --array)")
-    add_flag(p, "slurm_extra", help="more sbatch arguments, e.g. \"--account=abc --qos=low\"")
-    add_bool_flag(p, "wait", False, "with --backend slurm: follow the array until it ends")
+    add_options(p.add_argument_group("what every worker does"), WorkerOptions)
     return p
 
 
@@ -264,23 +260,6 @@ def _config_value(action: argparse.Action, value, where: str):
     return converted if items is value else converted[0]
 
 
-def _parse_gpus(values) -> tuple[int, ...] | None:
-    if values is None:
-        return None
-    if isinstance(values, (str, int)):
-        values = [values]
-    words = [str(v).strip().lower() for v in values]
-    if words in (["none"], ["cpu"], []):
-        return ()
-    try:
-        indices = tuple(int(w) for w in words)
-    except ValueError:
-        indices = (-1,)
-    if min(indices) < 0:
-        raise ConfigError(f"--gpus takes GPU indices (0, 1, …) or 'none', got {list(values)}")
-    return indices
-
-
 def _attach_slurm_extra(argv: list[str]) -> list[str]:
     """`--slurm_extra "--mem=8G"`: argparse would take the value for an option; attach it."""
     out, i = [], 0
@@ -307,25 +286,15 @@ def parse_config(argv: list[str]) -> ExperimentConfig:
         esd = esd_settings_from_args(args)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    names = {f.name for f in fields(ExperimentConfig)} - {"esd", "gpus"}
-    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    values["model_list"] = Path(values["model_list"])
-    values["output_dir"] = Path(values["output_dir"])
-    values["limit"] = _optional_number(int)(values["limit"])
-    values["timeout"] = _optional_number(float)(values["timeout"])
-    values["stall_timeout"] = _optional_number(float)(values["stall_timeout"])
-    config = ExperimentConfig(esd=esd, gpus=_parse_gpus(args.gpus), **values)
+    config = options_from_args(ExperimentConfig, args, esd=esd)
     config.validate()
     return config
 
 
 def config_as_dict(config: ExperimentConfig) -> dict:
-    data = asdict(config)
-    data.update({k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
-    data["gpus"] = "none" if config.gpus == () else (list(config.gpus) if config.gpus else None)
-    data.pop("esd")
-    data.update(asdict(config.esd))
-    return data
+    """The run's record of its configuration (`runs/<id>/config.yaml`, run.json's `config`):
+    every option by its flag's name, the ESD settings among them."""
+    return options_record(config)
 
 
 # ---------------------------------------------------------------- what is left to do
@@ -427,11 +396,9 @@ def plan_tasks(plan: Plan, config: ExperimentConfig) -> list[Task]:
     """One task per model left to run: the worker's arguments, its result file and log."""
     output_dir = config.output_dir.absolute()
     env = (("HF_HUB_OFFLINE", "1"),) if config.is_demo else ()
+    options = options_part(WorkerOptions, config)
     return [Task(key=entry.key,
-                 argv=tuple(worker_argv(entry, output_dir, config.esd, overwrite=config.overwrite,
-                                        save_eigs=config.save_eigs,
-                                        trust_remote_code=config.trust_remote_code,
-                                        disk_budget=config.disk_budget, stream=config.stream)),
+                 argv=tuple(worker_argv(entry, output_dir, config.esd, options)),
                  result_path=entry.paths(output_dir).result_csv,
                  log_path=entry.paths(output_dir).worker_log,
                  env=env)
