@@ -37,7 +37,7 @@ from esd.atomic_files import atomic_path
 from esd.cli_flags import FlagParser, add_flag
 from esd.failures import ESDFailure, clear_failure, failure_recorded_since, record_failure
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
-                            entry_from_args, unsafe_characters)
+                            entry_from_args, record_result_file, unsafe_characters)
 from esd.options import add_options, option, options_argv, options_from_args
 from esd.schema import LAYER_MODES, layer_mode_of
 from esd.settings import (ESDSettings, WorkerOptions, add_esd_arguments,  # noqa: F401 - re-exported
@@ -291,6 +291,7 @@ def save_results(config: WorkerConfig, frame, eigs: dict | None) -> Path:
     paths = config.entry.paths(config.output_dir)
     out = paths.result_csv
     try:
+        record_result_file(config.output_dir, config.entry)  # which model this file holds
         if eigs is not None:  # eigenvalues first: an existing CSV implies its eigs exist
             target = paths.eigs
             target.parent.mkdir(parents=True, exist_ok=True)
