@@ -14,9 +14,9 @@ module named after it:
 - `esd/loading/deltas.py`     — a fine-tune as its difference from its base.
 - `esd/loading/log.py`        — the `model_loader` logger and `warn=` callbacks.
 
-Owns here: `resolve_model` (an id — local directory, `org/name`, `org/name@rev`, training
-checkpoint directory — to a `ResolvedModel`) and `iter_layers` (its layers, one at a time, as
-`(longname, layer_type, float32 CPU tensor)`).
+Owns here: `resolve_model` (a `ModelEntry` — local directory, `org/name`, `org/name@rev`,
+training checkpoint directory — to a frozen `ResolvedModel` holding that entry) and
+`iter_layers` (its layers, one at a time, as `(longname, layer_type, float32 CPU tensor)`).
 
 Must not: compute any metric (that is `net_esd.py`), choose devices or GPUs, write result
 files, or hold a whole model in memory (one exception, documented at
@@ -34,6 +34,7 @@ Decisions:
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -62,51 +63,57 @@ def resolve_model(model_id: "str | ModelEntry", revision: str | None = None,
                   source_model: str | None = None,
                   base_model_relation: str | None = None, *, trust_remote_code: bool = False,
                   cache_dir: str | None = None, warn: Warn | None = None) -> ResolvedModel:
-    """Resolve an id (local dir, `org/name`, `org/name@rev`) to files; for an adapter, also
-    resolve its base (`source_model` argument → `base_model_name_or_path` in
+    """Resolve a model (a `ModelEntry`, the form the model list and the worker hold, or an id
+    — local dir, `org/name`, `org/name@rev` — with the entry's fields as keywords) to files;
+    for an adapter, also resolve its base (the entry's base → `base_model_name_or_path` in
     adapter_config.json). Downloads only what is needed, or reads the cache when offline.
     Warnings go to the `model_loader` logger, or to `warn` when given (also those of
-    `iter_layers` on the result). `model_id` may be a `ModelEntry` (the worker's form): its
-    real local directory is then used."""
-    if isinstance(model_id, ModelEntry):  # adapter: the entry form beside the keyword form
-        entry = model_id
-        model_id, revision = entry.local_dir or entry.model_id, entry.revision
-        source_model, base_model_relation = entry.source_model, entry.base_model_relation
+    `iter_layers` on the result)."""
+    entry = model_id if isinstance(model_id, ModelEntry) else \
+        _entry_of(model_id, revision, source_model, base_model_relation)
     with warnings_to(warn):
-        resolved = _resolve(model_id, revision, source_model, base_model_relation,
-                            trust_remote_code, cache_dir, as_base=False)
-    resolved.warn = warn
-    return resolved
+        resolved = _resolve(entry, trust_remote_code, cache_dir, as_base=False)
+    return replace(resolved, warn=warn)
 
 
-def _resolve(model_id: str, revision: str | None, source_model: str | None,
-             base_model_relation: str | None, trust_remote_code: bool, cache_dir: str | None,
+def _entry_of(model_id: str, revision: str | None, source_model: str | None,
+              base_model_relation: str | None) -> ModelEntry:
+    """The entry of the keyword form (no local lookup: the id is read as written)."""
+    if not isinstance(model_id, str) or not model_id.strip():
+        raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
+    try:
+        model_id, revision = split_revision(model_id, revision)
+    except RevisionConflict as exc:
+        raise ESDFailure("resolve", "invalid_id", str(exc)) from None
+    return ModelEntry(model_id, revision, source_model or None, base_model_relation)
+
+
+def _resolve(entry: ModelEntry, trust_remote_code: bool, cache_dir: str | None,
              as_base: bool) -> ResolvedModel:
     """resolve_model's work; as the base of an adapter (`as_base`), an adapter directory is
     returned unresolved (marked `is_adapter`) instead of resolving its own base."""
+    relation = entry.base_model_relation
     try:
-        resolved = _locate(model_id, revision, trust_remote_code, cache_dir)
-        hint_adapter = relation_says_adapter(base_model_relation)
+        resolved = _locate(entry, trust_remote_code, cache_dir)
+        hint_adapter = relation_says_adapter(relation)
         if is_adapter_dir(resolved.local_dir):
             if as_base:
-                resolved.is_adapter = True
-                return resolved
-            if base_model_relation and not hint_adapter:
+                return replace(resolved, is_adapter=True)
+            if relation and not hint_adapter:
                 logger.warning(f"{resolved.model_id}: base_model_relation="
-                               f"{base_model_relation!r} but the files are an adapter "
+                               f"{relation!r} but the files are an adapter "
                                "(adapter_config.json); merging it into its base")
 
-            def resolve_base(base_id: str, base_revision: str | None) -> ResolvedModel:
-                return _resolve(base_id, base_revision, None, None, trust_remote_code,
-                                cache_dir, as_base=True)
-            return resolve_adapter(resolved, source_model, resolve_base)
+            def resolve_base(base: ModelEntry) -> ResolvedModel:
+                return _resolve(base, trust_remote_code, cache_dir, as_base=True)
+            return resolve_adapter(resolved, resolve_base)
         if hint_adapter:
-            logger.warning(f"{resolved.model_id}: base_model_relation={base_model_relation!r} "
+            logger.warning(f"{resolved.model_id}: base_model_relation={relation!r} "
                            "but there is no adapter_config.json + adapter_model.*; analysing it "
                            "as a full model")
-        return _with_weights(resolved, source_model)
+        return _with_weights(resolved)
     except OSError as exc:      # unreadable folders (/proc, permissions), over-long names
-        raise _os_failure(exc, model_id) from None
+        raise _os_failure(exc, entry.local_dir or entry.model_id) from None
 
 
 def _os_failure(exc: OSError, model_id) -> ESDFailure:
@@ -121,48 +128,38 @@ def _os_failure(exc: OSError, model_id) -> ESDFailure:
                       f"{exc.strerror or exc}")
 
 
-def _locate(model_id: str, revision: str | None, trust_remote_code: bool,
-            cache_dir: str | None) -> ResolvedModel:
-    """The directory an id names: a local directory, or the hub snapshot of `org/name@rev`."""
-    if not isinstance(model_id, str) or not model_id.strip():
+def _locate(entry: ModelEntry, trust_remote_code: bool, cache_dir: str | None) -> ResolvedModel:
+    """The directory an entry names: a local directory, or the hub snapshot of `org/name@rev`."""
+    model_id, revision = entry.local_dir or entry.model_id, entry.revision
+    if not model_id.strip():
         raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
-    try:
-        model_id, revision = split_revision(model_id, revision)
-    except RevisionConflict as exc:
-        raise ESDFailure("resolve", "invalid_id", str(exc)) from None
     local = Path(model_id).expanduser()
     if local.is_dir():
         if revision:
             logger.warning(f"{model_id}: local directory, revision {revision!r} ignored")
-        resolved = ResolvedModel(model_id, None, local, False, None)
-    elif local.is_file() or model_id.startswith(("/", "./", "../", "~")) or \
-            model_id.count("/") > 1:
+        return ResolvedModel(entry, local, trust_remote_code=trust_remote_code)
+    if local.is_file() or model_id.startswith(("/", "./", "../", "~")) or model_id.count("/") > 1:
         raise ESDFailure("resolve", "repo_not_found", f"{model_id}: no such local directory "
                          "(and not a hub id `org/name`)")
-    elif not looks_like_hub_id(model_id):
+    if not looks_like_hub_id(model_id):
         raise ESDFailure("resolve", "invalid_id", f"{model_id!r} is neither a local directory "
                          "nor a hub id `org/name`")
-    else:
-        snapshot = download_snapshot(model_id, revision or "main", hub_cache_dir(cache_dir),
-                                     trust_remote_code)
-        resolved = ResolvedModel(model_id, revision or "main", snapshot, False, None,
-                                 commit=snapshot.name)
-    resolved.trust_remote_code = trust_remote_code
-    return resolved
+    snapshot = download_snapshot(model_id, revision or "main", hub_cache_dir(cache_dir),
+                                 trust_remote_code)
+    return ResolvedModel(entry, snapshot, revision or "main", commit=snapshot.name,
+                         trust_remote_code=trust_remote_code)
 
 
-def _with_weights(resolved: ResolvedModel, source_model: str | None) -> ResolvedModel:
+def _with_weights(resolved: ResolvedModel) -> ResolvedModel:
     """A full model: its weight files and config.json (refusing quantized checkpoints)."""
-    resolved.source_model = source_model or None
-    resolved.weights_dir, files = remote_weights(resolved.local_dir) or \
+    weights_dir, files = remote_weights(resolved.local_dir) or \
         find_weights(resolved.local_dir)    # remote: weights streamed (--stream)
-    resolved.weight_files = tuple(files)
-    for candidate in (resolved.weights_dir / CONFIG_FILE, resolved.local_dir / CONFIG_FILE):
-        if candidate.is_file():
-            resolved.config_path = candidate
-            break
-    check_not_quantized(resolved.config_path)
-    return resolved
+    config_path = next((candidate for candidate in (weights_dir / CONFIG_FILE,
+                                                    resolved.local_dir / CONFIG_FILE)
+                        if candidate.is_file()), None)
+    check_not_quantized(config_path)
+    return replace(resolved, weights_dir=weights_dir, weight_files=tuple(files),
+                   config_path=config_path)
 
 
 def iter_layers(resolved: ResolvedModel, *, warn: Warn | None = None, mode: str = "weights",
@@ -203,11 +200,11 @@ def _deltas_from_base(resolved: ResolvedModel, on_plan: PlanCounts):
     if resolved.is_adapter:
         raise ESDFailure("load", "adapter_unsupported", f"{resolved.model_id}: an adapter's "
                          "difference from its base is its update: use adapter_update")
-    if not resolved.source_model:
+    if resolved.entry.base is None:
         raise ESDFailure("resolve", "base_unresolved", f"{resolved.model_id}: delta_from_base "
                          "needs the model's base (the model list's source_model column)")
     try:
-        base = resolve_model(resolved.source_model, trust_remote_code=resolved.trust_remote_code)
+        base = resolve_model(resolved.entry.base, trust_remote_code=resolved.trust_remote_code)
     except ESDFailure as failure:
         failure.message = f"base {resolved.source_model} of {resolved.model_id}: {failure.message}"
         raise
