@@ -112,8 +112,8 @@ def options_part(cls, source):
 
 def options_argv(obj, *, exclude: tuple = ()) -> list[str]:
     """The flags that give `obj`'s options back through `add_options` (exact: floats by
-    repr; booleans as `--x` / `--no_x`; an option left at None is left out, which gives
-    None back only where None is the default)."""
+    repr; booleans as `--x` / `--no_x`; a value starting with `-` attached as `--x=-v`; an
+    option left at None is left out, which gives None back only where None is the default)."""
     argv: list[str] = []
     for item in option_fields(type(obj), exclude=exclude):
         value = getattr(obj, item.name)
@@ -125,7 +125,9 @@ def options_argv(obj, *, exclude: tuple = ()) -> list[str]:
         elif isinstance(value, (list, tuple)):
             argv += [f"--{item.name}", *map(str, value)]
         else:
-            argv += [f"--{item.name}", repr(value) if isinstance(value, float) else str(value)]
+            text = repr(value) if isinstance(value, float) else str(value)
+            # a value such as `-x` is attached, or argparse would read it as a flag
+            argv += [f"--{item.name}={text}"] if text.startswith("-") else [f"--{item.name}", text]
     return argv
 
 
