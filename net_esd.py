@@ -1,10 +1,10 @@
 """Empirical spectral density (ESD) metrics of weight matrices.
 
-This module owns the numbers: the ESD settings (`ESDSettings`, the one form they take from
-the flag to the maths), the eigenvalues of each layer's WᵀW, the power-law fit of their tail
+This module owns the numbers: the eigenvalues of each layer's WᵀW, the power-law fit of their tail
 and the derived norm metrics, exactly as defined in `docs/metrics.md` (which follows
 WeightWatcher where it is sound, and says how accuracy is certified). It turns
-`(longname, layer_type, tensor)` triples into one metrics row each.
+`(longname, layer_type, tensor)` triples into one metrics row each, under the run's
+`ESDSettings` (defined without torch in `esd/settings.py`, re-exported here).
 
 It must not know where weights come from (hub, files, adapters: `model_loader.py`), how
 layers are prefetched and spread over devices (`esd/pipeline.py`), nor how GPUs are shared
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -33,6 +33,8 @@ import torch
 from esd import baselines
 from esd.loading.layers import iter_model_layers  # walking nn.Modules is loading's job
 from esd.schema import LAYER_TYPES
+# the settings live in a module without torch; re-exported: `from net_esd import ESDSettings`
+from esd.settings import FIX_FINGERS_METHODS, ESDSettings, normalize_fix_fingers  # noqa: F401
 
 ESD_COLUMNS = [
     "longname", "layer_type", "M", "N", "Q", "params", "num_evals",
@@ -48,8 +50,6 @@ ESD_COLUMNS = [
 RANDOMIZE_COLUMNS = ["max_rand_eval", "ww_softrank", "rand_distance", "rand_num_spikes"]
 MP_FIT_COLUMNS = baselines.MP_FIT_COLUMNS   # the fields of baselines.MPFit
 
-FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
-_FIX_FINGERS_ALIASES = {"none": "DKS", "dks": "DKS"}
 
 # every eigenvalue above the threshold must match a float64 SVD to this relative accuracy
 EIGENVALUE_RTOL = 1e-4
@@ -70,98 +70,7 @@ _GRAM_COLUMN_BLOCKS = 4
 _GRAM_MIN_BLOCKED_COLUMNS = 512
 
 
-def normalize_fix_fingers(method) -> str:
-    """Canonical fix_fingers name; None/'none'/'None' mean DKS. Unknown names raise ValueError."""
-    if method is None:
-        return "DKS"
-    name = str(method)
-    if name in FIX_FINGERS_METHODS:
-        return name
-    if name.lower() in _FIX_FINGERS_ALIASES:
-        return _FIX_FINGERS_ALIASES[name.lower()]
-    raise ValueError(
-        f"unknown fix_fingers {method!r}; valid: {', '.join(FIX_FINGERS_METHODS)} (or none = DKS)")
-
-
-# ----------------------------------------------------------------------------- settings
-
-def _setting(default, help: str):
-    """A field of ESDSettings: its default and the help text of its command-line flag."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class ESDSettings:
-    """The ESD parameters of one run, in their one form: every layer of every model of the run
-    is computed with them, and results computed with other settings are not comparable.
-
-    The command-line flags (`--<field>`, booleans also `--no_<field>`), the worker's argv and
-    the run's `esd_settings.json` are all derived from these fields (`esd_worker.add_esd_arguments`,
-    `esd_worker.esd_argv`, `dataclasses.asdict`), so a new parameter is one field here. Construction
-    validates: a bad value raises ValueError naming the flag; `fix_fingers` is canonical
-    (`none`/`None` become `DKS`)."""
-    fix_fingers: str = _setting("xmin_mid", "how xmin is chosen: " + ", ".join(FIX_FINGERS_METHODS)
-                                + " (none = DKS). Note: xmin_mid gives alpha 2-3.5 even on random Gaussian"
-                                " matrices (DKS: 6-20), so its values cannot be read against the usual"
-                                " 2-6 range; compare models with each other (docs/metrics.md)")
-    evals_thresh: float = _setting(1e-5, "eigenvalues at or below this are left out of the fit")
-    bins: int = _setting(100, "histogram bins for xmin_peak")
-    xmin_pos: int = _setting(2, "xmin_mid takes the eigenvalue at index n / xmin_pos")
-    conv_norm: float = _setting(0.5, "conv slices are scaled by sqrt(conv_norm)")
-    filter_zeros: bool = _setting(True, "fit only eigenvalues above --evals_thresh (off: every eigenvalue > 0)")
-    min_evals: int = _setting(10, "layers with fewer eigenvalues (after filtering) are not fitted")
-    randomize: bool = _setting(False, "also the ESD of the element-shuffled W: max_rand_eval, ww_softrank,"
-                               " rand_distance, rand_num_spikes (one more eigensolve per layer)")
-    randomize_seed: int = _setting(0, "seed of --randomize's shuffles (each layer's shuffle is drawn from"
-                                   " this seed and the layer's name)")
-    mp_fit: bool = _setting(False, "also the Marchenko-Pastur fit of the bulk: num_spikes, sigma_mp,"
-                            " mp_softrank, bulk_min, bulk_max")
-    # Which matrices besides the weights (rows named `<layer>.delta_from_base` /
-    # `<layer>.adapter_update`, esd.schema.LAYER_MODES); the maths here ignores them, the
-    # worker chooses the layers. Settings, so results with and without them never mix.
-    delta_from_base: bool = _setting(False, "also analyse W_ft - W_base of each fine-tune whose base is its "
-                                     "source_model (rows <layer>.delta_from_base)")
-    adapter_update: bool = _setting(False, "also analyse each LoRA adapter's scaled update (alpha/r)*B*A "
-                                    "alone (rows <layer>.adapter_update)")
-
-    def __post_init__(self):
-        for item in fields(self):  # numbers may arrive as text (a config file) or ints for floats
-            value = getattr(self, item.name)
-            kind = type(item.default)
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise ValueError(f"--{item.name} must be true or false, got {value!r}")
-            elif kind in (int, float) and not isinstance(value, bool):
-                try:
-                    number = kind(value)
-                except (TypeError, ValueError):
-                    raise ValueError(f"--{item.name} must be a {'whole ' if kind is int else ''}number, "
-                                     f"got {value!r}") from None
-                if kind is int and number != float(value):
-                    raise ValueError(f"--{item.name} must be a whole number, got {value!r}")
-                object.__setattr__(self, item.name, number)
-        try:
-            object.__setattr__(self, "fix_fingers", normalize_fix_fingers(self.fix_fingers))
-        except ValueError:
-            raise ValueError(f"--fix_fingers {self.fix_fingers!r} is not one of "
-                             f"{list(FIX_FINGERS_METHODS)} (none = DKS)") from None
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the flag of the first bad value (construction calls it)."""
-        if not 0 <= self.evals_thresh < math.inf:
-            raise ValueError(f"--evals_thresh must be a finite number >= 0, got {self.evals_thresh}")
-        if self.bins < 2:
-            raise ValueError(f"--bins must be >= 2, got {self.bins}")
-        if self.xmin_pos < 1:
-            raise ValueError(f"--xmin_pos must be >= 1, got {self.xmin_pos}")
-        if not 0 < self.conv_norm < math.inf:
-            raise ValueError(f"--conv_norm must be a finite number > 0, got {self.conv_norm}")
-        if self.min_evals < 2:
-            raise ValueError(f"--min_evals must be >= 2 (a fit needs two eigenvalues), got {self.min_evals}")
-        if self.randomize_seed < 0:
-            raise ValueError(f"--randomize_seed must be >= 0, got {self.randomize_seed}")
-
+# ----------------------------------------------------------------------------- columns
 
 def esd_columns(settings: ESDSettings = ESDSettings()) -> list:
     """The columns of a metrics row under `settings`: ESD_COLUMNS, then RANDOMIZE_COLUMNS

@@ -43,8 +43,8 @@ def plan_seconds(config_dir: Path, source) -> tuple[float, int]:
     from esd.loading.layers import plan_layers
     from esd.loading.log import warnings_to
     from esd.loading.resolved import ResolvedModel
-    resolved = ResolvedModel("bench", None, config_dir, False, None,
-                             config_path=config_dir / "config.json")
+    from esd.model_list import ModelEntry
+    resolved = ResolvedModel(ModelEntry("bench"), config_dir, config_path=config_dir / "config.json")
     start = time.perf_counter()
     with warnings_to(lambda message: None):
         modules, _ = plan_layers(resolved, source)

@@ -1,8 +1,10 @@
 """The model list and a model's identity: reading, validating and writing the CSV users
 hand to the experiment, and the one place a model id becomes names and paths.
 
-Owns: `ModelEntry` (id, revision, where a local directory really is, the safe id and every
-path derived from it: result CSV, eigenvalues, lock, worker log), the worker's model flags
+Owns: `ModelEntry` (id, revision, where a local directory really is, its base parsed into an
+entry of its own, the safe id and every path derived from it: result CSV, eigenvalues, lock,
+worker log), the record of which result file holds which model (`runs/models.json`:
+`record_result_file`, `recorded_result_files`), the worker's model flags
 (`add_entry_flags`, `entry_argv` / `entry_from_args`: the one round trip through argv),
 `split_revision` (the one revision check), `safe_id` (injective: two models never share a
 file, and no model is named like a file the run owns), `read_model_list`, `write_model_list`.
@@ -21,7 +23,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esd.atomic_files import atomic_path
+from esd.atomic_files import atomic_path, write_text_atomic
 
 ID_COLUMNS = ("model_id", "full_name")
 OPTIONAL_COLUMNS = ("source_model", "base_model_relation", "revision")
@@ -57,12 +59,21 @@ class ModelPaths:
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One model as the model list names it, parsed once: the id, its revision, where a local
+    directory really is, and its base (`source_model`) parsed the same way into an entry of
+    its own (`base`). Every name and path of the model derives from here (`key`, `safe_id`,
+    `paths`)."""
     model_id: str                     # hub id `org/name` or a local directory, without `@rev`
     revision: str | None = None
-    source_model: str | None = None   # base model of an adapter (a hint; files win)
+    source_model: str | None = None   # the base as written (a fine-tune's or adapter's; files win)
     base_model_relation: str | None = None
     row: int | None = field(default=None, compare=False)  # line number in the CSV (header = 1)
     local_dir: str | None = field(default=None, compare=False)  # the real directory, if local
+    base: "ModelEntry | None" = field(default=None, compare=False, repr=False)  # source_model parsed
+
+    def __post_init__(self):
+        if self.base is None and self.source_model:  # one parse: split_revision, at the last `@`
+            object.__setattr__(self, "base", ModelEntry(*parse_model_id(self.source_model)))
 
     @property
     def key(self) -> str:
@@ -144,7 +155,8 @@ def make_entry(text: str, revision: str | None = None, source_model: str | None 
                 break
         except OSError:  # e.g. a name too long for the file system: not a local directory
             break
-    return ModelEntry(model_id, revision, source_model, base_model_relation, row, local_dir)
+    base = make_entry(source_model, base_dir=base_dir) if source_model else None
+    return ModelEntry(model_id, revision, source_model, base_model_relation, row, local_dir, base)
 
 
 def safe_id(model_id: str, revision: str | None = None, *, local: bool | None = None) -> str:
@@ -183,6 +195,42 @@ def result_csv_path(output_dir: str | os.PathLike, entry: ModelEntry) -> Path:
     return entry.paths(output_dir).result_csv
 
 
+# ------------------------------------------------------------ which result file is which model
+
+RESULT_INDEX = Path("runs") / "models.json"   # {"models": {"<safe_id>.csv": "org/name@rev", …}}
+
+
+def record_result_file(output_dir: str | os.PathLike, entry: ModelEntry) -> Path:
+    """Note in `<output_dir>/runs/models.json` that `entry`'s result file holds `entry.key`
+    (the CSV's model_id), so the analysis looks the name up instead of re-deriving it."""
+    import json
+
+    from filelock import FileLock
+    index = Path(output_dir) / RESULT_INDEX
+    index.parent.mkdir(parents=True, exist_ok=True)
+    name = entry.paths(output_dir).result_csv.name
+    with FileLock(str(index.with_name(".models.json.lock"))):
+        models = recorded_result_files(output_dir)
+        if models.get(name) != entry.key:
+            models[name] = entry.key
+            write_text_atomic(index, json.dumps({"models": models}, indent=1, sort_keys=True) + "\n")
+    return index
+
+
+def recorded_result_files(output_dir: str | os.PathLike) -> dict[str, str]:
+    """{result file name: model key} as the runs recorded them (`record_result_file`); empty
+    for a directory written before runs recorded it, or an unreadable index."""
+    import json
+    try:
+        data = json.loads((Path(output_dir) / RESULT_INDEX).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        return {}
+    return {str(name): str(key) for name, key in models.items() if isinstance(key, str)}
+
+
 # ------------------------------------------------------------------ the worker's model flags
 
 def add_entry_flags(parser) -> None:
@@ -193,24 +241,31 @@ def add_entry_flags(parser) -> None:
     add_flag(parser, "base_model_relation", help="hint from the model list (base, finetune, adapter, …)")
     add_flag(parser, "revision", help="hub revision (branch, tag or commit)")
     add_flag(parser, "local_dir", help=argparse.SUPPRESS)  # where the orchestrator found it
+    add_flag(parser, "base_local_dir", help=argparse.SUPPRESS)  # where it found the base
 
 
-ENTRY_FLAGS = ("model_id", "source_model", "base_model_relation", "revision", "local_dir")
+ENTRY_FLAGS = ("model_id", "source_model", "base_model_relation", "revision", "local_dir",
+               "base_local_dir")
 
 
 def entry_argv(entry: ModelEntry) -> list[str]:
     """An entry as worker arguments. Values are attached (`--model_id=ID`), so an id such as
     `-x` or `--help` stays a value instead of being read as a flag."""
     values = {"model_id": entry.model_id, "revision": entry.revision, "source_model": entry.source_model,
-              "base_model_relation": entry.base_model_relation, "local_dir": entry.local_dir}
+              "base_model_relation": entry.base_model_relation, "local_dir": entry.local_dir,
+              "base_local_dir": entry.base.local_dir if entry.base is not None else None}
     return [f"--{name}={value}" for name, value in values.items() if value]
 
 
 def entry_from_args(args) -> ModelEntry:
     """The entry `entry_argv` wrote (RevisionConflict if `--model_id` and `--revision` disagree)."""
     model_id, revision = split_revision(args.model_id, args.revision)
+    base = None
+    if args.source_model:
+        base = ModelEntry(*parse_model_id(args.source_model),
+                          local_dir=getattr(args, "base_local_dir", None))
     return ModelEntry(model_id, revision, args.source_model, args.base_model_relation,
-                      local_dir=getattr(args, "local_dir", None))
+                      local_dir=getattr(args, "local_dir", None), base=base)
 
 
 def unsafe_characters(text: str) -> str | None:

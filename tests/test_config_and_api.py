@@ -243,7 +243,7 @@ def test_the_demo_list_finds_its_adapter_from_any_directory(tmp_path, monkeypatc
     entries, warnings = run_esd_experiment.read_entries(run_esd_experiment.parse_config([]))
     adapter = [e for e in entries if "lora" in e.model_id][0]
     assert adapter.key == "examples/minilm-lora-demo" and adapter.safe_id == "examples--minilm-lora-demo"
-    assert adapter.local_dir == str(ROOT / "examples" / "minilm-lora-demo") and not warnings
+    assert adapter.local_dir == str(ROOT / "esd" / "demo" / "examples" / "minilm-lora-demo") and not warnings
 
 
 def test_an_id_read_as_a_hub_id_whose_folder_exists_hints_a_local_path(tmp_path, monkeypatch):

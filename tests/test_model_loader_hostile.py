@@ -140,6 +140,7 @@ def test_a_real_70b_config_plans_its_562_layers_from_723_tensors(tmp_path):
 
     from esd.loading.layers import plan_layers
     from esd.loading.resolved import ResolvedModel
+    from esd.model_list import ModelEntry
     config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                          num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
                          max_position_embeddings=4096, architectures=["LlamaForCausalLM"])
@@ -147,8 +148,7 @@ def test_a_real_70b_config_plans_its_562_layers_from_723_tensors(tmp_path):
     with torch.device("meta"):
         source = _MetaSource(LlamaForCausalLM(config).state_dict())
     assert len(source.shapes) == 723
-    resolved = ResolvedModel("llama-70b", None, tmp_path, False, None,
-                             config_path=tmp_path / "config.json")
+    resolved = ResolvedModel(ModelEntry("llama-70b"), tmp_path, config_path=tmp_path / "config.json")
     modules, keys = plan_layers(resolved, source)
     assert len(modules) == 80 * 7 + 2
     assert keys["model.layers.79.mlp.down_proj"] == "model.layers.79.mlp.down_proj.weight"

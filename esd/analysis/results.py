@@ -1,8 +1,10 @@
 """Which files of a results directory are results, read into one per-layer table.
 
-Owns: recognising the run's own per-model CSVs (a regular file `<safe_id>.csv` whose one
-model id maps back onto that very name, so copies, truncated backups and merged exports
-are ignored and listed, never merged into a model), the per-layer table, layer selection,
+Owns: recognising the run's own per-model CSVs (a regular file `<safe_id>.csv` holding the
+one model the run recorded for that name in `runs/models.json` — in directories written
+before that record, one whose model id maps back onto that very name — so copies,
+truncated backups and merged exports are ignored and listed, never merged into a model),
+the per-layer table, layer selection,
 and the one atomic CSV write of the analysis. Never opens anything but regular files (a
 FIFO named `x.csv` would block a reader forever) and computes no statistic.
 """
@@ -18,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from esd.atomic_files import atomic_path
-from esd.model_list import parse_model_id, safe_id
+from esd.model_list import parse_model_id, recorded_result_files, safe_id
 from esd.schema import LAYER_MODES, LAYER_TYPES, layer_mode_of  # (re-exported here)
 
 PER_MODEL_KEY_COLUMNS = ("model_id", "longname", "alpha")   # what makes a CSV a per-model CSV
@@ -67,10 +69,11 @@ def scan_results(results_dir) -> ResultScan:
     if not results_dir.is_dir():
         raise AnalysisError(f"results directory {results_dir} does not exist")
     frames, ignored = [], []
+    recorded = recorded_result_files(results_dir)
     for path in sorted(results_dir.glob("*.csv")):
         if path.name in OWN_OUTPUTS:
             continue
-        frame, why = _read_per_model_csv(path)
+        frame, why = _read_per_model_csv(path, recorded)
         if why:
             ignored.append((path, why))
         elif len(frame):
@@ -94,10 +97,12 @@ def _is_regular_file(path: Path) -> bool:
 
 
 def _own_result_names(model_id: str) -> set[str]:
-    """The file names the worker may have given the result of `model_id` (the CSV's
-    model_id column, `org/name@rev` or a local path). Where the path is not here (another
-    machine, another working directory) it is unknown whether the id was split at `@` or
-    was a local directory, so every reading is allowed; each is still that id's own name."""
+    """For a results directory written before runs recorded their result files
+    (`runs/models.json`): the file names the worker may have given the result of `model_id`
+    (the CSV's model_id column, `org/name@rev` or a local path). Where the path is not here
+    (another machine, another working directory) it is unknown whether the id was split at
+    `@` or was a local directory, so every reading is allowed; each is still that id's own
+    name."""
     model_id = str(model_id)
     readings = {parse_model_id(model_id), (model_id, None)}
     base, _, revision = model_id.rpartition("@")
@@ -106,8 +111,23 @@ def _own_result_names(model_id: str) -> set[str]:
     return {f"{safe_id(name, rev, local=local)}.csv" for name, rev in readings for local in (True, False)}
 
 
-def _read_per_model_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
-    """(frame, None) for a result file of the run, else (None, why it is not one)."""
+def _expected_result_name(model_id: str, path: Path, recorded: dict[str, str]) -> str | None:
+    """None if `path` is the result file of `model_id`, else the file name that would be:
+    looked up in the run's record (`runs/models.json`), derived for files it does not name."""
+    if path.name in recorded:
+        if recorded[path.name] == model_id:
+            return None
+        return next((name for name, key in sorted(recorded.items()) if key == model_id),
+                    sorted(_own_result_names(model_id))[0])
+    if path.name in _own_result_names(model_id):
+        return None
+    return sorted(_own_result_names(model_id))[0]
+
+
+def _read_per_model_csv(path: Path, recorded: dict[str, str] | None = None
+                        ) -> tuple[pd.DataFrame | None, str | None]:
+    """(frame, None) for a result file of the run, else (None, why it is not one).
+    `recorded`: the run's {result file name: model key} (`recorded_result_files`)."""
     if not _is_regular_file(path):
         kind = ("a directory" if path.is_dir() else "a dangling link" if path.is_symlink()
                 and not path.exists() else "not a regular file")
@@ -124,8 +144,8 @@ def _read_per_model_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
     ids = frame["model_id"].dropna().astype(str).unique()
     if len(ids) != 1:
         return None, f"holds {len(ids)} model ids, not one model's result"
-    if path.name not in _own_result_names(ids[0]):
-        expected = sorted(_own_result_names(ids[0]))[0]
+    expected = _expected_result_name(str(ids[0]), path, recorded or {})
+    if expected is not None:
         return None, (f"a copy? it holds {ids[0]!r}, whose result file is {expected}; "
                       f"only the run's own result files are read")
     frame["layer_mode"] = layer_modes(frame)

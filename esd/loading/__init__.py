@@ -1,4 +1,5 @@
-"""Where weights come from, by concern (the entry point is the top-level `model_loader.py`).
+"""Where weights come from, by concern (the entry point is `esd/loader.py`, in a checkout
+also importable as `model_loader`).
 
 - `resolved.py`   — `ResolvedModel` (an id resolved to files) and the file names we look for.
 - `hub.py`        — hub ids, the huggingface_hub cache, downloads, offline snapshots, and the

@@ -95,7 +95,7 @@ def load_config(resolved: ResolvedModel):
         if "trust_remote_code" in str(exc) and not resolved.trust_remote_code:
             logger.warning(f"{resolved.model_id}: architecture needs trust_remote_code (not "
                            "given); layers found by the name/shape rule")
-            resolved.needs_remote_code = True
+            resolved.found.needs_remote_code = True
         else:
             logger.warning(f"{resolved.model_id}: transformers cannot read its config "
                            f"({type(exc).__name__}: {str(exc)[:200]}); layers found by the "
@@ -176,7 +176,7 @@ def plan_layers(resolved: ResolvedModel,
         modules, keys, warnings, needs_remote_code = cached
         for message in warnings:
             logger.warning(message)
-        resolved.needs_remote_code = resolved.needs_remote_code or needs_remote_code
+        resolved.found.needs_remote_code = resolved.needs_remote_code or needs_remote_code
     else:
         with recorded_warnings() as warnings:
             modules, keys, compared_values = _plan(resolved, ckpt)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,26 +33,27 @@ from esd.loading.layers import (KeyMatcher, build_model, distinct_layers, load_c
                                 module_layer_type, plan_layers, rule_layer_type)
 from esd.loading.log import logger
 from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel
-from esd.model_list import parse_model_id
+from esd.model_list import ModelEntry, RevisionConflict, split_revision
 from esd.schema import LAYER_MODES
 
 
 # --------------------------------------------------------------------------- the base
 
-def resolve_adapter(resolved: ResolvedModel, source_model: str | None,
-                    resolve_base: Callable[[str, str | None], ResolvedModel]) -> ResolvedModel:
-    """Mark `resolved` (a directory with adapter files) as an adapter and resolve its base
-    with `resolve_base(base_id, revision)`, which must not resolve adapters in turn: a base
-    that is an adapter (itself, a stack, a cycle A→B→A) is `adapter_unsupported`."""
+def resolve_adapter(resolved: ResolvedModel,
+                    resolve_base: Callable[[ModelEntry], ResolvedModel]) -> ResolvedModel:
+    """`resolved` (a directory with adapter files) as an adapter with its base resolved by
+    `resolve_base(entry)`, which must not resolve adapters in turn: a base that is an adapter
+    (itself, a stack, a cycle A→B→A) is `adapter_unsupported`."""
     adapter_config = read_json(resolved.local_dir / ADAPTER_CONFIG_FILE, stage="resolve")
-    resolved.is_adapter = True
-    resolved.adapter_config = adapter_config
-    resolved.weight_files = tuple(resolved.local_dir / n for n in ADAPTER_WEIGHT_FILES
-                                  if (resolved.local_dir / n).is_file())[:1]
-    resolved.weights_dir = resolved.local_dir
-    base_id, base_revision = _base_id(resolved, source_model)
+    adapter = replace(resolved, is_adapter=True, adapter_config=adapter_config,
+                      weights_dir=resolved.local_dir,
+                      weight_files=tuple(resolved.local_dir / n for n in ADAPTER_WEIGHT_FILES
+                                         if (resolved.local_dir / n).is_file())[:1])
+    base_id, base_entry = _base_entry(adapter)
     try:
-        base = resolve_base(base_id, base_revision)
+        if isinstance(base_entry, ESDFailure):   # `b@v1` and another `revision` in the config
+            raise base_entry
+        base = resolve_base(base_entry)
     except ESDFailure as failure:
         if failure.retryable:
             failure.message = f"base {base_id} of adapter {resolved.model_id}: {failure.message}"
@@ -66,26 +67,26 @@ def resolve_adapter(resolved: ResolvedModel, source_model: str | None,
     if base.is_adapter:
         raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
                          f"{base_id!r} is an adapter too (stacked adapters are not merged)")
-    resolved.base = base
-    resolved.source_model = base.model_id if base.revision in (None, "main") \
-        else f"{base.model_id}@{base.revision}"
-    return resolved
+    return replace(adapter, base=base)
 
 
-def _base_id(resolved: ResolvedModel, source_model: str | None) -> tuple[str, str | None]:
-    """(base id, revision): the `source_model` argument, else adapter_config.json's
-    `base_model_name_or_path` (a relative path taken against the adapter's directory)."""
+def _base_entry(resolved: ResolvedModel) -> tuple[str, ModelEntry | ESDFailure]:
+    """(base as named, its entry): the entry's base (the model list's `source_model`), else
+    adapter_config.json's `base_model_name_or_path` (a relative path taken against the
+    adapter's directory) and `revision`; an `invalid_id` failure where those two disagree."""
     config = resolved.adapter_config or {}
     config_base = config.get("base_model_name_or_path") or None
     if config_base is not None and not isinstance(config_base, str):
         raise ESDFailure("resolve", "corrupt_file", f"{resolved.model_id}: "
                          f"{ADAPTER_CONFIG_FILE}: base_model_name_or_path is not text")
-    if source_model:
-        if config_base and parse_model_id(source_model)[0] != config_base:
+    named = resolved.entry.base
+    if named is not None:
+        source_model = resolved.entry.source_model
+        if config_base and named.model_id != config_base:
             logger.warning(f"{resolved.model_id}: source_model {source_model!r} differs from the "
                            f"adapter's base_model_name_or_path {config_base!r}; using "
                            f"{source_model!r}")
-        return source_model, None
+        return source_model, named
     if not config_base:
         raise ESDFailure("resolve", "adapter_base_unresolved",
                          f"{resolved.model_id}: adapter without a base: no source_model given and "
@@ -93,7 +94,10 @@ def _base_id(resolved: ResolvedModel, source_model: str | None) -> tuple[str, st
     beside = Path(config_base).expanduser()
     if not beside.is_absolute() and (resolved.local_dir / beside).is_dir():
         config_base = os.path.normpath(resolved.local_dir / beside)
-    return config_base, config.get("revision") or None
+    try:
+        return config_base, ModelEntry(*split_revision(config_base, config.get("revision") or None))
+    except RevisionConflict as exc:
+        return config_base, ESDFailure("resolve", "invalid_id", str(exc))
 
 
 # --------------------------------------------------------------------------- planning
