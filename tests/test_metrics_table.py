@@ -93,3 +93,33 @@ def test_the_summary_follows_the_tables_statistics():
     for name, value in expected.items():
         assert abs(float(row[name]) - value) < 1e-12, name
     assert (row["model_id"], row["is_adapter"], row["source_model"]) == ("m", False, "b")
+
+
+def test_a_new_table_row_reaches_the_csv_the_summary_the_legend_and_the_docs(monkeypatch, tmp_path):
+    """Adding a metric is one row: no other list to edit."""
+    from esd.analysis.summary import build_summary
+    row = metrics_table.Column("numerical_rank", "count", "singular values above rank_tol · σ_max",
+                               summary=("mean", "max"))
+    columns = metrics_table.COLUMNS + (row,)
+    monkeypatch.setattr(metrics_table, "COLUMNS", columns)
+    monkeypatch.setattr(metrics_table, "BY_NAME", {c.name: c for c in columns})
+    stats = metrics_table._summary_stats()
+    monkeypatch.setattr(metrics_table, "SUMMARY_STATS", stats)
+    monkeypatch.setattr(metrics_table, "SUMMARY_COLUMNS", tuple(s.name for s in stats))
+    assert metrics_table.csv_columns() == GOLDEN["per_model_csv"] + ["numerical_rank"]
+    expected = GOLDEN["summary"][:-1] + ["numerical_rank_mean", "numerical_rank_max", "total_params"]
+    assert list(metrics_table.SUMMARY_COLUMNS) == expected     # totals stay last
+    layers = pd.DataFrame({"model_id": "m", "is_adapter": False, "source_model": "", "longname": ["a", "b"],
+                           "layer_type": "linear", "params": [1, 2], "alpha": [3.0, 4.0],
+                           "numerical_rank": [10, 30]})
+    summary = build_summary(layers)
+    assert list(summary.columns) == expected
+    assert summary.loc[0, "numerical_rank_mean"] == 20 and summary.loc[0, "numerical_rank_max"] == 30
+    assert ("numerical_rank", row.meaning) in metrics_table.legend({"numerical_rank", "alpha"})
+    for relative in metrics_table.DOC_BLOCKS:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / relative, tmp_path / relative)
+    assert sorted(metrics_table.write_docs(tmp_path)) == ["docs/interface.md", "docs/metrics.md"]
+    assert "| `numerical_rank_max` | `numerical_rank` |" in (tmp_path / "docs/interface.md").read_text()
+    assert "| `numerical_rank` | count | always | `numerical_rank_mean`, `numerical_rank_max` |" in (
+        tmp_path / "docs/metrics.md").read_text()

@@ -55,7 +55,7 @@ def build_summary(per_layer_df, layer_types=None, exclude_patterns=None,
         if having is not None and model_id not in having:
             continue
         rows.append(_summarise_model(model_id, whole, chosen.get(model_id, whole.iloc[:0])))
-    summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+    summary = pd.DataFrame(rows, columns=list(metrics_table.SUMMARY_COLUMNS))
     for stat in metrics_table.SUMMARY_STATS:
         if stat.statistic in _COUNTS:
             summary[stat.name] = summary[stat.name].astype("int64")
