@@ -228,11 +228,14 @@ def test_tables_wrap_headers_and_ids_and_print_whole():
     frame = pd.DataFrame({"model_id": ["org/a-very-long-name"], "alpha_weighted_mean": [1.23456],
                           "num_layers": [3]})
     table = _table_html(frame, scroll=True)
-    assert "alpha_<wbr>weighted_<wbr>mean" in table and "org/<wbr>a-<wbr>very" in table
+    assert "alpha_<wbr>weighted_<wbr>mean" in table
+    assert '<td class="text">org/a-very-long-name</td>' in table   # the id as written, wrapped by CSS
     assert '<td class="num">1.235</td>' in table and '<td class="num">3</td>' in table
     from esd.analysis.report import _REPORT_TEMPLATE
     print_css = _REPORT_TEMPLATE[_REPORT_TEMPLATE.index("@media print"):]
     assert "max-height: none" in print_css and "overflow: visible" in print_css
+    screen_css = _REPORT_TEMPLATE[:_REPORT_TEMPLATE.index("@media print")]
+    assert "td.text {{ min-width: 8em; max-width: 26em; overflow-wrap: anywhere; }}" in screen_css
 
 
 def test_counts_in_messages_take_the_plural_only_when_plural(tmp_path):

@@ -248,7 +248,8 @@ def _section(title, body) -> str:
 
 def _table_html(frame: pd.DataFrame, scroll=False, digits=4) -> str:
     """An HTML table that fits the page: numbers right-aligned on one line, text (ids,
-    layer names) wrapping at `/`, `-`, `.` and `_`, headers wrapping after `_`. `scroll`:
+    layer names) wrapping where the column ends (the cell holds the id as written, so it
+    can be searched and copied), headers wrapping after `_`. `scroll`:
     at most 40em tall on screen (it scrolls), printed whole."""
     def cell(value) -> str:
         if isinstance(value, float):
@@ -261,7 +262,7 @@ def _table_html(frame: pd.DataFrame, scroll=False, digits=4) -> str:
     rows = []
     for values in frame.itertuples(index=False):
         cells = (cell(v) for v in values)
-        rows.append("<tr>" + "".join(f'<td class="{kind}">{_breakable(text, "/-._") if kind == "text" else html.escape(text)}</td>'
+        rows.append("<tr>" + "".join(f'<td class="{kind}">{html.escape(text)}</td>'
                                       for kind, text in cells) + "</tr>")
     table = f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
     return f'<div class="scroll">{table}</div>' if scroll else table
@@ -292,7 +293,7 @@ table.data th, table.data td, table.overview th, table.overview td
   {{ border: 1px solid #ddd; padding: 2px 6px; text-align: right; vertical-align: top; }}
 table.overview th, table.data td.text {{ text-align: left; }}
 table.data td.num {{ white-space: nowrap; }}
-table.data td.text {{ min-width: 8em; max-width: 26em; }}
+table.data td.text {{ min-width: 8em; max-width: 26em; overflow-wrap: anywhere; }}
 table.data th {{ background: #f0f0f0; position: sticky; top: 0; font-weight: 600; min-width: 3.5em; }}
 div.scroll {{ max-height: 40em; max-width: 100%; overflow: auto; }}
 figure {{ margin: 0.5em 0 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
