@@ -7,6 +7,7 @@ queries, plots, a self-contained report.html, and metrics over training steps.
         [--show COL …] [--hide COL …] [--limit N] [--list_columns]
         [--plots] [--metric alpha_mean] [--esd_layer LONGNAME] [--report]
         [--over_steps [--model_list LIST] [--metrics alpha stable_rank spectral_norm]]
+        [--by_relation]
 
 This file is the command line only; the work lives in `esd/analysis/`, one module per job:
     results.py  which files are results (only the run's own `<safe_id>.csv`; others listed
@@ -16,6 +17,8 @@ This file is the command line only; the work lives in `esd/analysis/`, one modul
     queries.py  --filter / --sort_by / --show / --hide / --limit, --verbose extremes
     plots.py    the PNG figures under DIR/plots/
     steps.py    --over_steps: over_steps.csv, over_steps_layers.csv and their figures
+    listed.py   the model list's rows (runs/<id>/model_list.csv): extra columns, relations
+    relations.py --by_relation: per base, its children beside it and their Δalpha per layer
     report.py   report.html
 The names below are re-exported, so `import analyze_results` keeps working in notebooks.
 
@@ -46,9 +49,11 @@ from esd.analysis.plots import (ESD_LAYERS_PER_MODEL, MAX_DEPTH_PANELS, MAX_ESD_
                                 write_plots)
 from esd.analysis.queries import (apply_filters, describe_extremes, format_table,
                                   numeric_columns, parse_filter, query_summary)
+from esd.analysis.listed import listed_rows, relations, with_list_columns
+from esd.analysis.relations import children_by_base, write_by_relation
 from esd.analysis.report import read_failure_table, write_report
 from esd.analysis.results import (LAYER_MODES, LAYER_TYPES, OWN_OUTPUTS, PER_MODEL_KEY_COLUMNS,
-                                  AnalysisError, load_per_layer, require_results, scan_results,
+                                  AnalysisError, counted, load_per_layer, require_results, scan_results,
                                   select_layers, write_csv_atomic)
 from esd.analysis.steps import (DEFAULT_STEP_METRICS, MAX_STEP_RUNS, build_over_steps,
                                 checkpoint_table, plot_over_steps, step_of_model_id,
@@ -101,10 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(plots, "--metric", default="alpha_mean", help="summary metric of the comparison chart")
     add_flag(plots, "--esd_layer", metavar="LONGNAME", help="ESD plot of this layer (needs eigs/)")
     add_flag(plots, "--report", action="store_true", help="write DIR/report.html (with all plots)")
+    add_flag(plots, "--by_relation", action="store_true",
+             help="per base, its children (source_model = the base) beside it and their alpha minus "
+                  "the base's, layer by layer: DIR/by_relation.csv, DIR/by_relation_layers.csv, "
+                  "DIR/plots/by_relation/")
     steps = parser.add_argument_group("over training steps")
     add_flag(steps, "--over_steps", action="store_true",
          help="metrics against checkpoint step: DIR/over_steps.csv and plots")
-    add_flag(steps, "--model_list", metavar="CSV", help="model list with a step column")
+    add_flag(steps, "--model_list", metavar="CSV",
+             help="model list: its step column (--over_steps), its base_model_relation (--by_relation) "
+                  "and extra columns (downloads, …) for summary.csv; by default the runs' own copies")
     add_flag(steps, "--metrics", nargs="+", default=list(DEFAULT_STEP_METRICS), metavar="COL",
          help="per-layer columns to follow (default: alpha stable_rank spectral_norm)")
     return parser
@@ -137,16 +148,16 @@ def _run(args) -> int:
     if args.plots or args.report:
         _check_metric(summary, args.metric)
     output = write_summary(args.results_dir, args.output, per_layer=per_layer, **filters,
-                           layer_mode=mode)
+                           layer_mode=mode, model_list=args.model_list)
     selection = describe_layer_filter(**filters)
-    what = f"summary of {len(summary)} models" + ("" if mode == "weights" else f", {mode} rows")
+    what = f"summary of {counted(len(summary), 'model')}" + ("" if mode == "weights" else f", {mode} rows")
     if selection:
         print(f"{what}, layers selected by {selection}, written to {output} "
               f"({Path(args.results_dir) / 'summary.csv'} stays the summary of every layer)",
               file=sys.stderr)
     else:
         rows = len(select_layers(per_layer, layer_mode=mode))
-        print(f"{what} ({rows} layers) written to {output}", file=sys.stderr)
+        print(f"{what} ({counted(rows, 'layer')}) written to {output}", file=sys.stderr)
     # Read back what was written, so filters see the same types a notebook would.
     view = query_summary(pd.read_csv(output), args.filter, args.sort_by, args.descending,
                          args.show, args.hide, args.limit)
@@ -165,11 +176,30 @@ def _run(args) -> int:
         print(f"over-steps table: {table_path}")
         for path in step_plots:
             print(f"plot: {path}")
+    if args.by_relation:
+        _by_relation(args, per_layer)
     if args.report:
         path = write_report(args.results_dir, metric=args.metric, esd_layer=args.esd_layer,
                             model_list=args.model_list, metrics=args.metrics, **filters)
         print(f"report: {path}")
     return 0
+
+
+def _by_relation(args, per_layer) -> None:
+    rows = listed_rows(args.results_dir, args.model_list)
+    summary = with_list_columns(build_summary(per_layer), per_layer, rows)
+    if not children_by_base(select_layers(per_layer)):
+        print("by relation: no model whose source_model has results here (a base and its "
+              "fine-tunes or adapters analysed in one directory)", file=sys.stderr)
+        return
+    table_path, layers_path, plots = write_by_relation(args.results_dir, per_layer, summary,
+                                                       relations(per_layer, rows))
+    table = pd.read_csv(table_path)
+    print(format_table(table[["base", "model_id", "relation", "num_layers",
+                              *(c for c in table.columns if c.startswith("d_"))]]))
+    print(f"by relation: {table_path}, {layers_path}")
+    for path in plots:
+        print(f"plot: {path}")
 
 
 def _check_metric(summary: pd.DataFrame, metric: str) -> None:

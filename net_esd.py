@@ -30,25 +30,18 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 import torch
 
-from esd import baselines
+from esd import baselines, metrics_table
 from esd.loading.layers import iter_model_layers  # walking nn.Modules is loading's job
 from esd.schema import LAYER_TYPES
 # the settings live in a module without torch; re-exported: `from net_esd import ESDSettings`
 from esd.settings import FIX_FINGERS_METHODS, ESDSettings, normalize_fix_fingers  # noqa: F401
 
-ESD_COLUMNS = [
-    "longname", "layer_type", "M", "N", "Q", "params", "num_evals",
-    "alpha", "alpha_weighted", "log_alpha_norm", "D", "xmin", "xmax", "num_pl_spikes", "sigma",
-    "spectral_norm", "log_spectral_norm", "norm", "log_norm", "stable_rank", "matrix_rank",
-    "entropy", "fit_status",
-    # only meaningful for fix_fingers="clip_xmax"; NaN otherwise
-    "num_fingers", "raw_alpha",
-    # "under-trained" / "over-trained" / "" (esd/baselines.training_warning)
-    "warning",
-]
+# The columns of a metrics row, from the one table of output columns (esd/metrics_table.py,
+# where each column's meaning, unit, enabling flag and summary statistics are defined).
+ESD_COLUMNS = metrics_table.metric_columns()
 # appended to a row only under --randomize / --mp_fit (docs/metrics.md, "Structure vs noise")
-RANDOMIZE_COLUMNS = ["max_rand_eval", "ww_softrank", "rand_distance", "rand_num_spikes"]
-MP_FIT_COLUMNS = baselines.MP_FIT_COLUMNS   # the fields of baselines.MPFit
+RANDOMIZE_COLUMNS = metrics_table.columns_enabled_by("randomize")
+MP_FIT_COLUMNS = metrics_table.columns_enabled_by("mp_fit")   # = the fields of baselines.MPFit
 
 
 # every eigenvalue above the threshold must match a float64 SVD to this relative accuracy
@@ -73,10 +66,9 @@ _GRAM_MIN_BLOCKED_COLUMNS = 512
 # ----------------------------------------------------------------------------- columns
 
 def esd_columns(settings: ESDSettings = ESDSettings()) -> list:
-    """The columns of a metrics row under `settings`: ESD_COLUMNS, then RANDOMIZE_COLUMNS
-    with --randomize, then MP_FIT_COLUMNS with --mp_fit."""
-    return (ESD_COLUMNS + (RANDOMIZE_COLUMNS if settings.randomize else [])
-            + (MP_FIT_COLUMNS if settings.mp_fit else []))
+    """The columns of a metrics row under `settings` (esd/metrics_table.py): ESD_COLUMNS, then
+    RANDOMIZE_COLUMNS with --randomize, then MP_FIT_COLUMNS with --mp_fit."""
+    return metrics_table.metric_columns(settings)
 
 
 # ----------------------------------------------------------------------------- eigenvalues

@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from esd import metrics_table
+
 # WeightWatcher 0.7.7 constants (constants.py, RMT_Util.py, WeightWatcher.mp_fit)
 OVER_TRAINED, UNDER_TRAINED = "over-trained", "under-trained"
-OVER_TRAINED_THRESH, UNDER_TRAINED_THRESH = 2.0, 6.0
+OVER_TRAINED_THRESH, UNDER_TRAINED_THRESH = metrics_table.WELL_TRAINED_ALPHA
 _KDE_BANDWIDTH = 0.1        # linear-kernel KDE bandwidth, in units of the mean eigenvalue
 _KDE_GRID_POINTS = 1000     # the KDE is compared with the MP density on this grid ...
 _KDE_GRID_MARGIN = 0.5      # ... from 0 to max + this

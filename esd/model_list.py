@@ -37,7 +37,7 @@ _MAX_NAME_CHARS = 180
 # of these, or starts with a reserved prefix, gets a hash instead.
 RESERVED_STEMS = frozenset({"runs", "failed_models", "failures", "gpu_metrics",
                             "esd_settings", "report", "models", "model_list"})
-RESERVED_PREFIXES = ("summary", "over_steps")
+RESERVED_PREFIXES = ("summary", "over_steps", "by_relation")
 
 
 class ModelListError(ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html.parser
+import json
 import os
 import shutil
 import subprocess
@@ -22,15 +23,9 @@ from tiny_models import save_bert, save_gpt2, save_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYZE = [sys.executable, str(ROOT / "analyze_results.py")]
-CONTRACT_SUMMARY = ("model_id, is_adapter, source_model, num_layers, num_fit_failed, alpha_mean, "
-                    "alpha_median, alpha_std, alpha_min, alpha_max, alpha_q25, alpha_q75, "
-                    "alpha_weighted_mean, spectral_norm_mean, spectral_norm_max, "
-                    "log_spectral_norm_mean, stable_rank_mean, stable_rank_median, entropy_mean, "
-                    "entropy_median, total_params").split(", ")
-PER_MODEL_COLUMNS = ["model_id", "is_adapter", "source_model", "longname", "layer_type", "M", "N",
-                     "Q", "params", "num_evals", "alpha", "alpha_weighted", "log_alpha_norm", "D",
-                     "xmin", "xmax", "num_pl_spikes", "sigma", "spectral_norm", "log_spectral_norm",
-                     "norm", "log_norm", "stable_rank", "matrix_rank", "entropy", "fit_status"]
+GOLDEN_COLUMNS = json.loads((Path(__file__).parent / "golden" / "columns.json").read_text())
+CONTRACT_SUMMARY = GOLDEN_COLUMNS["summary"]
+PER_MODEL_COLUMNS = GOLDEN_COLUMNS["per_model_csv"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "run_esd_experiment.py")]
 FAST = ["--gpus", "none", "--cpu_workers", "2", "--poll_interval", "0.05", "--max_check", "1",
         "--retry_backoff", "0.2"]
-ESD_COLUMNS = ["model_id", "is_adapter", "source_model", "longname", "layer_type", "M", "N", "Q",
-               "params", "num_evals", "alpha", "alpha_weighted", "log_alpha_norm", "D", "xmin", "xmax",
-               "num_pl_spikes", "sigma", "spectral_norm", "log_spectral_norm", "norm", "log_norm",
-               "stable_rank", "matrix_rank", "entropy", "fit_status"]
+ESD_COLUMNS = json.loads((Path(__file__).parent / "golden" / "columns.json").read_text())["per_model_csv"]
 GPT2_LAYERS = 10  # wte, wpe, 2 x (c_attn, attn.c_proj, c_fc, mlp.c_proj); lm_head is tied to wte
 
 

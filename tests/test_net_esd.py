@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import net_esd  # noqa: E402
-from esd import pipeline  # noqa: E402
+from esd import baselines, pipeline  # noqa: E402
 
 EVALS_THRESH = 1e-5
 
@@ -747,10 +747,19 @@ def test_warning_follows_weightwatchers_thresholds_and_is_never_set_for_a_failed
     assert failed.loc[0, "fit_status"].startswith("error:") and failed.loc[0, "warning"] == ""
 
 
+def _golden_columns() -> dict:
+    import json
+    return json.loads((Path(__file__).parent / "golden" / "columns.json").read_text())
+
+
 def test_baseline_columns_appear_only_with_their_flags():
     layers = [("a", "linear", torch.randn(80, 40)), ("bad", "linear", torch.full((30, 20), math.inf))]
     plain = net_esd.analyze_layers(layers)
     assert list(plain.columns) == net_esd.ESD_COLUMNS == net_esd.esd_columns(net_esd.ESDSettings())
+    golden = _golden_columns()   # the contract: the model's identity, then these columns
+    assert ["model_id", "is_adapter", "source_model"] + net_esd.ESD_COLUMNS == golden["per_model_csv"]
+    assert net_esd.RANDOMIZE_COLUMNS == golden["randomize"]
+    assert net_esd.MP_FIT_COLUMNS == golden["mp_fit"] == baselines.MP_FIT_COLUMNS
     assert not set(net_esd.RANDOMIZE_COLUMNS + net_esd.MP_FIT_COLUMNS) & set(plain.columns)
     for flags, extra in [({"randomize": True}, net_esd.RANDOMIZE_COLUMNS),
                          ({"mp_fit": True}, net_esd.MP_FIT_COLUMNS),
@@ -788,6 +797,9 @@ def test_worker_writes_the_baseline_columns_only_with_randomize_and_mp_fit(tmp_p
     off, settings_off = worker(tmp_path / "off")  # xmin_mid: every warning empty
     extra = net_esd.RANDOMIZE_COLUMNS + net_esd.MP_FIT_COLUMNS
     assert set(extra) <= set(on.columns) and not set(extra) & set(off.columns)
+    golden = _golden_columns()
+    assert list(off.columns) == golden["per_model_csv"]
+    assert list(on.columns) == golden["per_model_csv"] + golden["randomize"] + golden["mp_fit"]
     assert "warning" in on.columns and "warning" in off.columns
     assert on[extra].notna().all().all()
     assert (on["ww_softrank"] > 0).all() and (on["num_spikes"] >= 0).all()
@@ -803,4 +815,4 @@ def test_worker_writes_the_baseline_columns_only_with_randomize_and_mp_fit(tmp_p
     for out, numeric in [(tmp_path / "on", set(extra)), (tmp_path / "off", set())]:
         per_layer = load_per_layer(out)
         assert numeric <= set(numeric_columns(per_layer)) and "warning" not in numeric_columns(per_layer)
-        assert list(pd.read_csv(write_summary(out)).columns) == list(SUMMARY_COLUMNS)
+        assert list(pd.read_csv(write_summary(out)).columns) == list(SUMMARY_COLUMNS) == golden["summary"]

@@ -11,6 +11,8 @@ One module per job, so each is found by name (`analyze_results.py` is their comm
     plots.py     the PNG figures under plots/
     adapters.py  adapter (or fine-tune) minus its base, layer by layer
     steps.py     metrics over training steps (over_steps.csv)
+    listed.py    the model list's rows kept by each run: extra columns, relations
+    relations.py per base, its children beside it and their Δalpha per layer (--by_relation)
     report.py    report.html, which also says how the results were made
 
 Nothing here loads a model or computes a spectral metric: it reads what the workers wrote.

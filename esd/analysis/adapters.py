@@ -63,6 +63,14 @@ def delta_summary(per_layer: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def delta_limits(values: np.ndarray) -> tuple[float, float]:
+    """Axis limits fitted to the Δs with 0 in view: a side with no Δ gets only a small margin
+    (not a mirror of the other side, which would leave half the panel empty)."""
+    low, high = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    span = max(high - low, 1e-12)
+    return low - 0.08 * span, high + 0.08 * span
+
+
 def plot_deltas(per_layer: pd.DataFrame, path) -> Path | None:
     """Per pair one row of panels: Δ of each metric against the layer index, zero marked."""
     from esd.analysis.plots import _pyplot, _save, _short
@@ -81,8 +89,7 @@ def plot_deltas(per_layer: pd.DataFrame, path) -> Path | None:
             ax.plot(deltas["layer_index"], values, marker="o", ms=3, lw=0.8, color="tab:purple")
             finite = values[np.isfinite(values)]
             if len(finite):
-                span = max(float(finite.abs().max()), 1e-12)
-                ax.set_ylim(-1.15 * span, 1.15 * span)      # symmetric around 0, fitted to the Δs
+                ax.set_ylim(*delta_limits(finite.to_numpy()))
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
             ax.set_title(f"Δ {metric}", fontsize=9)
             ax.set_xlabel("layer index", fontsize=8)

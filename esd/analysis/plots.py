@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esd.analysis.results import LAYER_TYPES, AnalysisError, load_per_layer, require_results, select_layers
+from esd.analysis.results import (LAYER_TYPES, AnalysisError, load_per_layer, require_results, select_layers,
+                                  well_trained_range)
 from esd.analysis.queries import numeric_columns
 from esd.analysis.summary import build_summary
 from esd.atomic_files import atomic_path
@@ -45,8 +46,10 @@ def pick_models(summary: pd.DataFrame, metric: str, cap: int) -> tuple[list, str
     return top + bottom, f" ({cap // 2} highest and {cap - cap // 2} lowest {metric} of {len(ids)})"
 
 
-def plot_alpha_distribution(per_layer, summary, path) -> Path:
-    """Box plot of the layer alphas of each model (one box per model, fitted layers only)."""
+def plot_alpha_distribution(per_layer, summary, path, alpha_range=None) -> Path:
+    """Box plot of the layer alphas of each model (one box per model, fitted layers only).
+    `alpha_range` (results.well_trained_range): the usual well-trained range, dashed, only
+    where the fit supports it (never for xmin_mid alphas)."""
     plt = _pyplot()
     ids, note = pick_models(summary, "alpha_median", MAX_MODELS_PER_PLOT)
     data = [per_layer.loc[per_layer["model_id"] == m, "alpha"].dropna().to_numpy() for m in ids]
@@ -54,9 +57,14 @@ def plot_alpha_distribution(per_layer, summary, path) -> Path:
     ax.boxplot([d if len(d) else [np.nan] for d in data], orientation="horizontal", widths=0.6)
     ax.set_yticks(range(1, len(ids) + 1), [_short(m) for m in ids], fontsize=8)
     ax.invert_yaxis()
-    ax.axvline(2, color="grey", lw=0.8, ls="--")
-    ax.axvline(6, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("layer alpha (dashed: 2 and 6, the usual well-trained range)")
+    if alpha_range:
+        for bound in alpha_range:
+            ax.axvline(bound, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(f"layer alpha (dashed: {alpha_range[0]:g} and {alpha_range[1]:g}, the usual "
+                      f"well-trained range of WeightWatcher-scale fits)")
+    else:
+        ax.set_xlabel("layer alpha (compare models with each other; the 2–6 range holds "
+                      "only for fits such as --fix_fingers DKS)")
     ax.set_title(f"Distribution of layer alphas per model{note}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -68,8 +76,8 @@ def plot_alpha_by_depth(per_layer, summary, path) -> Path:
     ids, note = pick_models(summary, "alpha_mean", MAX_DEPTH_PANELS)
     cols = min(4, len(ids))
     rows = math.ceil(len(ids) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows + 0.6), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.4 * rows + 0.9), squeeze=False,
+                             sharey=True, layout="constrained")
     colors = dict(zip(LAYER_TYPES, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for ax, model_id in zip(axes.flat, ids):
         layers = per_layer[per_layer["model_id"] == model_id]
@@ -86,11 +94,11 @@ def plot_alpha_by_depth(per_layer, summary, path) -> Path:
     for ax in axes.flat[:len(ids)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(handles.values(), handles.keys(), loc="upper right", ncol=4, fontsize=8)
+    # the legend sits beside the title, in the layout's own margin (no band above the panels)
+    fig.legend(handles.values(), handles.keys(), loc="outside upper right", ncol=4, fontsize=8)
     fig.supxlabel("layer index (model order, 0 = first)", fontsize=9)
     fig.supylabel("alpha", fontsize=9)
     fig.suptitle(f"Alpha by layer depth{note}", fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     return _save(fig, path)
 
 
@@ -241,7 +249,8 @@ def write_plots(results_dir, per_layer=None, summary=None, metric="alpha_mean", 
         summary = build_summary(per_layer, layer_types, exclude_patterns, layer_mode)
     plots = Path(results_dir) / "plots" / ("" if layer_mode == "weights" else layer_mode)
     return [
-        plot_alpha_distribution(selected, summary, plots / "alpha_distribution.png"),
+        plot_alpha_distribution(selected, summary, plots / "alpha_distribution.png",
+                                well_trained_range(results_dir)),
         plot_alpha_by_depth(selected, summary, plots / "alpha_by_depth.png"),
         plot_metric_comparison(summary, metric, plots / f"compare_{metric}.png"),
         *plot_esds(results_dir, selected, summary, esd_layer, plots),
@@ -260,6 +269,11 @@ def _save(fig, path) -> Path:
 
 
 def _short(text, width=45) -> str:
+    """`text` in at most `width` characters: its start (the org of a hub id) and its end (the
+    name's distinguishing suffix) kept, the middle elided."""
     text = str(text)
-    return text if len(text) <= width else "…" + text[-(width - 1):]
+    if len(text) <= width:
+        return text
+    head = (width - 1) * 2 // 5
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 

@@ -10,12 +10,14 @@ import re
 import numpy as np
 import pandas as pd
 
-from esd.analysis.results import AnalysisError
+from esd import metrics_table
+from esd.analysis.results import AnalysisError, counted
 
 FILTER_EXPR = re.compile(r"^\s*(.+?)\s*(<=|>=|!=|==|=|<|>|~)\s*(.*?)\s*$")
 
 
-IDENTITY_COLUMNS = ("model_id", "is_adapter", "source_model", "layer_filter")
+# the model's identity (esd/metrics_table.py) and the filtered summary's selection: not measurements
+IDENTITY_COLUMNS = (*metrics_table.IDENTITY_COLUMNS, "layer_filter")
 
 
 def numeric_columns(frame: pd.DataFrame) -> list[str]:
@@ -121,8 +123,8 @@ def _parse_bool_value(value):
 
 def describe_extremes(summary: pd.DataFrame, n: int = 5) -> str:
     """The --verbose report: the models at both ends of the key metrics."""
-    lines = [f"{len(summary)} models, {int(summary['num_layers'].sum())} layers, "
-             f"{int(summary['num_fit_failed'].sum())} failed fits"]
+    lines = [f"{counted(len(summary), 'model')}, {counted(int(summary['num_layers'].sum()), 'layer')}, "
+             f"{counted(int(summary['num_fit_failed'].sum()), 'failed fit')}"]
     for metric in ("alpha_mean", "alpha_weighted_mean", "spectral_norm_max", "stable_rank_mean",
                    "entropy_mean"):
         ranked = summary.dropna(subset=[metric]).sort_values(metric, kind="stable")

@@ -1,8 +1,10 @@
 """`report.html`: one self-contained page (plots embedded as base64 PNG) that says what was
 found and how it was made.
 
-Owns the page: overview, how it was made (ESD settings, run info, a line per metric),
-failed models, plots, adapter-minus-base, over steps, summary, fit statuses, and the
+Owns the page: overview (and what kind of alphas these are), how it was made (ESD settings,
+run info, a line per column), failed models, plots, adapter-minus-base, each base beside
+its children (by relation), over steps, summary (with the model list's extra columns),
+fit statuses, and the
 summaries of the rows of --delta_from_base / --adapter_update in a section of their own
 (every other section uses the weight rows only). Reads only the results directory;
 computes no spectral metric.
@@ -16,11 +18,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from esd.analysis.listed import listed_rows, relations, with_list_columns
 from esd.analysis.plots import write_plots
+from esd.analysis.relations import COMPARED, children_by_base, write_by_relation
 from esd.analysis.adapters import delta_summary, plot_deltas
-from esd.analysis.results import layer_modes, scan_results, select_layers
+from esd.analysis.results import (layer_modes, read_esd_settings, scan_results, select_layers,
+                                  well_trained_range)
 from esd.analysis.steps import DEFAULT_STEP_METRICS, _names_checkpoint, write_over_steps
 from esd.analysis.summary import build_summary, describe_layer_filter, mode_summaries
+from esd import metrics_table
 from esd.atomic_files import write_text_atomic
 from esd.failures import FAILED_MODELS_TXT, read_failures
 
@@ -42,25 +48,6 @@ def read_failure_table(results_dir) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values("model_id", kind="stable")
 
 
-# One line of meaning per column, for the reader of the report (definitions: docs of the metrics).
-METRIC_MEANINGS = (
-    ("alpha", "power-law exponent of the tail of the layer's eigenvalue density (ESD of WᵀW); "
-              "smaller = heavier tail = more correlation learned. With DKS, 2–6 is the usual "
-              "well-trained range; xmin_mid gives 2–3.5 even on random matrices, so compare "
-              "models with each other, not with that range"),
-    ("alpha_weighted", "alpha · log10(λ_max): alpha weighted by the layer's scale"),
-    ("spectral_norm", "λ_max, the largest eigenvalue of WᵀW (the squared largest singular value)"),
-    ("log_spectral_norm", "log10(λ_max)"),
-    ("stable_rank", "‖W‖_F² / λ_max: how many directions carry the layer's energy"),
-    ("entropy", "spectral entropy of the eigenvalues, normalised to 0–1 by ln(rank); "
-                "1 = energy spread evenly"),
-    ("D", "Kolmogorov–Smirnov distance of the power-law fit (smaller = better fit)"),
-    ("num_pl_spikes", "eigenvalues in the fitted tail (from xmin to λ_max)"),
-    ("fit_status", "ok, or why no alpha was fitted (too_few_eigenvalues, no_candidate, …); "
-                   "a failed fit is NaN and left out of the alpha statistics"),
-)
-
-
 def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="alpha_mean",
                  esd_layer=None, model_list=None, metrics=DEFAULT_STEP_METRICS) -> Path:
     """`results_dir/report.html`: one file with every plot embedded (base64 PNG), how the
@@ -73,12 +60,13 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
     failures = read_failure_table(results_dir)
     sections = [_overview_html(results_dir, per_layer, failures, scan.ignored,
                                describe_layer_filter(layer_types, exclude_patterns)),
-                _provenance_html(results_dir)]
+                _provenance_html(results_dir, set(per_layer.columns))]
     if not failures.empty:
         sections.append(_section("Failed models", _table_html(failures, scroll=True)))
     if not per_layer.empty:
         selected = select_layers(per_layer, layer_types, exclude_patterns)
-        summary = build_summary(per_layer, layer_types, exclude_patterns)
+        rows = listed_rows(results_dir, model_list)
+        summary = with_list_columns(build_summary(per_layer, layer_types, exclude_patterns), per_layer, rows)
         plots = write_plots(results_dir, per_layer, summary, metric, esd_layer,
                             layer_types, exclude_patterns)
         sections.append(_section("Models", "".join(_img_html(p) for p in plots[:3])))
@@ -87,6 +75,16 @@ def write_report(results_dir, layer_types=None, exclude_patterns=None, metric="a
             figure = plot_deltas(selected, results_dir / "plots" / "adapter_minus_base.png")
             sections.append(_section("Adapter minus base", _ADAPTER_NOTE + _table_html(deltas, scroll=True, digits=3)
                                      + (_img_html(figure) if figure else "")))
+        if children_by_base(select_layers(per_layer)):
+            table_path, _, relation_plots = write_by_relation(
+                results_dir, per_layer, with_list_columns(build_summary(per_layer), per_layer, rows),
+                relations(per_layer, rows))
+            table = pd.read_csv(table_path)
+            shown = ["base", "model_id", "relation", "num_layers", *COMPARED,
+                     *(c for c in table.columns if c.startswith("d_"))]
+            sections.append(_section("By relation: each base and its children", _RELATION_NOTE
+                                     + _table_html(table[[c for c in shown if c in table]], scroll=True)
+                                     + "".join(_img_html(p) for p in relation_plots)))
         if plots[3:]:
             sections.append(_section("Empirical spectral densities",
                                      "".join(_img_html(p) for p in plots[3:])))
@@ -117,6 +115,13 @@ _ADAPTER_NOTE = ("<p>Each model whose base (<code>source_model</code>) is in the
                  "axes are fitted to them.</p>")
 
 
+_RELATION_NOTE = ("<p>Per base, its children (models whose <code>source_model</code> is the base: "
+                  "fine-tunes, adapters, … with the model list's <code>base_model_relation</code>) "
+                  "beside it, every layer; <code>d_</code> columns are child − base "
+                  "(by_relation.csv). The figures show, layer by layer, each child's alpha minus "
+                  "the base's (by_relation_layers.csv): which layers the derivatives move.</p>")
+
+
 _MODES_NOTE = ("<p>Rows of a run with <code>--delta_from_base</code> (W<sub>ft</sub> − W<sub>base</sub>, "
                "base = <code>source_model</code>) or <code>--adapter_update</code> (a LoRA's "
                "(α/r)·B·A alone), summarised as summary.csv is (summary_&lt;mode&gt;.csv); "
@@ -139,15 +144,38 @@ def _overview_html(results_dir, per_layer, failures, ignored, selection) -> str:
     if ignored:
         names = ", ".join(p.name for p, _ in ignored[:5]) + (" …" if len(ignored) > 5 else "")
         items.append(("files ignored (not the run's own results)", f"{len(ignored)}: {names}"))
-    return _section("Overview", _pairs_html(items))
+    return _section("Overview", _pairs_html(items) + _alphas_note(results_dir))
 
 
-def _provenance_html(results_dir: Path) -> str:
+def _alphas_note(results_dir) -> str:
+    """What kind of alphas these are, and whether the 2–6 range may be read against them."""
+    settings = read_esd_settings(results_dir)
+    fix_fingers = (settings or {}).get("fix_fingers")
+    low, high = metrics_table.WELL_TRAINED_ALPHA
+    if fix_fingers and well_trained_range(results_dir):
+        text = (f"These alphas are <code>--fix_fingers {html.escape(str(fix_fingers))}</code> fits, "
+                f"on WeightWatcher's scale{' (its own default fit)' if fix_fingers == 'DKS' else ''}: "
+                f"{low:g}–{high:g} is the usual range of well-trained layers (dashed in the figures; "
+                f"the <code>warning</code> column flags layers outside it).")
+    else:
+        known = ("These alphas are <code>--fix_fingers xmin_mid</code> fits (the default, as the "
+                 "seeds' <code>net_esd_estimator</code> computes them)" if fix_fingers else
+                 "The ESD settings of these results are unknown (no esd_settings.json); with the "
+                 "default, <code>--fix_fingers xmin_mid</code>, alphas")
+        text = (f"{known}: the tail starts at the median eigenvalue, which gives alpha 2–3.5 even on "
+                f"random matrices, so they are for comparing models with each other (over training, "
+                f"adapter vs base, a family of fine-tunes), not for the {low:g}–{high:g} range of "
+                f"well-trained layers, and no such range is drawn. "
+                f"<code>--fix_fingers DKS</code> gives WeightWatcher's numbers.")
+    return f'<p class="note">{text}</p>'
+
+
+
+def _provenance_html(results_dir: Path, present=None) -> str:
     """ESD settings, the runs that wrote the directory (latest last), versions, meanings."""
     parts = []
-    settings = _read_json(results_dir / "esd_settings.json")
-    if isinstance(settings, dict):
-        values = settings.get("settings", settings)
+    values = read_esd_settings(results_dir)
+    if values is not None:
         parts.append("<h3>ESD settings</h3>" + _wide_pairs_html(
             [(k, v) for k, v in values.items() if not isinstance(v, (dict, list))]))
     else:
@@ -165,12 +193,17 @@ def _provenance_html(results_dir: Path) -> str:
             if record.get("command"):
                 parts.append("<p>Command: <code>" + html.escape(" ".join(map(str, record["command"])))
                              + "</code></p>")
-    meanings = "".join(f"<dt><code>{html.escape(name)}</code></dt><dd>{html.escape(text)}</dd>"
-                       for name, text in METRIC_MEANINGS)
-    parts.append(f'<h3>What the columns mean</h3><dl class="meanings">{meanings}</dl>'
-                 "<p>Summary columns are statistics of these over a model's layers "
-                 "(<code>alpha_mean</code>, <code>stable_rank_median</code>, …).</p>")
+    parts.append(_legend_html(present))
     return _section("How these results were made", "".join(parts))
+
+
+def _legend_html(present) -> str:
+    """What each measured column of these results means (esd/metrics_table.py)."""
+    meanings = "".join(f"<dt><code>{html.escape(name)}</code></dt><dd>{html.escape(text)}</dd>"
+                       for name, text in metrics_table.legend(present))
+    return (f'<h3>What the columns mean</h3><dl class="meanings">{meanings}</dl>'
+            "<p>Summary columns are statistics of these over a model's layers "
+            "(<code>alpha_mean</code>, <code>stable_rank_median</code>, …: docs/interface.md).</p>")
 
 
 def _read_json(path: Path):
@@ -219,9 +252,33 @@ def _section(title, body) -> str:
 
 
 def _table_html(frame: pd.DataFrame, scroll=False, digits=4) -> str:
-    table = frame.to_html(index=False, na_rep="", border=0, classes="data",
-                          float_format=lambda x: f"{x:.{digits}g}")
+    """An HTML table that fits the page: numbers right-aligned on one line, text (ids,
+    layer names) wrapping where the column ends (the cell holds the id as written, so it
+    can be searched and copied), headers wrapping after `_`. `scroll`:
+    at most 40em tall on screen (it scrolls), printed whole."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return ("num", "" if pd.isna(value) else f"{value:.{digits}g}")
+        if isinstance(value, (bool, int)) or hasattr(value, "dtype"):
+            return ("num", str(value))
+        return ("text", "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value))
+
+    head = "".join(f"<th>{_breakable(str(c), '_')}</th>" for c in frame.columns)
+    rows = []
+    for values in frame.itertuples(index=False):
+        cells = (cell(v) for v in values)
+        rows.append("<tr>" + "".join(f'<td class="{kind}">{html.escape(text)}</td>'
+                                      for kind, text in cells) + "</tr>")
+    table = f'<table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
     return f'<div class="scroll">{table}</div>' if scroll else table
+
+
+def _breakable(text: str, after: str) -> str:
+    """`text` escaped, with a line-break opportunity after each character of `after`."""
+    escaped = html.escape(text)
+    for char in after:
+        escaped = escaped.replace(char, char + "<wbr>")
+    return escaped
 
 
 def _img_html(path: Path) -> str:
@@ -238,15 +295,29 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; border-bottom: 1px solid #ccc; }}
 table.data, table.overview {{ border-collapse: collapse; font-size: 0.8em; }}
 table.data th, table.data td, table.overview th, table.overview td
-  {{ border: 1px solid #ddd; padding: 2px 6px; text-align: right; }}
-table.overview th, table.data td:first-child {{ text-align: left; }}
-table.data th {{ background: #f0f0f0; position: sticky; top: 0; }}
-div.scroll {{ max-height: 40em; overflow: auto; }}
+  {{ border: 1px solid #ddd; padding: 2px 6px; text-align: right; vertical-align: top; }}
+table.overview th, table.data td.text {{ text-align: left; }}
+table.data td.num {{ white-space: nowrap; }}
+table.data td.text {{ min-width: 8em; max-width: 26em; overflow-wrap: anywhere; }}
+table.data th {{ background: #f0f0f0; position: sticky; top: 0; font-weight: 600; min-width: 3.5em; }}
+div.scroll {{ max-height: 40em; max-width: 100%; overflow: auto; }}
 figure {{ margin: 0.5em 0 1.5em 0; }} img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ font-size: 0.75em; color: #666; }}
 h3 {{ font-size: 1em; margin: 1em 0 0.3em 0; }}
+p.note {{ background: #fff8e1; border-left: 3px solid #f0b400; padding: 0.4em 0.8em; max-width: 60em; }}
 dl.meanings {{ font-size: 0.85em; display: grid; grid-template-columns: max-content 1fr;
   gap: 2px 12px; }} dl.meanings dd {{ margin: 0; }}
+@media print {{
+  @page {{ size: landscape; margin: 1cm; }}
+  body {{ margin: 0; }}
+  div.scroll {{ max-height: none; overflow: visible; }}
+  table.data {{ width: 100%; font-size: 6.5pt; }}
+  table.data td.num {{ white-space: normal; }}
+  table.data th, table.data td {{ overflow-wrap: anywhere; padding: 1px 3px; }}
+  table.data th {{ position: static; min-width: 0; }}
+  table.data td.text {{ min-width: 0; }}
+  figure, tr {{ break-inside: avoid; }}
+}}
 </style></head>
 <body><h1>{title}</h1>
 {body}

@@ -19,11 +19,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from esd import metrics_table
 from esd.atomic_files import atomic_path
 from esd.model_list import parse_model_id, recorded_result_files, safe_id
 from esd.schema import LAYER_MODES, LAYER_TYPES, layer_mode_of  # (re-exported here)
 
 PER_MODEL_KEY_COLUMNS = ("model_id", "longname", "alpha")   # what makes a CSV a per-model CSV
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """`1 model`, `2 models`, `0 models` (`plural` where adding "s" is wrong)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def summary_file_name(layer_mode: str = "weights", filtered: bool = False) -> str:
@@ -34,7 +40,8 @@ def summary_file_name(layer_mode: str = "weights", filtered: bool = False) -> st
 
 # files of the run and of the analysis itself: never results, never listed as ignored
 OWN_OUTPUTS = (*(summary_file_name(mode, filtered) for mode in LAYER_MODES for filtered in (False, True)),
-               "over_steps.csv", "over_steps_layers.csv", "runs.csv")
+               "over_steps.csv", "over_steps_layers.csv", "runs.csv", "by_relation.csv",
+               "by_relation_layers.csv")
 
 
 class AnalysisError(ValueError):
@@ -196,6 +203,33 @@ def require_results(per_layer: pd.DataFrame, results_dir) -> pd.DataFrame:
         raise AnalysisError(f"no per-model result CSVs (with columns model_id, longname, alpha) "
                             f"in {results_dir}")
     return per_layer
+
+
+def read_esd_settings(results_dir) -> dict | None:
+    """The ESD settings the directory's results were computed with (`esd_settings.json`,
+    written by the run), or None when there is none or it cannot be read."""
+    import json
+    path = Path(results_dir) / "esd_settings.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    values = data.get("settings", data)
+    return values if isinstance(values, dict) else None
+
+
+def well_trained_range(results_dir) -> tuple[float, float] | None:
+    """WeightWatcher's usual range of well-trained layer alphas, (2, 6), where the results'
+    fit puts alphas on WeightWatcher's scale (every --fix_fingers but xmin_mid, as for the
+    `warning` column); None for xmin_mid (2–3.5 even on random matrices) and for results
+    whose settings are unknown (xmin_mid is the default)."""
+    settings = read_esd_settings(results_dir) or {}
+    fix_fingers = str(settings.get("fix_fingers", "xmin_mid"))
+    if fix_fingers == "xmin_mid":
+        return None
+    return metrics_table.WELL_TRAINED_ALPHA
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:

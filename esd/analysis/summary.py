@@ -1,6 +1,7 @@
 """The model summary: one row per model with the columns users' scripts depend on.
 
-Owns `SUMMARY_COLUMNS` (fixed by the file contract), the statistics, and where a summary is
+Owns how the statistics of `esd/metrics_table.py` (`SUMMARY_COLUMNS`, `SUMMARY_STATS`: which
+columns, which statistic of which per-layer column) are computed, and where a summary is
 written: `summary.csv` is always the whole (every weight layer); a summary of selected layers
 (`--layer_types`, `--exclude`) goes to `summary_filtered.csv` (or `--output`) with a
 `layer_filter` column saying what was selected. Reads per-layer tables, writes CSVs.
@@ -24,17 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from esd import metrics_table
+from esd.analysis.listed import listed_rows, with_list_columns
 from esd.analysis.results import (LAYER_MODES, AnalysisError, check_layer_mode, layer_modes, load_per_layer,
                                   require_results, select_layers, summary_file_name,
                                   write_csv_atomic)
 
-SUMMARY_COLUMNS = (
-    "model_id", "is_adapter", "source_model", "num_layers", "num_fit_failed",
-    "alpha_mean", "alpha_median", "alpha_std", "alpha_min", "alpha_max", "alpha_q25",
-    "alpha_q75", "alpha_weighted_mean", "spectral_norm_mean", "spectral_norm_max",
-    "log_spectral_norm_mean", "stable_rank_mean", "stable_rank_median", "entropy_mean",
-    "entropy_median", "total_params",
-)
+# The columns and their statistics come from the one table of output columns.
+SUMMARY_COLUMNS = metrics_table.SUMMARY_COLUMNS
+_COUNTS = ("count", "nan_count")   # integer columns
 
 
 def build_summary(per_layer_df, layer_types=None, exclude_patterns=None,
@@ -56,47 +55,47 @@ def build_summary(per_layer_df, layer_types=None, exclude_patterns=None,
         if having is not None and model_id not in having:
             continue
         rows.append(_summarise_model(model_id, whole, chosen.get(model_id, whole.iloc[:0])))
-    summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-    for column in ("num_layers", "num_fit_failed"):
-        summary[column] = summary[column].astype("int64")
+    summary = pd.DataFrame(rows, columns=list(metrics_table.SUMMARY_COLUMNS))
+    for stat in metrics_table.SUMMARY_STATS:
+        if stat.statistic in _COUNTS:
+            summary[stat.name] = summary[stat.name].astype("int64")
     return summary
 
 
 def _summarise_model(model_id, whole: pd.DataFrame, layers: pd.DataFrame) -> dict:
-    def column(name) -> pd.Series:
-        if name not in layers:
-            return pd.Series(dtype=float)
-        return pd.to_numeric(layers[name], errors="coerce").replace([np.inf, -np.inf], np.nan)
+    """SUMMARY_COLUMNS of one model: identity from all its rows (`whole`), statistics from
+    the selected `layers`."""
+    row = {}
+    for stat in metrics_table.SUMMARY_STATS:
+        if stat.statistic == "first":
+            row[stat.name] = model_id if stat.of == "model_id" else _first(whole, stat.of)
+        elif stat.statistic == "count":
+            row[stat.name] = len(layers)
+        else:
+            row[stat.name] = _statistic(_numbers(layers, stat.of), stat.statistic)
+    return row
 
-    alpha = column("alpha")
-    fitted = alpha.dropna()
-    spectral = column("spectral_norm").dropna()
-    stable = column("stable_rank").dropna()
-    entropy = column("entropy").dropna()
-    params = column("params")
-    return {
-        "model_id": model_id,
-        "is_adapter": _first(whole, "is_adapter"),
-        "source_model": _first(whole, "source_model"),
-        "num_layers": len(layers),
-        "num_fit_failed": int(alpha.isna().sum()),
-        "alpha_mean": _stat(fitted, "mean"),
-        "alpha_median": _stat(fitted, "median"),
-        "alpha_std": fitted.std(ddof=1) if len(fitted) > 1 else np.nan,
-        "alpha_min": _stat(fitted, "min"),
-        "alpha_max": _stat(fitted, "max"),
-        "alpha_q25": fitted.quantile(0.25) if len(fitted) else np.nan,
-        "alpha_q75": fitted.quantile(0.75) if len(fitted) else np.nan,
-        "alpha_weighted_mean": _stat(column("alpha_weighted").dropna(), "mean"),
-        "spectral_norm_mean": _stat(spectral, "mean"),
-        "spectral_norm_max": _stat(spectral, "max"),
-        "log_spectral_norm_mean": _stat(column("log_spectral_norm").dropna(), "mean"),
-        "stable_rank_mean": _stat(stable, "mean"),
-        "stable_rank_median": _stat(stable, "median"),
-        "entropy_mean": _stat(entropy, "mean"),
-        "entropy_median": _stat(entropy, "median"),
-        "total_params": int(params.fillna(0).sum()),
-    }
+
+def _numbers(layers: pd.DataFrame, name: str) -> pd.Series:
+    """A per-layer column as floats, ±inf as NaN (a missing column: no values)."""
+    if name not in layers:
+        return pd.Series(dtype=float)
+    return pd.to_numeric(layers[name], errors="coerce").replace([np.inf, -np.inf], np.nan)
+
+
+def _statistic(values: pd.Series, statistic: str):
+    """One STATISTICS entry of metrics_table over a column's values; NaNs skipped but by
+    nan_count, NaN where there is no value to take it of."""
+    if statistic == "nan_count":
+        return int(values.isna().sum())
+    if statistic == "sum":
+        return int(values.fillna(0).sum())
+    values = values.dropna()
+    if statistic == "std":
+        return values.std(ddof=1) if len(values) > 1 else np.nan
+    if statistic in ("q25", "q75"):
+        return values.quantile(int(statistic[1:]) / 100) if len(values) else np.nan
+    return _stat(values, statistic)
 
 
 def _stat(values: pd.Series, name: str) -> float:
@@ -151,14 +150,18 @@ def write_mode_summaries(results_dir, per_layer) -> dict[str, pd.DataFrame]:
 
 
 def write_summary(results_dir, output=None, layer_types=None, exclude_patterns=None,
-                  per_layer=None, layer_mode: str = "weights") -> Path:
+                  per_layer=None, layer_mode: str = "weights", model_list=None) -> Path:
     """Write the summary of `results_dir` (atomically) and return its path.
 
     Every layer: to `output` (default `results_dir/summary.csv`). Selected layers: the whole
     still goes to `summary.csv`, the selection to `output` (default `summary_filtered.csv`)
     with its `layer_filter` column, so `summary.csv` is never a partial view. The rows of
     the extra layer modes always get their `summary_<mode>.csv` too; `layer_mode` names the
-    mode whose summary (selected or whole) goes to `output` and is returned."""
+    mode whose summary (selected or whole) goes to `output` and is returned.
+
+    The model list's extra columns (`downloads`, `likes`, …: esd/analysis/listed.py, from the
+    runs' copies of their lists and `model_list`) follow each model's statistics in
+    `summary.csv` and the filtered summary."""
     results_dir = Path(results_dir)
     check_layer_mode(layer_mode)
     if per_layer is None:
@@ -166,12 +169,16 @@ def write_summary(results_dir, output=None, layer_types=None, exclude_patterns=N
     if layer_mode != "weights" and not (layer_modes(per_layer) == layer_mode).any():
         raise AnalysisError(f"no {layer_mode} rows in {results_dir}: they are computed by a run "
                             f"with --{layer_mode}")
-    whole = build_summary(per_layer)
+    rows = listed_rows(results_dir, model_list)
+    whole = with_list_columns(build_summary(per_layer), per_layer, rows)
     summaries = write_mode_summaries(results_dir, per_layer)
     if describe_layer_filter(layer_types, exclude_patterns):
         write_csv_atomic(whole, results_dir / "summary.csv")
-        return write_csv_atomic(filtered_summary(per_layer, layer_types, exclude_patterns, layer_mode),
-                                Path(output) if output else results_dir / summary_file_name(layer_mode, True))
+        selected = filtered_summary(per_layer, layer_types, exclude_patterns, layer_mode)
+        if layer_mode == "weights":
+            selected = with_list_columns(selected, per_layer, rows)
+        return write_csv_atomic(selected, Path(output) if output else
+                                results_dir / summary_file_name(layer_mode, True))
     if layer_mode == "weights":
         return write_csv_atomic(whole, Path(output) if output else results_dir / "summary.csv")
     write_csv_atomic(whole, results_dir / "summary.csv")

@@ -39,6 +39,7 @@ from esd.backends import make_backend as build_backend
 from esd.disk_budget import LedgerDamaged
 from esd.failures import clear_failures, compact_failures, read_failures
 from esd.supervisor import Outcome, Policy, Supervisor
+from esd.analysis.listed import keep_model_list
 from esd.model_list import ModelEntry, ModelListError, read_model_list
 
 # The demo's files are package data: its list names the adapter `examples/minilm-lora-demo`,
@@ -497,6 +498,9 @@ def run(config: ExperimentConfig) -> int:
     compact_failures(config.output_dir)
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    # the list's rows (and extra columns: downloads, likes, …) travel to summary.csv from here
+    diskfull.tolerate(keep_model_list, config.model_list, config.output_dir, run_id,
+                      DEMO_DIR if config.is_demo else None)
     plan = plan_models(entries, config)
     log.info("run %s: %d models in %s; %d already done, %d skipped (failed before), %d to run%s",
              run_id, len(entries), config.model_list, len(plan.done), len(plan.skipped_failed),
