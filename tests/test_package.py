@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("esd-run", "esd-worker", "esd-analyze", "esd-models", "esd-doctor", "gputracker")
 # top-level modules the wheel may ship: `net_esd` (users write `from net_esd import …`) and
 # the three commands not yet moved into esd/cli/
-TOP_LEVEL_MODULES = {"net_esd.py", "analyze_results.py", "create_model_list.py", "test_setup.py"}
+TOP_LEVEL_MODULES = {"net_esd.py"}
 
 
 def make_venv(env_dir: Path) -> Path:
@@ -82,8 +82,8 @@ def test_console_command_runs_from_the_installed_wheel(installed, command):
 
 def test_modules_import_from_site_packages_not_the_checkout(installed):
     bin_dir, elsewhere = installed
-    code = ("import esd.api, esd.cli.run, analyze_results, esd.analysis.report, esd.progress, gputracker, "
-            "net_esd; print(esd.api.__file__); print(esd.cli.run.__file__); print(analyze_results.__file__)")
+    code = ("import esd.api, esd.cli.run, esd.cli.analyze, esd.analysis.report, esd.progress, gputracker, "
+            "net_esd; print(esd.api.__file__); print(esd.cli.run.__file__); print(esd.cli.analyze.__file__)")
     result = subprocess.run([str(bin_dir / "python"), "-c", code], cwd=elsewhere, env=clean_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -410,7 +410,7 @@ def _run_record_fields(config: ExperimentConfig, plan: Plan, outcome: Outcome | 
 
 
 def write_summary(config: ExperimentConfig) -> Path | None:
-    from analyze_results import write_summary as write
+    from esd.cli.analyze import write_summary as write
     try:
         return write(config.output_dir)
     except Exception as exc:  # noqa: BLE001 - the run's results are safe; say why there is no summary
@@ -419,7 +419,7 @@ def write_summary(config: ExperimentConfig) -> Path | None:
 
 
 def write_demo_report(config: ExperimentConfig) -> Path | None:
-    from analyze_results import write_report
+    from esd.cli.analyze import write_report
     try:
         return write_report(config.output_dir)
     except Exception as exc:  # noqa: BLE001 - the results are safe; say why there is no report
