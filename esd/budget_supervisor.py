@@ -52,8 +52,8 @@ class BudgetedSupervisor(Supervisor):
         bases: dict[str, list[str]] = {}
         for task in tasks:
             entry = self.entries.get(task.key)
-            if entry is not None and entry.source_model:
-                bases.setdefault(entry.source_model.split("@")[0], []).append(task.key)
+            if entry is not None and entry.base is not None:
+                bases.setdefault(entry.base.model_id, []).append(task.key)
         self.ledger.plan_bases(bases)
         self._waiting = list(tasks)
         try:
