@@ -3,27 +3,28 @@
     python bench/gpu_check.py                 # on a CUDA machine (one GPU or several)
     python bench/gpu_check.py --small         # 2-layer model; runs on CPU too (CI)
 
-1. Builds a 7B-shaped Llama checkpoint in --work_dir (32 layers, q/k/v/o 4096², gate/up/down
+1. End to end through the real orchestrator (`run_esd_experiment.py`, gputracker, NVML), first
+   because it takes minutes: three small models it builds (two heavy-tailed Llamas, one GPT-2
+   with Conv1D layers) run once with `--gpus 0` (gputracker grants GPU 0 and sets
+   CUDA_VISIBLE_DEVICES) and once on CPU (`--gpus none --cpu_workers 1`); each model's result
+   CSVs must agree: the eigenvalue-derived columns (COMPARED) to 1e-4 relative, the layer list
+   and each layer's type, shape and fit_status exactly. Prints PASS/FAIL per model and the wall
+   times of both runs. Without a visible GPU the GPU run is skipped (it says so) and the CPU
+   path runs twice instead (`--cpu_workers 1` against `--cpu_workers 2`). Every subprocess has
+   a timeout; the runs go to a temp dir, removed when every model passes, kept (its path
+   printed) otherwise.
+2. Builds a 7B-shaped Llama checkpoint in --work_dir (32 layers, q/k/v/o 4096², gate/up/down
    4096×11008, embeddings and lm_head 32000×4096, bf16 safetensors; --small: 2 layers of a
    256-wide model). Weights are G₁·diag(p)·G₂ with Gaussian G and Pareto p: heavy-tailed
    spectra, so the power-law fits are not trivial.
-2. Runs the real worker (`esd_worker.py --fix_fingers DKS`) on CUDA (CPU without a GPU) and
+3. Runs the real worker (`esd_worker.py --fix_fingers DKS`) on CUDA (CPU without a GPU) and
    compares a subset of its layers with a float64 SVD on the CPU: the largest relative
    difference of every reported metric (the contract: ≤ 1e-4).
-3. Prints models/hour/GPU end to end (worker process, reading from disk included), the stage
+4. Prints models/hour/GPU end to end (worker process, reading from disk included), the stage
    breakdown (read, host→device, Gram, eigensolver, fit) and peak GPU memory, and the same
    for WeightWatcher 0.7.7 (on the GPU when it finds one) on the first decoder layers.
-4. With several GPUs: the speed-up of spreading one model's layers over all of them.
-5. End to end through the real orchestrator (`run_esd_experiment.py`, gputracker, NVML): three
-   small models it builds (two heavy-tailed Llamas, one GPT-2 with Conv1D layers) run once with
-   `--gpus 0` (gputracker grants GPU 0 and sets CUDA_VISIBLE_DEVICES) and once on CPU
-   (`--gpus none --cpu_workers 1`); each model's result CSVs must agree: the eigenvalue-derived
-   columns (COMPARED) to 1e-4 relative, the layer list and each layer's type, shape and
-   fit_status exactly. Prints PASS/FAIL per model and the wall times of both runs. Without a
-   visible GPU the GPU run is skipped (it says so) and the CPU path runs twice instead
-   (`--cpu_workers 1` against `--cpu_workers 2`). Every subprocess has a timeout; the runs go to
-   a temp dir, removed when every model passes and kept (its path printed) otherwise.
-6. Exits 1 when any metric disagrees beyond 1e-4 or any model fails step 5 (0 otherwise).
+5. With several GPUs: the speed-up of spreading one model's layers over all of them.
+6. Exits 1 when any metric disagrees beyond 1e-4 or any model fails step 1 (0 otherwise).
 """
 
 import argparse
@@ -52,14 +53,15 @@ METRICS = ["alpha", "D", "xmin", "xmax", "sigma", "num_pl_spikes", "spectral_nor
            "norm", "log_norm", "stable_rank", "alpha_weighted", "log_alpha_norm", "entropy", "matrix_rank"]
 FULL = dict(layers=32, hidden=4096, intermediate=11008, vocab=32000, heads=32)
 SMALL = dict(layers=2, hidden=256, intermediate=688, vocab=1000, heads=4)
-# step 5: the columns held to RTOL between two runs (every eigenvalue-derived one, counts included),
-# and those that must be equal (which layers, and what each is)
+# the end-to-end step: the columns held to RTOL between two runs (every eigenvalue-derived one,
+# counts included), and those that must be equal (which layers, and what each is)
 COMPARED = METRICS + ["num_evals"]
-# log10 columns: 1e-4 relative on the quantity under the log moves its log10 by 4.3e-5 however
-# close to 0 the log is, so these are held to RTOL × max(1, |value|) (relative once |value| >= 1)
-LOG_SCALE = {"log_spectral_norm", "log_norm", "log_alpha_norm", "alpha_weighted"}
 IDENTICAL = ["layer_type", "M", "N", "fit_status"]
-# step 5's three models: (name, kind, sizes, seed); the Llamas are heavy-tailed, built here
+# columns of a log10 (alpha_weighted = alpha·log10 λ_max): 1e-4 relative on the quantity under the
+# log moves its log10 by up to 4.3e-5 however close to 0 the log is, so these are held to
+# RTOL × max(1, |value|) (plain relative once |value| >= 1)
+LOG_SCALE = {"log_spectral_norm", "log_norm", "log_alpha_norm", "alpha_weighted"}
+# the end-to-end step's three models: (name, kind, sizes, seed); the Llamas are heavy-tailed, built here
 E2E_MODELS = (("llama-heavy-a", "llama", dict(layers=2, hidden=128, intermediate=344, vocab=500, heads=4), 1),
               ("llama-heavy-b", "llama", dict(layers=1, hidden=96, intermediate=256, vocab=300, heads=4), 2),
               ("gpt2-tiny", "gpt2", dict(layers=2, hidden=64, vocab=100), 3))
@@ -128,27 +130,36 @@ def build_checkpoint(out_dir: Path, cfg: dict, device, seed: int = 0) -> Path:
     return out_dir
 
 
-def run_bounded(argv: list, timeout_s: float, **popen_kwargs) -> subprocess.CompletedProcess:
-    """`argv` run to its end, or stopped after `timeout_s`: SIGINT to its process group (the
-    orchestrator then stops its workers, as on Ctrl-C), SIGKILL 30 s later; returncode None then."""
+def stop_group(proc: subprocess.Popen, grace_s: float = 30) -> tuple[str, str]:
+    """Stops `proc`'s process group: SIGINT (the orchestrator then stops its workers, as on
+    Ctrl-C), SIGKILL `grace_s` later; (stdout, stderr) as far as they were read."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            out, err = proc.communicate(timeout=grace_s)
+            return out or "", err or ""
+        except subprocess.TimeoutExpired:
+            continue
+    return "", ""
+
+
+def run_bounded(argv: list, timeout_s: float, grace_s: float = 30, **popen_kwargs) -> subprocess.CompletedProcess:
+    """`argv` run to its end in its own process group, or stopped (`stop_group`) after `timeout_s`
+    (returncode None then) or when this script is interrupted."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **popen_kwargs)
     try:
         out, err = proc.communicate(timeout=timeout_s)
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
     except subprocess.TimeoutExpired:
-        out, err = "", ""
-        for sig in (signal.SIGINT, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                out, err = proc.communicate(timeout=30)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        out, err = stop_group(proc, grace_s)
         return subprocess.CompletedProcess(argv, None, out, err + f"\n(stopped after {timeout_s:.0f} s)")
+    except BaseException:  # Ctrl-C: leave no orchestrator or worker behind
+        stop_group(proc, grace_s)
+        raise
 
 
 def run_worker(model_dir: Path, out_dir: Path, device: str, visible=None, timeout_s: float = 7200) -> float:
@@ -256,16 +267,18 @@ def time_weightwatcher(model_dir: Path, cfg: dict, decoder_layers: int) -> tuple
         fix_fingers=None, min_evals=1, max_evals=10**6, max_N=10**6, plot=False)
     return time.perf_counter() - start, len(df)
 
-# ---- step 5: end to end through the orchestrator -------------------------------------------------
+# ---- step 1: end to end through the orchestrator -------------------------------------------------
 
 def build_e2e_models(root: Path) -> list[Path]:
-    """The three models of step 5 as local checkpoints under `root` (safetensors, CPU-built)."""
+    """The three models of the end-to-end step as local checkpoints under `root` (safetensors, CPU-built)."""
     dirs = []
     for name, kind, sizes, seed in E2E_MODELS:
         if kind == "llama":
             dirs.append(build_checkpoint(root / name, sizes, "cpu", seed=seed))
             continue
         from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging as transformers_logging
+        transformers_logging.disable_progress_bar()
         torch.manual_seed(seed)
         config = GPT2Config(n_layer=sizes["layers"], n_embd=sizes["hidden"], n_head=2,
                             vocab_size=sizes["vocab"], n_positions=32, bos_token_id=0, eos_token_id=0)
@@ -364,7 +377,8 @@ def run_failures(run: OrchestratorRun, model_dirs: list, want_gpu: bool) -> list
     """Why a run cannot be trusted: a non-zero exit, a timeout, a model not run where asked."""
     why = []
     if run.returncode is None:
-        why.append(f"{run.label}: stopped at the timeout")
+        busy = " (was GPU 0 busy above --gpu_memory_threshold, 500 MB?)" if want_gpu else ""
+        why.append(f"{run.label}: stopped at the timeout{busy}")
     elif run.returncode != 0:
         why.append(f"{run.label}: exit status {run.returncode}")
     if want_gpu:
@@ -384,11 +398,13 @@ def wall_time_figure(runs: list, model_dirs: list) -> str:
         lines.append(f"  {Path(d).name:22s}" + "".join(
             (f"{c:.1f}" if c is not None else "n/a").rjust(width) for c in cells))
     lines.append(f"  {'whole run':22s}" + "".join(f"{r.wall_s:.1f}".rjust(width) for r in runs))
+    first, *others = runs
+    lines += [f"  {r.label} took {r.wall_s / first.wall_s:.2f}x the wall time of {first.label}" for r in others]
     return "\n".join(lines)
 
 
 def end_to_end_step(cuda: bool, timeout_s: float) -> bool:
-    """Step 5; True when every model agrees between the two runs and both ran as asked."""
+    """Step 1; True when every model agrees between the two runs and both ran as asked."""
     from esd.model_list import make_entry, result_csv_path
     scratch = Path(tempfile.mkdtemp(prefix="gpu_check_e2e_"))
     print(f"\nend to end through run_esd_experiment.py ({len(E2E_MODELS)} models, scratch {scratch}):", flush=True)

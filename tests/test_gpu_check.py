@@ -2,9 +2,11 @@
 real orchestrator included, on its CPU path), its verdict catches a metric that disagrees with
 the float64 SVD, and the end-to-end comparison catches two result CSVs that disagree."""
 import math
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -121,3 +123,28 @@ def test_a_gpu_run_that_gputracker_ran_on_cpu_or_another_gpu_is_a_failure():
     assert gpu_check.run_failures(stopped, dirs, want_gpu=False) == ["CPU: stopped at the timeout"]
     assert gpu_check.run_failures(gpu_check.OrchestratorRun("CPU", 1.0, 1), dirs, want_gpu=False) == [
         "CPU: exit status 1"]
+
+
+def test_a_subprocess_past_its_timeout_is_stopped_with_its_process_group_even_if_it_ignores_sigint(tmp_path):
+    # the child ignores SIGINT (as a stuck orchestrator might) and leaves a grandchild sleeping
+    script = ("import signal, subprocess, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "child = subprocess.Popen(['sleep', '300'])\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(300)\n")
+    done = gpu_check.run_bounded([sys.executable, "-c", script], timeout_s=5, grace_s=1)
+    assert done.returncode is None and "stopped after 5 s" in done.stderr
+    grandchild = int(done.stdout.split()[0])
+    for _ in range(600):  # SIGKILL lands asynchronously; a generous bound, not a timing goal
+        if not _alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not _alive(grandchild), f"process {grandchild} of the stopped group is still alive"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
