@@ -302,8 +302,8 @@ class OrchestratorRun:
     label: str
     wall_s: float
     returncode: object                  # None: stopped at the timeout
-    runtime_s: dict = field(default_factory=dict)   # model dir -> worker seconds (gpu_metrics.json)
-    gpus: dict = field(default_factory=dict)        # model dir -> NVML indices granted ([] on CPU)
+    runtime_s: dict = field(default_factory=dict)   # model name -> worker seconds (gpu_metrics.json)
+    gpus: dict = field(default_factory=dict)        # model name -> NVML indices granted ([] on CPU)
     mode: str = "?"                                  # gpu_metrics.json's "gpu" or "cpu"
     output_tail: str = ""
 
@@ -312,7 +312,8 @@ def run_orchestrator(label: str, model_list: Path, out_dir: Path, placement: lis
                      scratch: Path) -> OrchestratorRun:
     """One real run of the orchestrator on `model_list` into `out_dir` (offline, private hub cache),
     the whole run bounded by `timeout_s` and each model by the same through its --timeout."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(scratch / "hf_home"), PYTHONPATH=str(ROOT),
+    python_path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(scratch / "hf_home"), PYTHONPATH=python_path,
                TOKENIZERS_PARALLELISM="false")
     env.pop("HF_HUB_CACHE", None)
     argv = [sys.executable, str(ROOT / "run_esd_experiment.py"), "--model_list", str(model_list),
@@ -326,9 +327,9 @@ def run_orchestrator(label: str, model_list: Path, out_dir: Path, placement: lis
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         run.mode = metrics.get("mode", "?")
-        for job in metrics.get("per_job", []):
-            run.runtime_s[job["job_id"]] = job.get("runtime_s")
-            run.gpus[job["job_id"]] = job.get("gpus")
+        for job in metrics.get("per_job", []):  # job ids are the model ids: the models' dirs
+            run.runtime_s[Path(job["job_id"]).name] = job.get("runtime_s")
+            run.gpus[Path(job["job_id"]).name] = job.get("gpus")
     return run
 
 
@@ -384,8 +385,8 @@ def run_failures(run: OrchestratorRun, model_dirs: list, want_gpu: bool) -> list
     if want_gpu:
         if run.mode != "gpu":
             why.append(f"{run.label}: gputracker ran in {run.mode!r} mode, not on GPU 0 (does NVML see it?)")
-        why += [f"{run.label}: {Path(d).name} ran on GPUs {run.gpus.get(str(d))}, not [0]"
-                for d in model_dirs if run.gpus.get(str(d)) != [0]]
+        why += [f"{run.label}: {Path(d).name} ran on GPUs {run.gpus.get(Path(d).name)}, not [0]"
+                for d in model_dirs if run.gpus.get(Path(d).name) != [0]]
     return why
 
 
@@ -394,7 +395,7 @@ def wall_time_figure(runs: list, model_dirs: list) -> str:
     width = max(24, *(len(r.label) + 2 for r in runs))
     lines = ["wall times (s)".ljust(24) + "".join(r.label.rjust(width) for r in runs)]
     for d in model_dirs:
-        cells = [run.runtime_s.get(str(d)) for run in runs]
+        cells = [run.runtime_s.get(Path(d).name) for run in runs]
         lines.append(f"  {Path(d).name:22s}" + "".join(
             (f"{c:.1f}" if c is not None else "n/a").rjust(width) for c in cells))
     lines.append(f"  {'whole run':22s}" + "".join(f"{r.wall_s:.1f}".rjust(width) for r in runs))

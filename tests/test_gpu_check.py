@@ -112,12 +112,12 @@ def test_end_to_end_log_columns_near_zero_are_held_to_1e_4_absolute_not_relative
 
 def test_a_gpu_run_that_gputracker_ran_on_cpu_or_another_gpu_is_a_failure():
     dirs = [Path("/m/a"), Path("/m/b")]
-    on_gpu = gpu_check.OrchestratorRun("GPU 0", 1.0, 0, gpus={"/m/a": [0], "/m/b": [0]}, mode="gpu")
+    on_gpu = gpu_check.OrchestratorRun("GPU 0", 1.0, 0, gpus={"a": [0], "b": [0]}, mode="gpu")
     assert gpu_check.run_failures(on_gpu, dirs, want_gpu=True) == []
-    fell_back = gpu_check.OrchestratorRun("GPU 0", 1.0, 0, gpus={"/m/a": [], "/m/b": []}, mode="cpu")
+    fell_back = gpu_check.OrchestratorRun("GPU 0", 1.0, 0, gpus={"a": [], "b": []}, mode="cpu")
     why = gpu_check.run_failures(fell_back, dirs, want_gpu=True)
     assert "GPU 0: gputracker ran in 'cpu' mode, not on GPU 0 (does NVML see it?)" in why and len(why) == 3
-    other = gpu_check.OrchestratorRun("GPU 0", 1.0, 0, gpus={"/m/a": [0], "/m/b": [1]}, mode="gpu")
+    other = gpu_check.OrchestratorRun("GPU 0", 1.0, 0, gpus={"a": [0], "b": [1]}, mode="gpu")
     assert gpu_check.run_failures(other, dirs, want_gpu=True) == ["GPU 0: b ran on GPUs [1], not [0]"]
     stopped = gpu_check.OrchestratorRun("CPU", 1.0, None, mode="cpu")
     assert gpu_check.run_failures(stopped, dirs, want_gpu=False) == ["CPU: stopped at the timeout"]
@@ -148,3 +148,21 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_the_gpu_run_of_the_end_to_end_step_is_granted_gpu_0_by_gputracker_on_a_fake_nvml(tmp_path, monkeypatch):
+    # NVML is the one part that cannot exist here: a fake of pynvml's API with one idle GPU; the
+    # worker then finds no CUDA and computes on CPU, everything else is the GPU run as on GPU day
+    script = tmp_path / "fake_nvml.json"
+    script.write_text('{"gpus": [{"used_mb": 0}]}')
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests" / "fake_nvml"))
+    monkeypatch.setenv("FAKE_NVML_SCRIPT", str(script))
+    name, _, sizes, seed = gpu_check.E2E_MODELS[1]
+    model_dirs = [gpu_check.build_checkpoint(tmp_path / "models" / name, sizes, "cpu", seed=seed)]
+    model_list = gpu_check.write_e2e_model_list(model_dirs, tmp_path / "models.csv")
+    run = gpu_check.run_orchestrator("GPU 0", model_list, tmp_path / "out", ["--gpus", "0"], 900, tmp_path)
+    assert gpu_check.run_failures(run, model_dirs, want_gpu=True) == [], run.output_tail
+    assert run.mode == "gpu" and run.gpus == {model_dirs[0].name: [0]} and run.runtime_s[model_dirs[0].name] > 0
+    log = next((tmp_path / "out" / "logs" / "workers").glob("*.log")).read_text()
+    assert f"job {model_dirs[0]} on GPU 0:" in log  # CUDA_VISIBLE_DEVICES=0 for the worker
+    assert len(list((tmp_path / "out").glob("*llama-heavy-b.csv"))) == 1
