@@ -502,6 +502,7 @@ def main() -> int:
     reasons = [f"{', '.join(failed)} beyond {RTOL:.0e}"] if failed else []
     reasons += [] if end_to_end_ok else ["the end-to-end step (END TO END above)"]
     print("\nRESULT:", f"FAIL ({'; '.join(reasons)})" if reasons else "OK")
+    shutil.rmtree(out, ignore_errors=True)
     return 1 if reasons else 0
 
 
