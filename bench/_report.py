@@ -51,8 +51,9 @@ not across sections. To add or refresh a section, run its script from the reposi
 | `python bench/bench_loader.py` | planning a deep config and a 70B-shaped Llama (shapes only), reading tensors from a safetensors file with a huge header |
 | `python bench/bench_hostile.py` | kill -9, a full disk, racing orchestrators, hostile ids, the failure journal's cost |
 
-`python bench/gpu_check.py` is the one-shot check for a CUDA machine: on a 7B-shaped bf16
-checkpoint it compares four layers with a float64 SVD (exit status 1 beyond 1e-4) and prints
+`python bench/gpu_check.py` is the one-shot check for a CUDA machine: first three small
+models through the real orchestrator with `--gpus 0` (gputracker, NVML, `CUDA_VISIBLE_DEVICES`)
+and again on the CPU, their CSVs compared to 1e-4; then, on a 7B-shaped bf16 checkpoint, it compares four layers with a float64 SVD (exit status 1 beyond 1e-4) and prints
 models per hour per GPU, the stage breakdown, peak GPU memory, WeightWatcher on the GPU and,
 with several GPUs, the speed-up of spreading one model over them. It prints its figures only;
 its CPU run (`--small`) is part of the test suite.
