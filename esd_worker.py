@@ -388,6 +388,18 @@ def _rows_said(frame) -> str:
     return f"{len(frame)} layers ({parts})"
 
 
+
+def download_ledger(config):
+    """The run's download ledger, passed to the hub session (loading never imports the disk
+    budget): under `--disk_budget` (which it enforces) or `--stream`, else None."""
+    if config.disk_budget is None and not config.stream:
+        return None
+    from esd.disk_budget import DownloadLedger
+    from esd.loading.hub import hub_cache_dir
+    from esd.units import GB
+    budget = int(config.disk_budget * GB) if config.disk_budget is not None else None
+    return DownloadLedger(config.output_dir, hub_cache_dir(), budget_bytes=budget)
+
 def run_worker(config: WorkerConfig) -> int:
     entry = config.entry
     out = entry.paths(config.output_dir).result_csv
@@ -417,7 +429,7 @@ def run_worker(config: WorkerConfig) -> int:
         use_plan_cache(config.output_dir / ".cache" / "plans")  # the run's workers share plans
         try:
             eigs = {} if config.save_eigs else None
-            with hub_session(config.output_dir, entry.key, config.disk_budget, config.stream):
+            with hub_session(entry.key, ledger=download_ledger(config), stream=config.stream):
                 frame = compute_model_metrics(entry, config.esd, device=config.device,
                                               trust_remote_code=config.trust_remote_code, eigs_out=eigs,
                                               progress=_print_layer_done, note=_print_note)
