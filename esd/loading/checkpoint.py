@@ -205,29 +205,49 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     return parse_safetensors_header(header, size - 8 - length, path.name)
 
 
-def parse_safetensors_header(header: bytes, data_bytes: int, name: str) -> SafetensorsHeader:
-    """Check a safetensors header (the JSON after the 8-byte length) against the size of the
-    data section that follows it; any inconsistency is a `corrupt_file` naming the file."""
+def parse_safetensors_header(header: bytes, data_bytes: int | None,
+                             name: str) -> SafetensorsHeader:
+    """Check a safetensors header (the JSON after the 8-byte length) as the safetensors
+    library does: each tensor's size is its shape × its dtype's size, and the tensors, in
+    offset order, cover the data section from 0 to its end (`data_bytes`; None when the size
+    of a remote file is not known) with no gap and no overlap. Any inconsistency is a
+    `corrupt_file` naming the file: a lying header would hand out another tensor's bytes."""
     try:
         raw = json.loads(header)
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         tensors = {key: _safetensor_entry(key, value, data_bytes)
                    for key, value in raw.items() if key != "__metadata__"}
-    except (ValueError, TypeError, RecursionError) as exc:
+        _check_layout(tensors, data_bytes)
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ESDFailure("load", "corrupt_file", f"{name}: unreadable safetensors header "
                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
     return SafetensorsHeader(tensors, 8 + len(header))
 
 
-def _safetensor_entry(key: str, value, data_bytes: int) -> SafetensorEntry:
+def _check_layout(tensors: dict[str, SafetensorEntry], data_bytes: int | None) -> None:
+    end = 0
+    for key, e in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != end:
+            how = "overlaps the tensor before it" if e.begin < end else \
+                f"leaves {e.begin - end} bytes unused before it"
+            raise ValueError(f"{key}: data_offsets [{e.begin}, {e.end}] {how}")
+        end = e.end
+    if data_bytes is not None and end != data_bytes:
+        raise ValueError(f"the tensors cover {end} bytes of the {data_bytes}-byte data section")
+
+
+def _safetensor_entry(key: str, value, data_bytes: int | None) -> SafetensorEntry:
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}: not a tensor entry")
     dtype, shape = value.get("dtype"), value.get("shape")
     begin, end = value.get("data_offsets") or (None, None)
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"{key}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
         raise ValueError(f"{key}: bad shape {shape!r}")
-    if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_bytes):
+    limit = data_bytes if data_bytes is not None else float("inf")
+    if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= limit):
         raise ValueError(f"{key}: data_offsets {value.get('data_offsets')!r} outside the "
                          f"{data_bytes}-byte data section")
     if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:

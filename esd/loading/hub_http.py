@@ -174,8 +174,8 @@ def offline_hint(repo_id: str, cache) -> str:
 
 def rate_limited(name: str, stage: str = "resolve") -> ESDFailure:
     return ESDFailure(stage, "rate_limited", f"{name}: the hub answered 429 Too Many Requests "
-                      f"{hub_retries()} times (its rate limits); retry later, or log in "
-                      "(HF_TOKEN) for higher limits", retryable=True)
+                      "(its rate limits) after retries; retry later, or log in (HF_TOKEN) for "
+                      "higher limits", retryable=True)
 
 
 def expired_url(name: str, status: int | None, stage: str = "resolve") -> ESDFailure:

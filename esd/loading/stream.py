@@ -25,7 +25,6 @@ float32 tensor handed out.
 from __future__ import annotations
 
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -332,7 +331,7 @@ def _read_header(remote: RemoteFile):
                          f"{n} bytes is not plausible")
     raw = first[8:8 + n] if 8 + n <= len(first) else \
         first[8:] + remote.read(len(first), 8 + n - len(first))
-    data_bytes = size - 8 - n if size is not None else sys.maxsize
+    data_bytes = size - 8 - n if size is not None else None
     return parse_safetensors_header(raw, data_bytes, remote.filename)
 
 
