@@ -37,6 +37,7 @@ from esd.cli_flags import FlagParser, add_bool_flag, add_flag
 from esd.disk_budget import gigabytes
 from esd.failures import ESDFailure, clear_failure, failure_recorded_since, record_failure
 from esd.loading.hub import hub_session
+from esd.progress import TransferLines
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args, unsafe_characters)
 from esd.schema import LAYER_MODES, layer_mode_of
@@ -429,7 +430,8 @@ def run_worker(config: WorkerConfig) -> int:
         use_plan_cache(config.output_dir / ".cache" / "plans")  # the run's workers share plans
         try:
             eigs = {} if config.save_eigs else None
-            with hub_session(entry.key, ledger=download_ledger(config), stream=config.stream):
+            with hub_session(entry.key, ledger=download_ledger(config), stream=config.stream,
+                             report=TransferLines(lambda line: print(line, flush=True))):
                 frame = compute_model_metrics(entry, config.esd, device=config.device,
                                               trust_remote_code=config.trust_remote_code, eigs_out=eigs,
                                               progress=_print_layer_done, note=_print_note)
@@ -449,6 +451,7 @@ EXIT_INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     safe_output.tolerant_std_streams()  # its log on a full disk, or stdout into `head`: never a traceback
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)   # no line per hub request in the log
     config = parse_config(sys.argv[1:] if argv is None else argv)
     if config.log_path is not None:
         print(f"[esd] output of this task goes to {config.log_path}", flush=True)

@@ -59,8 +59,11 @@ def _stream_safetensors(files: tuple["HubFile", ...]) -> "TensorSource":
     from esd.loading.checkpoint import normalise_key
     from esd.loading.stream import RemoteFile, StreamedSafetensors
     token = get_token()
-    return StreamedSafetensors([RemoteFile(f.repo_id, f.commit, f.name, token=token)
-                                for f in files], normalise=normalise_key)
+    repo_id, report = files[0].repo_id, files[0].report
+    return StreamedSafetensors(
+        [RemoteFile(f.repo_id, f.commit, f.name, token=token) for f in files],
+        normalise=normalise_key, report=None if report is None else
+        (lambda done, planned: report("streamed", repo_id, done, planned)))
 
 
 FORMATS: tuple[WeightFormat, ...] = (
@@ -248,15 +251,15 @@ def check_index_complete(files: tuple[Path, ...], ckpt: "TensorSource") -> None:
 
 class HubFile(type(Path())):
     """A weight file of a hub snapshot that is not on disk (`--stream`): read by HTTP ranges
-    from `repo_id@commit`. Its path is where the file would be in the snapshot; paths derived
-    from it (`parent`, `/`) are plain paths."""
+    from `repo_id@commit`, telling `report(verb, repo_id, done, total)` how far it is. Its path
+    is where the file would be in the snapshot; paths derived from it are plain paths."""
 
-    def __new__(cls, path, repo_id: str = "", commit: str = ""):
+    def __new__(cls, path, repo_id: str = "", commit: str = "", report=None):
         self = super().__new__(cls, path) if sys.version_info < (3, 12) else super().__new__(cls)
-        self.repo_id, self.commit = repo_id, commit
+        self.repo_id, self.commit, self.report = repo_id, commit, report
         return self
 
-    def __init__(self, path, repo_id: str = "", commit: str = ""):
+    def __init__(self, path, repo_id: str = "", commit: str = "", report=None):
         if sys.version_info >= (3, 12):
             super().__init__(path)
 

@@ -31,9 +31,11 @@ import json
 import os
 import re
 import shutil
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.failures import ESDFailure
@@ -247,10 +249,12 @@ def needed_files(names, trust_remote_code: bool) -> list[str]:
 class HubSession:
     """How one worker uses the hub: who it is (the model key), the run's download ledger
     (None: downloads stay in the cache; it refuses a download larger than the budget), and
-    whether weights are streamed. `remote`: snapshot dir → (repo, commit, streamed files)."""
+    whether weights are streamed; `report(verb, repo_id, bytes so far, total bytes)` is told
+    how far a download or stream is. `remote`: snapshot dir → (repo, commit, streamed files)."""
     user: str = ""
     ledger: object | None = None          # esd.disk_budget.DownloadLedger, given by the worker
     stream: bool = False
+    report: Callable[[str, str, int, int | None], None] | None = None
     remote: dict[Path, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
 
 
@@ -263,13 +267,13 @@ def current_session() -> HubSession:
 
 
 @contextlib.contextmanager
-def hub_session(user: str, *, ledger=None, stream: bool = False):
+def hub_session(user: str, *, ledger=None, stream: bool = False, report=None):
     """The worker's hub session around resolving, analysing and saving one model. With a
     `ledger` (the worker's `DownloadLedger`, under `--disk_budget` or `--stream`), every
     download is recorded before it starts; on a normal exit (the CSV written) and on a final
     failure, what this model downloaded and no other model needs is deleted; a retryable
-    failure keeps it for the retry."""
-    session = HubSession(user, ledger, stream)
+    failure keeps it for the retry. `report` (see `HubSession`) hears of bytes moved."""
+    session = HubSession(user, ledger, stream, report)
     _ACTIVE.append(session)
     try:
         yield session
@@ -344,7 +348,9 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
         new = {n: listing.sizes.get(n, 0) for n in fetch if n not in have}
         session.ledger.before_download(repo_id, listing.commit, new, session.user)
         session.ledger.hold(repo_id, listing.commit)
-    snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch)
+    meter = None if session.report is None else _byte_meter(
+        session.report, repo_id, sum(listing.sizes.get(n, 0) for n in fetch if n not in have))
+    snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch, meter)
     _remember_ref(cache, repo_id, revision, listing.commit)
     if session.ledger is not None:
         session.ledger.downloaded(repo_id, listing.commit)
@@ -369,7 +375,8 @@ def _remember_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None
         log.warning("%s: could not record refs/%s in the cache: %s", repo_id, revision, exc)
 
 
-def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[str]) -> Path:
+def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[str],
+           meter=None) -> Path:
     """snapshot_download of `files` at `commit`. One more pass (which resolves every file
     again) after huggingface_hub's client-closed thread bug or an expired CDN link."""
     from huggingface_hub import snapshot_download
@@ -377,7 +384,7 @@ def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[st
         try:
             return Path(snapshot_download(repo_id, revision=commit, cache_dir=cache,
                                           allow_patterns=[_literal(n) for n in files],
-                                          etag_timeout=_etag_timeout()))
+                                          etag_timeout=_etag_timeout(), tqdm_class=meter))
         except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
             failure = hub_failure(exc, repo_id, revision, cache=cache)
             again = failure.reason == "expired_url" or CLIENT_CLOSED in str(exc)
@@ -386,6 +393,29 @@ def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[st
                 continue
             raise failure from None
     raise AssertionError("unreachable")
+
+
+def _byte_meter(report, repo_id: str, total: int):
+    """A tqdm class for `snapshot_download` that shows nothing and hands the bytes written
+    to `report("downloaded", repo_id, bytes so far, total)`. huggingface_hub updates two byte
+    bars with the same bytes (transfer, reconstruction): the larger count is what is done."""
+    from tqdm.std import tqdm
+    lock, counts = threading.Lock(), {}
+
+    class ByteMeter(tqdm):
+        def __init__(self, *args, **kwargs):
+            self._counts_bytes = kwargs.get("unit") == "B"
+            kwargs.pop("name", None)
+            super().__init__(*args, **dict(kwargs, disable=True))
+
+        def update(self, n=1):
+            if self._counts_bytes and n:
+                with lock:
+                    counts[id(self)] = counts.get(id(self), 0) + int(n)
+                    done = max(counts.values())
+                report("downloaded", repo_id, done, total)
+            return super().update(n)
+    return ByteMeter
 
 
 def _etag_timeout() -> float:
@@ -402,4 +432,6 @@ def remote_weights(local_dir: Path) -> tuple[Path, list[HubFile]] | None:
     if remote is None:
         return None
     repo_id, commit, names = remote
-    return Path(local_dir), [HubFile(Path(local_dir) / name, repo_id, commit) for name in names]
+    report = current_session().report
+    return Path(local_dir), [HubFile(Path(local_dir) / name, repo_id, commit, report)
+                             for name in names]

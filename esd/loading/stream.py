@@ -30,6 +30,7 @@ import time
 import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -224,8 +225,12 @@ class StreamedSafetensors(TensorSource):
     get chunked reads with prefetch; without it each tensor is one range request."""
 
     def __init__(self, files: list[RemoteFile], *, normalise=lambda k: k,
-                 chunk_bytes: int = CHUNK_BYTES, prefetch: int = PREFETCH_CHUNKS):
+                 chunk_bytes: int = CHUNK_BYTES, prefetch: int = PREFETCH_CHUNKS,
+                 report: Callable[[int, int], None] | None = None):
         self.files = files
+        self.report = report               # (bytes of the plan read so far, bytes planned)
+        self._planned_bytes = self._done_bytes = 0
+        self._report_lock = threading.Lock()
         self.chunk_bytes, self.prefetch = chunk_bytes, max(0, prefetch)
         self.entries: dict[str, _Entry] = {}
         for index, remote in enumerate(files):
@@ -261,13 +266,21 @@ class StreamedSafetensors(TensorSource):
             self._chunks.append((e.file, e.begin, e.end, [key]))
             self._chunk_of[key] = len(self._chunks) - 1
         self._left = {i: set(c[3]) for i, c in enumerate(self._chunks)}
+        self._planned_bytes = sum(end - begin for _, begin, end, _ in self._chunks)
+        self._done_bytes = 0
         if self.prefetch and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.prefetch,
                                             thread_name_prefix="esd-stream")
 
-    def _fetch(self, index: int) -> bytes:
+    def _fetch(self, index: int) -> bytearray:
         file, begin, end, _ = self._chunks[index]
-        return self.files[file].read(begin, end - begin)
+        data = self.files[file].read(begin, end - begin)
+        if self.report is not None:
+            with self._report_lock:
+                self._done_bytes += end - begin
+                done = self._done_bytes
+            self.report(done, self._planned_bytes)
+        return data
 
     def _chunk(self, index: int) -> Future:
         future = self._pending.get(index)
