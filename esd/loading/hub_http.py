@@ -38,9 +38,9 @@ def hub_backoff_s() -> float:
 
 def hub_timeout_s() -> float:
     """Seconds a request may wait to connect or for the next bytes (`ESD_HUB_TIMEOUT_S`,
-    default 30): a Hub that accepts connections and never answers cannot hang a worker or the
+    default 60): a Hub that accepts connections and never answers cannot hang a worker or the
     orchestrator's budget admission."""
-    return float(os.environ.get("ESD_HUB_TIMEOUT_S", "30"))
+    return float(os.environ.get("ESD_HUB_TIMEOUT_S", "60"))
 
 
 def endpoint() -> str:

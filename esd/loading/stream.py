@@ -18,9 +18,9 @@ from the CDN mean an expired signed URL: a new HEAD refreshes it (not counted as
 most `MAX_REFRESHES` per read, then `expired_url`). Failures are typed by
 `hub_http.hub_failure`, or `bad_range_response` / `download_interrupted` here.
 Memory: a range's body is read into one buffer of its exact size and tensors are converted
-from views of it; the chunks read ahead stay under `PREFETCH_BYTES` (at least one is read
-ahead; a tensor larger than a chunk is one chunk of its own), plus the chunk in use and the
-float32 tensor handed out.
+from views of it; the chunks read ahead stay under `PREFETCH_BYTES` (a tensor larger than a
+chunk is one chunk of its own; one larger than the whole window is not read ahead), plus the
+chunk in use and the float32 tensor handed out.
 """
 from __future__ import annotations
 
@@ -294,8 +294,8 @@ class StreamedSafetensors(TensorSource):
         ahead_bytes = 0
         for ahead in range(index + 1, min(len(self._chunks), index + 1 + self.prefetch)):
             _, begin, end, _ = self._chunks[ahead]
-            if ahead_bytes and ahead_bytes + (end - begin) > PREFETCH_BYTES:
-                break                                   # bounded memory read ahead
+            if ahead_bytes + (end - begin) > PREFETCH_BYTES:
+                break             # bounded read-ahead: a larger chunk is read when it is asked for
             ahead_bytes += end - begin
             if ahead not in self._pending and self._pool is not None:
                 self._pending[ahead] = self._pool.submit(self._fetch, ahead)
