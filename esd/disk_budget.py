@@ -38,19 +38,16 @@ from filelock import FileLock
 
 from esd.atomic_files import write_text_atomic
 from esd.failures import ESDFailure
+from esd.loading.hub import cached_files, repo_folder as _repo_folder
+from esd.units import GB
 
 LEDGER = ".hub_downloads.json"
-GB = 1000 ** 3
 
 log = logging.getLogger("esd_experiment.disk")
 
 
 def _lock_name(repo_id: str, commit: str) -> str:
     return f"{repo_id.replace('/', '--')}--{commit}.lock"
-
-
-def _repo_folder(cache: Path, repo_id: str) -> Path:
-    return Path(cache) / ("models--" + repo_id.replace("/", "--"))
 
 
 class LedgerDamaged(ESDFailure):
@@ -164,15 +161,6 @@ def _size(path: Path) -> int:
         return 0
 
 
-def cached_files(cache: Path, repo_id: str, commit: str) -> set[str]:
-    """Files of `repo_id@commit` already in the cache snapshot."""
-    snapshot = _repo_folder(cache, repo_id) / "snapshots" / commit
-    if not snapshot.is_dir():
-        return set()
-    return {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
-            if p.is_file() or p.is_symlink() and p.exists()}
-
-
 def gigabytes(text) -> float:
     """`--disk_budget GB`: a number of gigabytes (10^9 bytes) > 0."""
     try:
@@ -186,9 +174,11 @@ def gigabytes(text) -> float:
 
 @dataclass
 class DownloadLedger:
-    """The ledger of one output directory over one hub cache."""
+    """The ledger of one output directory over one hub cache; with `budget_bytes`, a
+    download larger than the whole budget is refused before it is recorded."""
     output_dir: Path
     cache: Path
+    budget_bytes: int | None = None
     _held: dict[str, int] = field(default_factory=dict)   # read locks this process holds
 
     def __post_init__(self):
@@ -245,8 +235,14 @@ class DownloadLedger:
                         user: str) -> bool:
         """Record that `user` (a model key) needs `repo_id@commit` with `files` (name →
         bytes), before anything is downloaded. Returns whether the revision is ours (nothing
-        of it was in the cache before this run)."""
+        of it was in the cache before this run). Raises `disk_budget_exceeded` when `files`
+        alone are larger than the budget."""
         key = f"{repo_id}@{commit}"
+        if self.budget_bytes is not None and sum(files.values()) > self.budget_bytes:
+            biggest = max(files, key=files.get)
+            raise exceeded_failure(key, sum(files.values()), self.budget_bytes,
+                                   f" ({len(files)} files, the largest {biggest} "
+                                   f"{files[biggest] / GB:.3f} GB)")
         with self._lock():
             data = self._read()
             data["refs"].setdefault(repo_id, repo_refs(self.cache, repo_id))

@@ -3,10 +3,16 @@
 This is the loading room's entry point; its concerns live in `esd/loading/`, each in a
 module named after it:
 
-- `esd/loading/hub.py`        — hub ids, the huggingface_hub cache, downloads, offline
-                                snapshots, hub errors → typed failures, `install_into_hub_cache`.
-- `esd/loading/checkpoint.py` — which files hold the weights; the `TensorSource` interface
-                                reading one float32 CPU tensor at a time (safetensors, .bin).
+- `esd/loading/hub.py`        — hub ids and revisions, the huggingface_hub cache, listings,
+                                downloads, offline snapshots, `install_into_hub_cache`.
+- `esd/loading/hub_http.py`   — requests to the Hub (timeouts, backoff, guarded pagination)
+                                and the one mapping of hub errors to typed failures.
+- `esd/loading/formats.py`    — the weight-format registry: which files hold the weights (one
+                                preference rule for directories and hub listings) and
+                                `open_weights`, the factory of tensor sources.
+- `esd/loading/checkpoint.py` — the `TensorSource` interface reading one float32 CPU tensor
+                                at a time from files on disk (safetensors, .bin).
+- `esd/loading/stream.py`     — a `TensorSource` reading hub safetensors by HTTP ranges.
 - `esd/loading/layers.py`     — which tensors are layers: meta-device skeleton, key matching,
                                 tied weights, the name/shape rule; walking an nn.Module.
 - `esd/loading/lora.py`       — adapters: the base, LoRA scaling, the streaming merge,
@@ -41,10 +47,10 @@ from typing import Callable, Iterator
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.checkpoint import check_not_quantized, find_weights, is_adapter_dir
+from esd.loading.formats import (check_not_quantized, find_weights, is_adapter_dir, open_weights,
+                                 plan_reads)
 from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_cache,
-                             open_weights, plan_reads, remote_weights,
-                             looks_like_hub_id)
+                             remote_weights, looks_like_hub_id)
 from esd.loading.deltas import iter_delta_layers
 from esd.loading.layers import distinct_layers, plan_layers
 from esd.loading.lora import (adapter_update_unsupported, iter_adapter_layers,  # noqa: F401

@@ -17,7 +17,8 @@ models and a status line
 Owns the display only: it is told when a model ends (`update`), and asks two callables
 for what runs (key, start time, worker log) and why the rest waits (the backend's words).
 A running model's current layer is the last `layer i` (or `layer i/n`) line of its worker
-log. Decides nothing and never touches a result file.
+log, or how far its download or stream is when that line is the later one
+(`TransferLines` writes them in the worker). Decides nothing and never touches a result file.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 LAYER_LINE = re.compile(rb"layer\s+(\d+)(?:\s*/\s*(\d+))?")
+TRANSFER_LINE = re.compile(rb"(downloaded|streamed) \S+: ([\d.]+) of ([\d.]+) MB at ([\d.]+) MB/s")
+TRANSFER_EVERY_S = 2.0           # a worker prints how far a download or stream is this often
 MAX_KEY_CHARS = 40               # a running model's id is shown by its last characters
 LOG_TAIL_BYTES = 8192            # a worker's current layer is in the last few lines of its log
 
@@ -63,8 +66,7 @@ class PlainCpuNotice(logging.Filter):
         return True
 
 
-def last_layer(log_path) -> tuple[int, int | None] | None:
-    """(i, n) of the last `layer i/n` line of a worker log, n None for `layer i`; None if none yet."""
+def _log_tail(log_path) -> bytes | None:
     if log_path is None:
         return None
     try:
@@ -72,10 +74,15 @@ def last_layer(log_path) -> tuple[int, int | None] | None:
             handle.seek(0, 2)
             size = handle.tell()
             handle.seek(max(0, size - LOG_TAIL_BYTES))
-            tail = handle.read()
+            return handle.read()
     except OSError:
         return None
-    found = list(LAYER_LINE.finditer(tail))
+
+
+def last_layer(log_path) -> tuple[int, int | None] | None:
+    """(i, n) of the last `layer i/n` line of a worker log, n None for `layer i`; None if none yet."""
+    tail = _log_tail(log_path)
+    found = list(LAYER_LINE.finditer(tail)) if tail is not None else []
     if not found:
         return None
     done, total = found[-1].groups()
@@ -98,6 +105,45 @@ def model_fraction(log_path) -> float | None:
     if layer is None or not layer[1]:
         return None
     return min(1.0, layer[0] / layer[1])
+
+
+def current_activity(log_path) -> str | None:
+    """What a worker log says last: `layer 12/30`, or `downloaded 120.0 of 500.0 MB at 40.1
+    MB/s` while a model downloads or streams; None if neither yet."""
+    tail = _log_tail(log_path)
+    if tail is None:
+        return None
+    transfer = list(TRANSFER_LINE.finditer(tail))
+    layer = list(LAYER_LINE.finditer(tail))
+    if transfer and (not layer or transfer[-1].start() > layer[-1].start()):
+        verb, done, total, rate = (g.decode() for g in transfer[-1].groups())
+        return f"{verb} {done} of {total} MB at {rate} MB/s"
+    return current_layer(log_path)
+
+
+class TransferLines:
+    """The worker's lines while a model downloads or streams (read by `current_activity`):
+    `  downloaded org/m: 120.0 of 500.0 MB at 40.1 MB/s`, at most every `TRANSFER_EVERY_S`
+    and once when a transfer completes. Called from download threads: thread-safe."""
+
+    def __init__(self, write=print, every_s: float = TRANSFER_EVERY_S):
+        self._write, self._every_s = write, every_s
+        self._lock = threading.Lock()
+        self._started: dict[tuple[str, str], float] = {}
+        self._last: dict[tuple[str, str], float] = {}
+
+    def __call__(self, verb: str, repo_id: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        key = (verb, repo_id)
+        with self._lock:
+            started = self._started.setdefault(key, now)
+            finished = total is not None and done >= total
+            if not finished and now - self._last.get(key, 0.0) < self._every_s:
+                return
+            self._last[key] = now
+        rate = done / max(now - started, 1e-3) / 1e6
+        of = f"{(total if total is not None else done) / 1e6:.1f}"
+        self._write(f"  {verb} {repo_id}: {done / 1e6:.1f} of {of} MB at {rate:.1f} MB/s")
 
 
 def format_duration(seconds: float) -> str:
@@ -210,7 +256,7 @@ class RunProgress:
             now = time.time()
             shown = []
             for key, started, log_path in running:
-                layer = current_layer(log_path)
+                layer = current_activity(log_path)
                 detail = ", ".join(x for x in (layer, format_duration(now - started)) if x)
                 shown.append(f"{_clip_left(str(key), MAX_KEY_CHARS)} ({detail})")
             parts.append("running: " + ", ".join(shown))

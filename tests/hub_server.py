@@ -79,6 +79,11 @@ class Faults:
     # "lying sizes": the tree listing and paths-info report every file's size times this
     # factor (< 1 under-reports); resolve headers and the bytes served stay true
     listed_size_factor: float = 1.0
+    # hostile answers
+    silent_api: bool = False         # /api requests are accepted and never answered
+    tree_link: str = ""              # tree pages carry Link rel=next: "self" (the same page) or
+                                     # "foreign" (the same path on another origin: the CDN's)
+    commit_sha: str | None = None    # model info and X-Repo-Commit answer this as the commit
 
 
 @dataclass
@@ -98,6 +103,7 @@ class LoggedRequest:
     raw_path: str = ""   # the path as sent (revisions like refs%2Fpr%2F1 still quoted)
     status: int = 0
     time: float = 0.0
+    body_bytes_sent: int = 0   # of a file body: how much the client actually took
 
     @property
     def token(self) -> str | None:
@@ -121,6 +127,7 @@ class HubServer:
         self.blobs: dict[str, bytes] = {}       # sha256 -> content (the CDN's store)
         self.hub_requests = 0
         self._lock = threading.Lock()
+        self._silence = threading.Event()       # set: silent requests give up and drop
         self._bandwidth_lock = threading.Lock()
         self._bandwidth_next = 0.0
         self._servers: list[_Server] = []
@@ -163,6 +170,8 @@ class HubServer:
             self.listing = Listing()
             self.log.clear()
             self.hub_requests = 0
+            self._silence.set()                 # release the requests held by silent_api
+            self._silence = threading.Event()
 
     def client_env(self, hf_home: Path, token: str | None = None) -> dict[str, str]:
         """Environment for a subprocess using huggingface_hub against this server. The
@@ -387,6 +396,9 @@ def _make_handler(hub: HubServer, role: str):
             if hub.faults.gone_after is not None and count > hub.faults.gone_after:
                 return self._drop()
             path = self.entry.path
+            if hub.faults.silent_api and path.startswith("/api/"):
+                hub._silence.wait(600)          # accepted, never answered
+                return self._drop()
             if (hub.faults.rate_limit and hub.faults.rate_limit_paths in path
                     and hub._take("rate_limit")):
                 return self._error(429, None, "rate limited",
@@ -410,6 +422,8 @@ def _make_handler(hub: HubServer, role: str):
             if repo is None or (repo.meta.get("private") and self.entry.token not in repo.tokens):
                 self._error(401, "RepoNotFound", f"Repository Not Found for url: {self.path}")
                 return None, None
+            if hub.faults.commit_sha and revision == hub.faults.commit_sha:
+                revision = "main"                 # the lie is served as if it were a commit
             sha = repo.commit_of(revision)
             if sha is None:
                 self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
@@ -426,10 +440,10 @@ def _make_handler(hub: HubServer, role: str):
                 return
             files = repo.commits[sha]
             if kind in ("", "revision"):
-                info = {"id": repo_id, "modelId": repo_id, "sha": sha, "private": False,
-                        "gated": "auto" if repo.gated else False, "disabled": False,
+                info = {"id": repo_id, "modelId": repo_id, "sha": hub.faults.commit_sha or sha,
+                        "private": False, "gated": "auto" if repo.gated else False, "disabled": False,
                         "siblings": [{"rfilename": p} for p in sorted(files)], "tags": []}
-                info.update({**_listed_fields(repo), "sha": sha} if repo.meta else {})
+                info.update({**_listed_fields(repo), "sha": info["sha"]} if repo.meta else {})
                 return self._json(info)
             if kind == "paths-info":
                 form = urllib.parse.parse_qs(self.body.decode())
@@ -438,7 +452,12 @@ def _make_handler(hub: HubServer, role: str):
                                    for p in wanted if p in files])
             prefix = urllib.parse.unquote("/".join(rest[2:])).strip("/")
             recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
-            return self._json([_listed(e, hub.faults) for e in _tree(files, prefix, recursive)])
+            headers = {}
+            if hub.faults.tree_link:
+                origin = hub.endpoint if hub.faults.tree_link == "self" else hub.cdn
+                headers["Link"] = f'<{origin}{self.path}>; rel="next"'
+            return self._json([_listed(e, hub.faults) for e in _tree(files, prefix, recursive)],
+                              headers=headers)
 
         def _list_models(self):
             """`GET /api/models` as the Hub answers it: filters, sort descending, pages."""
@@ -491,7 +510,7 @@ def _make_handler(hub: HubServer, role: str):
                 return self._error(404, "EntryNotFound", f"{filename} does not exist at {sha}",
                                    {"X-Repo-Commit": sha})
             data = files[filename]
-            headers = {"X-Repo-Commit": sha, "ETag": f'"{git_oid(data)}"',
+            headers = {"X-Repo-Commit": hub.faults.commit_sha or sha, "ETag": f'"{git_oid(data)}"',
                        "Accept-Ranges": "bytes"}
             if is_lfs(filename):
                 digest = sha256(data)
@@ -550,8 +569,27 @@ def _make_handler(hub: HubServer, role: str):
                     hub._throttle(len(piece))
                 self.wfile.write(piece)
                 sent += len(piece)
+                self.entry.body_bytes_sent = sent
 
     return Handler
+
+
+def overlapping_safetensors(data: bytes) -> bytes:
+    """A safetensors file whose header lies: two tensors of the same shape and dtype made to
+    read the same bytes (the second's offsets point at the first's), the file otherwise the
+    same. The safetensors library refuses it; a reader trusting offsets reads wrong bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    by_size: dict[tuple, list[str]] = {}
+    for name in names:
+        entry = header[name]
+        by_size.setdefault((entry["dtype"], tuple(entry["shape"])), []).append(name)
+    first, second = next(group for group in by_size.values() if len(group) >= 2)[:2]
+    header[second]["data_offsets"] = list(header[first]["data_offsets"])
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
 
 
 def _split_resolve(raw_path: str) -> tuple[str, str, str] | None:

@@ -131,7 +131,7 @@ def test_hub_errors_map_to_typed_reasons_and_retryability():
         (errors.RepositoryNotFoundError("missing", response=_response(404)), "repo_not_found", False),
         (errors.RevisionNotFoundError("no rev", response=_response(404)), "revision_not_found", False),
         (errors.HfHubHTTPError("down", response=_response(503)), "hub_unavailable", True),
-        (errors.HfHubHTTPError("slow down", response=_response(429)), "hub_unavailable", True),
+        (errors.HfHubHTTPError("slow down", response=_response(429)), "rate_limited", True),
         (errors.HfHubHTTPError("denied", response=_response(403)), "unauthorized", False),
         (errors.HFValidationError("bad id"), "invalid_id", False),
         (errors.LocalEntryNotFoundError("no connection"), "network_error", True),

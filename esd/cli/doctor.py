@@ -36,13 +36,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from esd.units import GB as BYTES_PER_GB   # the one GB of the project: 10^9 bytes
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 STATUSES = (OK, WARN, FAIL)
 
 MIN_PYTHON = (3, 10)
 MIN_FREE_CACHE_GB = 20.0  # a 7B model in bf16 is ~15 GB of safetensors
 DEFAULT_GPU_MEMORY_THRESHOLD_MB = 500  # run_esd_experiment.py --gpu_memory_threshold default
-BYTES_PER_GB = 1024 ** 3
 SLURM_COMMANDS = ("sbatch", "squeue", "scontrol")
 COMMAND_TIMEOUT_S = 15
 

@@ -44,6 +44,7 @@ from esd.failures import ESDFailure, clear_failure, failure_recorded_since, reco
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args, record_result_file, unsafe_characters)
 from esd.options import add_options, option, options_argv, options_from_args
+from esd.progress import TransferLines
 from esd.schema import LAYER_MODES, layer_mode_of
 from esd.settings import (ESDSettings, WorkerOptions, add_esd_arguments,  # noqa: F401 - re-exported
                           esd_argv, esd_settings_from_args)
@@ -350,6 +351,18 @@ def _rows_said(frame) -> str:
     return f"{len(frame)} layers ({parts})"
 
 
+
+def download_ledger(config):
+    """The run's download ledger, passed to the hub session (loading never imports the disk
+    budget): under `--disk_budget` (which it enforces) or `--stream`, else None."""
+    if config.disk_budget is None and not config.stream:
+        return None
+    from esd.disk_budget import DownloadLedger
+    from esd.loading.hub import hub_cache_dir
+    from esd.units import GB
+    budget = int(config.disk_budget * GB) if config.disk_budget is not None else None
+    return DownloadLedger(config.output_dir, hub_cache_dir(), budget_bytes=budget)
+
 def run_worker(config: WorkerConfig) -> int:
     entry = config.entry
     out = entry.paths(config.output_dir).result_csv
@@ -380,7 +393,8 @@ def run_worker(config: WorkerConfig) -> int:
         use_plan_cache(config.output_dir / ".cache" / "plans")  # the run's workers share plans
         try:
             eigs = {} if config.save_eigs else None
-            with hub_session(config.output_dir, entry.key, config.disk_budget, config.stream):
+            with hub_session(entry.key, ledger=download_ledger(config), stream=config.stream,
+                             report=TransferLines(lambda line: print(line, flush=True))):
                 frame = compute_model_metrics(entry, config.esd, device=config.device,
                                               trust_remote_code=config.trust_remote_code, eigs_out=eigs,
                                               progress=_print_layer_done, note=_print_note)
@@ -400,6 +414,7 @@ EXIT_INTERRUPTED = 130
 def main(argv: list[str] | None = None) -> int:
     safe_output.tolerant_std_streams()  # its log on a full disk, or stdout into `head`: never a traceback
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("httpx2").setLevel(logging.WARNING)   # no line per hub request in the log
     config = parse_config(sys.argv[1:] if argv is None else argv)
     if config.log_path is not None:
         print(f"[esd] output of this task goes to {config.log_path}", flush=True)

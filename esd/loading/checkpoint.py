@@ -1,12 +1,13 @@
-"""Weight files on disk, and reading their tensors one at a time.
+"""Weight files on disk: reading their tensors one at a time, and checking them.
 
-Owns: which files of a directory hold a model's weights (`find_weights`, by the transformers
-preference order, looking one or two folders down for training checkpoints), refusing
-quantized checkpoints, and reading tensors as float32 CPU copies without loading a file whole.
+Owns: reading tensors as float32 CPU copies without loading a file whole (`FileCheckpoint`
+for safetensors and PyTorch .bin/.pt), the safetensors header check (as the safetensors
+library checks it). Which files hold the weights, which reader a format gets, and the
+checks of a checkpoint's files (quantized, incomplete index) are `formats.py`.
 
 The tensor-source interface (`TensorSource`) is what layer planning and the LoRA merge read
-from; a new weight format or transport (e.g. safetensors over HTTP range requests) is one more
-subclass:
+from; a new weight format or transport (e.g. safetensors over HTTP range requests,
+`stream.py`) is one more subclass, registered in `formats.FORMATS`:
 
 - `shapes: dict[str, tuple[int, ...]]` — every tensor's (normalised) key and shape, known
   without reading tensor data; `keys()` is `shapes.keys()`.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,148 +34,6 @@ from pathlib import Path
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.log import logger
-from esd.loading.resolved import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, BIN_INDEX,
-                                  SAFETENSORS_INDEX)
-
-# Files in training-checkpoint directories that are not model weights.
-NOT_WEIGHTS = re.compile(r"(optimizer|scheduler|rng_state|training_args|scaler|trainer_state)",
-                         re.IGNORECASE)
-UNSUPPORTED_WEIGHT_SUFFIXES = (".gguf", ".ggml", ".onnx", ".h5", ".msgpack", ".ckpt", ".pb",
-                               ".tflite", ".mlmodel", ".nemo")
-
-
-# --------------------------------------------------------------------------- finding files
-
-def read_json(path: Path, stage: str = "load") -> dict:
-    """A JSON object file; anything else (unreadable, not JSON, nested too deep to parse,
-    not an object) is a `corrupt_file` failure naming the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ESDFailure(stage, "corrupt_file", f"{path}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ESDFailure(stage, "corrupt_file", f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ESDFailure(stage, "corrupt_file", f"{path}: expected a JSON object")
-    return data
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG_FILE).is_file() and any(
-        (path / name).is_file() for name in ADAPTER_WEIGHT_FILES)
-
-
-def _regular_files(path: Path, pattern: str) -> list[Path]:
-    """Model weight candidates matching `pattern` directly in `path`: regular files only (a
-    FIFO or device would block or stream forever), adapter and trainer files left out."""
-    found = []
-    for p in sorted(path.glob(pattern)):
-        if p.name.startswith("adapter_model") or NOT_WEIGHTS.search(p.name):
-            continue
-        if not p.is_file():
-            if not p.is_dir():
-                logger.warning(f"{p}: not a regular file; ignored")
-            continue
-        found.append(p)
-    return found
-
-
-def _shards_of(index: Path) -> list[Path]:
-    """The shard files a sharded checkpoint's index names, all inside its directory."""
-    data = read_json(index)
-    weight_map = data.get("weight_map") or {}
-    if not isinstance(weight_map, dict):
-        raise ESDFailure("load", "corrupt_file", f"{index}: weight_map is not a mapping")
-    names = sorted(set(weight_map.values()))
-    if not names:
-        raise ESDFailure("load", "corrupt_file", f"{index}: empty weight_map")
-    folder = index.parent
-    outside = [n for n in names if not isinstance(n, str) or Path(n).is_absolute()
-               or ".." in Path(n).parts or "/" in n or "\\" in n]
-    if outside:
-        raise ESDFailure("load", "corrupt_file", f"{index} names shards outside its folder "
-                         f"(only file names are allowed): {', '.join(map(str, outside[:3]))}")
-    missing = [n for n in names if not (folder / n).is_file()]
-    if missing:
-        raise ESDFailure("load", "corrupt_file", f"{index} lists missing shards: "
-                         f"{', '.join(missing[:3])}")
-    return [folder / n for n in names]
-
-
-def weight_files_in(path: Path) -> list[Path]:
-    """The model weight files directly in `path`, by the transformers preference order:
-    safetensors index → model.safetensors → other *.safetensors → .bin index →
-    pytorch_model.bin → other *.bin → *.pt/*.pth (raw state dicts). [] if none."""
-    formats = ((SAFETENSORS_INDEX, "model.safetensors", ("*.safetensors",)),
-               (BIN_INDEX, "pytorch_model.bin", ("*.bin", "*.pt", "*.pth")))
-    for index, preferred, patterns in formats:
-        if (path / index).is_file():
-            return _shards_of(path / index)
-        for pattern in patterns:
-            found = _regular_files(path, pattern)
-            if path / preferred in found:
-                return [path / preferred]
-            if found:
-                return found
-    return []
-
-
-def find_weights(root: Path) -> tuple[Path, list[Path]]:
-    """(directory holding the weights, weight files): `root` itself, else the one subfolder
-    (up to two levels down) that holds weights, e.g. `checkpoint_500/model/`."""
-    files = weight_files_in(root)
-    if files:
-        return root, files
-    candidates = []
-    for sub in sorted(p for p in root.glob("*/") if p.is_dir()) + \
-            sorted(p for p in root.glob("*/*/") if p.is_dir()):
-        if sub.name.startswith(".") or is_adapter_dir(sub):
-            continue
-        sub_files = weight_files_in(sub)
-        if sub_files:
-            candidates.append((sub, sub_files))
-    if len(candidates) == 1:
-        return candidates[0]
-    if len(candidates) > 1:
-        names = ", ".join(str(c[0].relative_to(root)) for c in candidates[:5])
-        raise ESDFailure("load", "unsupported_format",
-                         f"{root}: several subfolders hold weights ({names}); give one of them")
-    other = sorted(p.name for p in root.rglob("*") if p.suffix in UNSUPPORTED_WEIGHT_SUFFIXES)
-    if other:
-        raise ESDFailure("load", "unsupported_format",
-                         f"{root}: only unsupported weight formats ({', '.join(other[:3])}); "
-                         "need safetensors or PyTorch .bin/.pt")
-    raise ESDFailure("load", "no_weights", f"{root}: no weight files (looked for *.safetensors, "
-                     "pytorch_model.bin, *.pt and their sharded indexes)")
-
-
-def check_not_quantized(config_path: Path | None) -> None:
-    if config_path is None:
-        return
-    qc = read_json(config_path).get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        raise ESDFailure("load", "quantized_unsupported",
-                         f"{config_path}: quantized checkpoint ({method}); the spectra of "
-                         "quantized weights are not comparable — analyse the unquantized model")
-
-def check_index_complete(files: tuple[Path, ...], ckpt: "TensorSource") -> None:
-    """A sharded checkpoint's shards must hold every tensor its index names: a stale or
-    wrong shard would otherwise drop layers with only a warning."""
-    if not files:
-        return
-    index = files[0].parent / (SAFETENSORS_INDEX if files[0].suffix == ".safetensors"
-                               else BIN_INDEX)
-    if not index.is_file():
-        return
-    absent = sorted(k for k in (read_json(index).get("weight_map") or {})
-                    if normalise_key(k) not in ckpt.shapes)
-    if absent:
-        raise ESDFailure("load", "corrupt_file", f"{index}: {len(absent)} tensor(s) it names are "
-                         f"in none of its shards: {', '.join(absent[:3])}")
-
-
 
 # --------------------------------------------------------------------------- reading tensors
 
@@ -347,29 +205,49 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     return parse_safetensors_header(header, size - 8 - length, path.name)
 
 
-def parse_safetensors_header(header: bytes, data_bytes: int, name: str) -> SafetensorsHeader:
-    """Check a safetensors header (the JSON after the 8-byte length) against the size of the
-    data section that follows it; any inconsistency is a `corrupt_file` naming the file."""
+def parse_safetensors_header(header: bytes, data_bytes: int | None,
+                             name: str) -> SafetensorsHeader:
+    """Check a safetensors header (the JSON after the 8-byte length) as the safetensors
+    library does: each tensor's size is its shape × its dtype's size, and the tensors, in
+    offset order, cover the data section from 0 to its end (`data_bytes`; None when the size
+    of a remote file is not known) with no gap and no overlap. Any inconsistency is a
+    `corrupt_file` naming the file: a lying header would hand out another tensor's bytes."""
     try:
         raw = json.loads(header)
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         tensors = {key: _safetensor_entry(key, value, data_bytes)
                    for key, value in raw.items() if key != "__metadata__"}
-    except (ValueError, TypeError, RecursionError) as exc:
+        _check_layout(tensors, data_bytes)
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise ESDFailure("load", "corrupt_file", f"{name}: unreadable safetensors header "
                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
     return SafetensorsHeader(tensors, 8 + len(header))
 
 
-def _safetensor_entry(key: str, value, data_bytes: int) -> SafetensorEntry:
+def _check_layout(tensors: dict[str, SafetensorEntry], data_bytes: int | None) -> None:
+    end = 0
+    for key, e in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != end:
+            how = "overlaps the tensor before it" if e.begin < end else \
+                f"leaves {e.begin - end} bytes unused before it"
+            raise ValueError(f"{key}: data_offsets [{e.begin}, {e.end}] {how}")
+        end = e.end
+    if data_bytes is not None and end != data_bytes:
+        raise ValueError(f"the tensors cover {end} bytes of the {data_bytes}-byte data section")
+
+
+def _safetensor_entry(key: str, value, data_bytes: int | None) -> SafetensorEntry:
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}: not a tensor entry")
     dtype, shape = value.get("dtype"), value.get("shape")
     begin, end = value.get("data_offsets") or (None, None)
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"{key}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
         raise ValueError(f"{key}: bad shape {shape!r}")
-    if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_bytes):
+    limit = data_bytes if data_bytes is not None else float("inf")
+    if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= limit):
         raise ValueError(f"{key}: data_offsets {value.get('data_offsets')!r} outside the "
                          f"{data_bytes}-byte data section")
     if end - begin != math.prod(shape) * _ITEMSIZE[dtype]:

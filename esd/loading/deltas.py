@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.hub import open_weights, plan_reads
+from esd.loading.formats import open_weights, plan_reads
 from esd.loading.layers import distinct_layers, plan_layers
 from esd.loading.resolved import ResolvedModel
 from esd.schema import LAYER_MODES

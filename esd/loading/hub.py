@@ -1,24 +1,27 @@
-"""The huggingface_hub side of loading: hub ids, the cache, downloads, offline snapshots,
-bounded disk and streaming.
+"""The hub side of loading: hub ids, revisions, the cache, listings, downloads, offline
+snapshots.
 
 Owns: where the hub cache is (argument, `HF_HUB_CACHE`, `HF_HOME`, the hub default — read at
-call time), which files of a repo are downloaded (`needed_files`: configs and the weights
-the loader will read — never `.bin` beside safetensors, optimizer states, gguf/onnx/flax/tf
-duplicates or subfolder copies), getting a snapshot directory for `repo_id@revision`
-(`download_snapshot`: the revision is pinned to one commit first and every later request
-names that commit; the local cache only when `HF_HUB_OFFLINE=1`, and at once — no retries —
-when the hub cannot be reached and the cache has it), mapping every hub or network
-exception to a typed `ESDFailure("resolve", …)` (`hub_failure`), placing a local directory
-into the cache in the hub's own layout (`install_into_hub_cache`).
+call time) and its layout (`repo_folder`, `cached_files`, `install_into_hub_cache`); which
+revisions and commits may name a path (`check_revision`, `check_commit`: checked before any
+path is built from them); the listing of a revision pinned to its commit (`hub_listing`);
+which files of a repo are downloaded (`needed_files`: configs and the weights `formats.py`
+would read — never `.bin` beside safetensors, optimizer states, gguf/onnx/flax/tf duplicates
+or subfolder copies); getting a snapshot directory for `repo_id@revision`
+(`download_snapshot`: every request after the pin names the commit; the local cache only
+when `HF_HUB_OFFLINE=1`, and at once — no retries — when the hub cannot be reached and the
+cache has it). Requests, retries and the mapping of failures are `hub_http.py`'s.
 
-The worker's hub session (`hub_session`): with `--disk_budget` every download is recorded
-in the run's ledger before it starts and deleted after the model's CSV is written
-(`esd/disk_budget.py`); with `--stream` safetensors weights are not downloaded at all: the
-snapshot holds the small files and `open_weights` reads the weights by HTTP ranges
-(`esd/loading/stream.py`). `.bin`-only repos fall back to a bounded download, with a warning.
+The worker's hub session (`hub_session`): the worker passes in its download ledger (under
+`--disk_budget` or `--stream`: `esd/disk_budget.py`), which records every download before it
+starts, refuses one larger than the budget and deletes it after the model's CSV is written;
+with `--stream` safetensors weights are not downloaded at all: the snapshot holds the small
+files and its weight files are `formats.HubFile`s, read by HTTP ranges (`stream.py`).
+`.bin`-only repos fall back to a bounded download, with a warning.
 
-Must not: read weights itself, plan layers or know about adapters beyond their file names.
-The token (`HF_TOKEN`) is read by huggingface_hub and never appears in a message.
+Must not: import the disk budget (it is passed in), read weights, plan layers or know about
+adapters beyond their file names. The token (`HF_TOKEN`) is read by huggingface_hub and
+never appears in a message.
 """
 from __future__ import annotations
 
@@ -28,15 +31,23 @@ import json
 import os
 import re
 import shutil
-import time
+import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.failures import ESDFailure
-from esd.loading.resolved import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, BIN_INDEX,
-                                  CONFIG_FILE, SAFETENSORS_INDEX)
+from esd.loading.formats import HubFile, streamable, weight_names
+from esd.loading.hub_http import (CLIENT_CLOSED, HubUnreachable, endpoint, hub_failure, hub_json,
+                                  hub_json_pages, offline_hint)
 from esd.loading.log import logger as log
+from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, CONFIG_FILE
+
+__all__ = ["HubListing", "HubSession", "cached_files", "download_snapshot", "hub_cache_dir",
+           "hub_failure", "hub_listing", "hub_session", "install_into_hub_cache",
+           "looks_like_hub_id", "needed_files", "remote_weights", "streamable", "weight_names"]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -71,7 +82,37 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def repo_folder(cache: Path, repo_id: str) -> Path:
-    return cache / ("models--" + repo_id.replace("/", "--"))
+    return Path(cache) / ("models--" + repo_id.replace("/", "--"))
+
+
+def cached_files(cache: Path, repo_id: str, commit: str) -> set[str]:
+    """Files of `repo_id@commit` already in the cache snapshot."""
+    snapshot = repo_folder(cache, repo_id) / "snapshots" / check_commit(commit, repo_id)
+    if not snapshot.is_dir():
+        return set()
+    return {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
+            if p.is_file() or p.is_symlink() and p.exists()}
+
+
+def check_revision(repo_id: str, revision: str) -> str:
+    """`revision` if it cannot name a path outside `refs/` (a branch, tag, `refs/pr/1` or a
+    commit), else an `invalid_id` failure, before any path is built from it."""
+    parts = revision.split("/") if isinstance(revision, str) else [""]
+    if not revision or revision.startswith("/") or "\\" in revision \
+            or any(p in ("", ".", "..") for p in parts) \
+            or not all(c.isprintable() and not c.isspace() for c in revision):
+        raise ESDFailure("resolve", "invalid_id", f"{repo_id}@{revision!r}: not a valid revision "
+                         "(a branch, tag or commit; no '..', leading '/', backslash or empty "
+                         "path component)", retryable=False)
+    return revision
+
+
+def check_commit(commit: str, repo_id: str) -> str:
+    """`commit` if it is 40 hex digits (what the Hub answers), else a `bad_hub_response`."""
+    if not isinstance(commit, str) or not _COMMIT.match(commit):
+        raise ESDFailure("resolve", "bad_hub_response", f"{repo_id}: the hub answered the "
+                         f"commit {str(commit)[:60]!r}, not 40 hex digits", retryable=False)
+    return commit
 
 
 def _sha256(path: Path) -> str:
@@ -91,6 +132,7 @@ def install_into_hub_cache(repo_id: str, source_dir: Path, cache_dir: str | None
     no-op and different content under another revision gets its own snapshot. A revision
     that is itself a 40-hex commit is used as the commit (no ref). Returns the snapshot dir.
     """
+    check_revision(repo_id, revision)
     source_dir = Path(source_dir)
     if not source_dir.is_dir():
         raise ESDFailure("resolve", "repo_not_found", f"{source_dir} is not a directory")
@@ -125,64 +167,6 @@ def install_into_hub_cache(repo_id: str, source_dir: Path, cache_dir: str | None
     return snapshot
 
 
-def _http_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(connection-level errors, any transport error) of the hub's HTTP client."""
-    network: list[type] = [ConnectionError, TimeoutError]
-    transport: list[type] = [OSError]
-    for module_name in ("httpx2", "httpx", "requests"):  # hub >= 1.0 uses httpx(2)
-        try:
-            client = __import__(module_name)
-        except ImportError:
-            continue
-        for attr in ("TimeoutException", "ConnectError", "ConnectionError", "Timeout"):
-            if isinstance(getattr(client, attr, None), type):
-                network.append(getattr(client, attr))
-        for attr in ("HTTPError", "TransportError", "RequestException"):
-            if isinstance(getattr(client, attr, None), type):
-                transport.append(getattr(client, attr))
-    return tuple(network), tuple(transport)
-
-
-def hub_failure(exc: BaseException, repo_id: str, revision: str | None) -> ESDFailure:
-    """Map a huggingface_hub / network exception to a typed failure."""
-    from huggingface_hub import errors
-    network_errors, http_errors = _http_error_types()
-    name = f"{repo_id}@{revision}" if revision else repo_id
-    if isinstance(exc, errors.GatedRepoError):
-        return ESDFailure("resolve", "gated", f"{name} is gated: request access on the hub and "
-                          "set HF_TOKEN")
-    if isinstance(exc, errors.RepositoryNotFoundError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status == 401 and os.environ.get("HF_TOKEN"):
-            return ESDFailure("resolve", "unauthorized", f"{name}: not found or HF_TOKEN has no "
-                              "access (401)")
-        return ESDFailure("resolve", "repo_not_found", f"{name}: no such repository on the hub "
-                          "(or it is private: set HF_TOKEN)")
-    if isinstance(exc, errors.RevisionNotFoundError):
-        return ESDFailure("resolve", "revision_not_found", f"{name}: no such revision")
-    if isinstance(exc, errors.HFValidationError):
-        return ESDFailure("resolve", "invalid_id", f"{name!r} is not a valid hub id: {exc}")
-    if isinstance(exc, errors.IncompleteSnapshotError):
-        return ESDFailure("resolve", "download_interrupted", f"{name}: cached snapshot is "
-                          f"incomplete and the hub cannot be reached: {exc}")
-    if isinstance(exc, errors.HfHubHTTPError):
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403):
-            return ESDFailure("resolve", "unauthorized", f"{name}: access denied ({status})")
-        if status == 429 or (status is not None and status >= 500):
-            return ESDFailure("resolve", "hub_unavailable", f"{name}: hub answered {status}")
-        return ESDFailure("resolve", "network_error", f"{name}: hub error {status}: {exc}")
-    if isinstance(exc, errors.LocalEntryNotFoundError):
-        return ESDFailure("resolve", "network_error", f"{name}: the hub cannot be reached and "
-                          "the files are not in the local cache")
-    if isinstance(exc, network_errors):
-        return ESDFailure("resolve", "network_error", f"{name}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, http_errors):
-        return ESDFailure("resolve", "download_interrupted",
-                          f"{name}: download failed: {type(exc).__name__}: {exc}")
-    return ESDFailure("resolve", "hub_unavailable", f"{name}: {type(exc).__name__}: {exc}")
-
-
 def download_patterns(repo_files: list[str], trust_remote_code: bool) -> list[str]:
     """Only the files needed: configs, then adapter weights, or safetensors, or .bin."""
     patterns = ["*config.json", "modules.json"]
@@ -197,6 +181,7 @@ def download_patterns(repo_files: list[str], trust_remote_code: bool) -> list[st
 
 def offline_snapshot(repo_id: str, revision: str, cache: Path) -> Path:
     from huggingface_hub import snapshot_download, errors
+    check_revision(repo_id, revision)
     try:
         # Only files every download fetches, so a partial (pattern-filtered) snapshot counts.
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
@@ -211,112 +196,12 @@ def offline_snapshot(repo_id: str, revision: str, cache: Path) -> Path:
                          f"{repo_id}@{revision} was looked up in the local cache {cache} "
                          "only (offline: HF_HUB_OFFLINE=1) and is not there") from None
     except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
-        failure = hub_failure(exc, repo_id, revision)
+        failure = hub_failure(exc, repo_id, revision, cache=cache)
         failure.retryable = False  # offline: retrying cannot fetch anything
         raise failure from None
 
 
-# --------------------------------------------------------------------------- online
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_NOT_WEIGHTS = re.compile(r"(optimizer|scheduler|rng_state|training_args|scaler|trainer_state)",
-                          re.IGNORECASE)
-_CLIENT_CLOSED = "client has been closed"
-
-
-def hub_retries() -> int:
-    """Tries of one hub request (`ESD_HUB_RETRIES`, default 5), here and in streaming."""
-    return max(1, int(os.environ.get("ESD_HUB_RETRIES", "5")))
-
-
-def hub_backoff_s() -> float:
-    """First wait between tries (`ESD_HUB_BACKOFF_S`, default 1 s), doubling."""
-    return float(os.environ.get("ESD_HUB_BACKOFF_S", "1"))
-
-
-def _status(exc: BaseException) -> int | None:
-    return getattr(getattr(exc, "response", None), "status_code", None)
-
-
-class HubUnreachable(Exception):
-    """The hub did not answer at all (connection refused, DNS, timeout)."""
-
-
-def _unreachable_errors() -> tuple[type, ...]:
-    import httpx2
-    return (httpx2.ConnectError, httpx2.TimeoutException, ConnectionRefusedError)
-
-
-def _offline_hint(repo_id: str, cache: Path) -> str:
-    from huggingface_hub import constants
-    return (f"the hub ({constants.ENDPOINT}) cannot be reached and {repo_id} is not in the local "
-            f"cache {cache}; on a machine without internet access set HF_HUB_OFFLINE=1 to use "
-            "the local cache only")
-
-
-def _api_call(call, name: str):
-    """`call()` with backoff on 429 (honouring Retry-After), 5xx and dropped connections: the
-    client retries those on downloads but not on /api calls. A hub that does not answer at
-    all raises `HubUnreachable` at once (the cache may serve)."""
-    from huggingface_hub import errors
-    unreachable = _unreachable_errors()
-    import httpx2
-    delay, tries = hub_backoff_s(), hub_retries()
-    for attempt in range(tries):
-        wait = delay
-        try:
-            return call()
-        except unreachable as exc:
-            raise HubUnreachable(f"{type(exc).__name__}: {exc}") from exc
-        except errors.HfHubHTTPError as exc:
-            status = _status(exc)
-            if status != 429 and (status is None or status < 500):
-                raise
-            last = exc
-            retry_after = (getattr(exc.response, "headers", {}) or {}).get("retry-after", "")
-            if status == 429 and str(retry_after).isdigit():
-                wait = max(wait, float(retry_after))
-        except (httpx2.TransportError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and _CLIENT_CLOSED not in str(exc):
-                raise
-            last = exc
-        if attempt + 1 < tries:
-            log.warning("%s: hub answered %s; retrying in %.1fs (%d/%d)", name,
-                        _status(last) or type(last).__name__, wait, attempt + 1, tries - 1)
-            time.sleep(wait)
-            delay *= 2
-    raise last
-
-
-def _rate_limited(name: str, tries: int) -> ESDFailure:
-    return ESDFailure("resolve", "rate_limited", f"{name}: the hub answered 429 Too Many Requests "
-                      f"{tries} times (its rate limits); retry later, or log in (HF_TOKEN) for "
-                      "higher limits", retryable=True)
-
-
-def _typed(exc: BaseException, repo_id: str, revision: str | None, cache: Path) -> ESDFailure:
-    """`hub_failure` plus what only the online path knows: rate limits, a full disk, a
-    gated repo with a token that has no access, the client-closed thread bug."""
-    from huggingface_hub import errors
-    from esd import diskfull
-    name = f"{repo_id}@{revision}" if revision else repo_id
-    if diskfull.is_disk_full(exc):
-        return diskfull.disk_full_failure(getattr(exc, "filename", None) or cache, "resolve")
-    if isinstance(exc, errors.HfHubHTTPError) and _status(exc) == 429:
-        return _rate_limited(name, hub_retries())
-    if isinstance(exc, errors.GatedRepoError) and _status(exc) == 403:
-        return ESDFailure("resolve", "gated", f"{name} is gated and the token given (HF_TOKEN) "
-                          "has no access: request access on the model's page", retryable=False)
-    if isinstance(exc, errors.GatedRepoError):
-        return ESDFailure("resolve", "gated", f"{name} is gated: request access on the hub and "
-                          "set HF_TOKEN", retryable=False)
-    if isinstance(exc, RuntimeError) and _CLIENT_CLOSED in str(exc):
-        return ESDFailure("resolve", "network_error", f"{name}: the connection to the hub broke "
-                          "during the download (huggingface_hub: client closed)", retryable=True)
-    if isinstance(exc, errors.LocalEntryNotFoundError) and "429" in str(exc):
-        return _rate_limited(name, 1)
-    return hub_failure(exc, repo_id, revision)
-
+# --------------------------------------------------------------------------- listing
 
 @dataclass(frozen=True)
 class HubListing:
@@ -327,44 +212,26 @@ class HubListing:
 
 
 def hub_listing(repo_id: str, revision: str) -> HubListing:
-    """Pin `revision` to a commit (model info), then list the files at that commit."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
-    api = HfApi()
-    name = f"{repo_id}@{revision}"
-    commit = _api_call(lambda: api.model_info(repo_id, revision=revision).sha, name)
-    entries = _api_call(lambda: list(api.list_repo_tree(repo_id, revision=commit,
-                                                        recursive=True)), name)
-    sizes = {e.path: int(e.lfs.size if e.lfs is not None else e.size)
-             for e in entries if isinstance(e, RepoFile)}
+    """Pin `revision` to a commit (model info), then list the files at that commit (tree
+    pages followed on the Hub only). Raises `HubUnreachable`, huggingface_hub's typed errors
+    or an `ESDFailure` (a bad revision, a commit that is not 40 hex digits, a bad listing)."""
+    check_revision(repo_id, revision)
+    quoted = urllib.parse.quote(revision, safe="")
+    info = hub_json(f"{endpoint()}/api/models/{repo_id}/revision/{quoted}")
+    commit = check_commit(info.get("sha") if isinstance(info, dict) else None, repo_id)
+    entries = hub_json_pages(f"{endpoint()}/api/models/{repo_id}/tree/{commit}",
+                             {"recursive": "true", "expand": "false"})
+    sizes = {}
+    for e in entries:
+        if isinstance(e, dict) and e.get("type") == "file" and isinstance(e.get("path"), str):
+            lfs = e.get("lfs") if isinstance(e.get("lfs"), dict) else {}
+            sizes[e["path"]] = int(lfs.get("size", e.get("size", 0)) or 0)
     return HubListing(repo_id, commit, sizes)
-
-
-def _pick(names: list[str], found) -> list[str]:
-    return sorted(n for n in names if found(n))
-
-
-def weight_names(names) -> list[str]:
-    """The weight files the loader would read, at the repo's top level, by the transformers
-    preference order (as `checkpoint.weight_files_in`): safetensors shards, model.safetensors,
-    other safetensors; else the same for .bin; else raw .pt/.pth state dicts."""
-    top = [n for n in names if "/" not in n and not _NOT_WEIGHTS.search(n)
-           and not n.startswith("adapter_model")]
-    for index, single, suffix in ((SAFETENSORS_INDEX, "model.safetensors", ".safetensors"),
-                                  (BIN_INDEX, "pytorch_model.bin", ".bin")):
-        shards = _pick(top, lambda n: n.endswith(suffix))
-        if index in top and shards:
-            return [index] + shards
-        if single in top:
-            return [single]
-        if shards:
-            return shards
-    return _pick(top, lambda n: n.endswith((".pt", ".pth")))
 
 
 def needed_files(names, trust_remote_code: bool) -> list[str]:
     """What the loader reads of a repo: top-level configs (+ code if trusted), then the adapter
-    files or the weights (`weight_names`)."""
+    files or the weights (`formats.weight_names`)."""
     names = list(names)
     wanted = {n for n in names if "/" not in n and (n.endswith("config.json")
                                                     or n == "modules.json")}
@@ -376,25 +243,21 @@ def needed_files(names, trust_remote_code: bool) -> list[str]:
     return sorted(wanted | set(weight_names(names)))
 
 
-def streamable(names) -> list[str]:
-    """The weight files that would be streamed (safetensors, not index files)."""
-    return [n for n in weight_names(names) if n.endswith(".safetensors")]
-
-
 # --------------------------------------------------------------------------- the session
 
 @dataclass
 class HubSession:
     """How one worker uses the hub: who it is (the model key), the run's download ledger
-    (None: downloads stay in the cache), the disk budget, whether weights are streamed."""
+    (None: downloads stay in the cache; it refuses a download larger than the budget), and
+    whether weights are streamed; `report(verb, repo_id, bytes so far, total bytes)` is told
+    how far a download or stream is. `remote`: snapshot dir → (repo, commit, streamed files)."""
     user: str = ""
-    ledger: object | None = None          # esd.disk_budget.DownloadLedger
-    budget_bytes: int | None = None
+    ledger: object | None = None          # esd.disk_budget.DownloadLedger, given by the worker
     stream: bool = False
+    report: Callable[[str, str, int, int | None], None] | None = None
     remote: dict[Path, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
 
 
-# Process-wide, not a context variable: the estimator may read layers on another thread.
 _ACTIVE: list[HubSession] = []
 _DEFAULT = HubSession()
 
@@ -404,17 +267,13 @@ def current_session() -> HubSession:
 
 
 @contextlib.contextmanager
-def hub_session(output_dir: Path, user: str, disk_budget_gb: float | None = None,
-                stream: bool = False, cache_dir: str | None = None):
-    """The worker's hub session around resolving, analysing and saving one model. On a
-    normal exit (the CSV written) and on a final failure, what this model downloaded and no
-    other model needs is deleted; a retryable failure keeps it for the retry."""
-    from esd.disk_budget import GB, DownloadLedger
-    ledger = None
-    if disk_budget_gb is not None or stream:
-        ledger = DownloadLedger(Path(output_dir), hub_cache_dir(cache_dir))
-    session = HubSession(user, ledger, int(disk_budget_gb * GB) if disk_budget_gb else None,
-                         stream)
+def hub_session(user: str, *, ledger=None, stream: bool = False, report=None):
+    """The worker's hub session around resolving, analysing and saving one model. With a
+    `ledger` (the worker's `DownloadLedger`, under `--disk_budget` or `--stream`), every
+    download is recorded before it starts; on a normal exit (the CSV written) and on a final
+    failure, what this model downloaded and no other model needs is deleted; a retryable
+    failure keeps it for the retry. `report` (see `HubSession`) hears of bytes moved."""
+    session = HubSession(user, ledger, stream, report)
     _ACTIVE.append(session)
     try:
         yield session
@@ -450,7 +309,7 @@ def _use_cache_now(repo_id: str, revision: str, cache: Path, why: str) -> Path:
         snapshot = offline_snapshot(repo_id, revision, cache)
     except ESDFailure:
         raise ESDFailure("resolve", "network_error", f"{repo_id}@{revision}: "
-                         f"{_offline_hint(repo_id, cache)} ({why})", retryable=True) from None
+                         f"{offline_hint(repo_id, cache)} ({why})", retryable=True) from None
     log.warning("%s@%s: the hub cannot be reached (%s); using the cached snapshot %s "
                 "(set HF_HUB_OFFLINE=1 to skip the hub)", repo_id, revision, why, snapshot.name)
     return snapshot
@@ -460,6 +319,7 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
                       trust_remote_code: bool) -> Path:
     """The snapshot directory of `repo_id@revision`: from the cache when offline, else
     downloading only the needed files of the pinned commit (streamed weights excepted)."""
+    check_revision(repo_id, revision)
     if hub_offline():
         return offline_snapshot(repo_id, revision, cache)
     session = current_session()
@@ -471,7 +331,7 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
             session.ledger.hold(repo_id, snapshot.name)
         return snapshot
     except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
-        raise _typed(exc, repo_id, revision, cache) from None
+        raise hub_failure(exc, repo_id, revision, cache=cache) from None
     files = needed_files(listing.sizes, trust_remote_code)
     streamed: list[str] = []
     if session.stream and ADAPTER_CONFIG_FILE not in listing.sizes:
@@ -480,21 +340,17 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
             log.warning("%s: no safetensors weights to stream (%s); downloading them instead, "
                         "deleted after the model is analysed", repo_id,
                         ", ".join(weight_names(listing.sizes)) or "no weights")
-    from esd.disk_budget import cached_files, exceeded_failure
     have = cached_files(cache, repo_id, listing.commit)
     if streamed and all(n in have for n in streamed):
         streamed = []                      # all in the cache already: read the files
     fetch = [n for n in files if n not in streamed]
-    new = {n: listing.sizes.get(n, 0) for n in fetch if n not in have}
-    if session.budget_bytes is not None and sum(new.values()) > session.budget_bytes:
-        biggest = max(new, key=new.get)
-        raise exceeded_failure(f"{repo_id}@{revision}", sum(new.values()), session.budget_bytes,
-                               f" ({len(new)} files, the largest {biggest} "
-                               f"{new[biggest] / 1e9:.3f} GB)")
     if session.ledger is not None:
+        new = {n: listing.sizes.get(n, 0) for n in fetch if n not in have}
         session.ledger.before_download(repo_id, listing.commit, new, session.user)
         session.ledger.hold(repo_id, listing.commit)
-    snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch)
+    meter = None if session.report is None else _byte_meter(
+        session.report, repo_id, sum(listing.sizes.get(n, 0) for n in fetch if n not in have))
+    snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch, meter)
     _remember_ref(cache, repo_id, revision, listing.commit)
     if session.ledger is not None:
         session.ledger.downloaded(repo_id, listing.commit)
@@ -509,7 +365,7 @@ def _remember_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None
     the hub cannot be reached."""
     if revision == commit:
         return
-    ref = repo_folder(cache, repo_id) / "refs" / revision
+    ref = repo_folder(cache, repo_id) / "refs" / check_revision(repo_id, revision)
     try:
         if ref.is_file() and ref.read_text().strip() == commit:
             return
@@ -519,57 +375,63 @@ def _remember_ref(cache: Path, repo_id: str, revision: str, commit: str) -> None
         log.warning("%s: could not record refs/%s in the cache: %s", repo_id, revision, exc)
 
 
-def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[str]) -> Path:
+def _fetch(repo_id: str, revision: str, commit: str, cache: Path, files: list[str],
+           meter=None) -> Path:
+    """snapshot_download of `files` at `commit`. One more pass (which resolves every file
+    again) after huggingface_hub's client-closed thread bug or an expired CDN link."""
     from huggingface_hub import snapshot_download
     for attempt in (1, 2):
         try:
             return Path(snapshot_download(repo_id, revision=commit, cache_dir=cache,
-                                          allow_patterns=[_literal(n) for n in files]))
-        except RuntimeError as exc:
-            # huggingface_hub bug: after a connection error in one download thread, the
-            # others fail with "client has been closed". One more pass resumes the files.
-            if _CLIENT_CLOSED in str(exc) and attempt == 1:
-                log.warning("%s: download threads lost their connection; resuming", repo_id)
-                continue
-            raise _typed(exc, repo_id, revision, cache) from None
+                                          allow_patterns=[_literal(n) for n in files],
+                                          etag_timeout=_etag_timeout(), tqdm_class=meter))
         except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
-            failure = _typed(exc, repo_id, revision, cache)
-            if failure.reason == "network_error" and "not in the local cache" in failure.message:
-                failure.message += "; set HF_HUB_OFFLINE=1 if this machine has no internet access"
+            failure = hub_failure(exc, repo_id, revision, cache=cache)
+            again = failure.reason == "expired_url" or CLIENT_CLOSED in str(exc)
+            if again and attempt == 1:
+                log.warning("%s: %s; resuming the download", repo_id, failure.message)
+                continue
             raise failure from None
     raise AssertionError("unreachable")
 
 
+def _byte_meter(report, repo_id: str, total: int):
+    """A tqdm class for `snapshot_download` that shows nothing and hands the bytes written
+    to `report("downloaded", repo_id, bytes so far, total)`. huggingface_hub updates two byte
+    bars with the same bytes (transfer, reconstruction): the larger count is what is done."""
+    from tqdm.std import tqdm
+    lock, counts = threading.Lock(), {}
+
+    class ByteMeter(tqdm):
+        def __init__(self, *args, **kwargs):
+            self._counts_bytes = kwargs.get("unit") == "B"
+            kwargs.pop("name", None)
+            super().__init__(*args, **dict(kwargs, disable=True))
+
+        def update(self, n=1):
+            if self._counts_bytes and n:
+                with lock:
+                    counts[id(self)] = counts.get(id(self), 0) + int(n)
+                    done = max(counts.values())
+                report("downloaded", repo_id, done, total)
+            return super().update(n)
+    return ByteMeter
+
+
+def _etag_timeout() -> float:
+    from esd.loading.hub_http import hub_timeout_s
+    return hub_timeout_s()
+
+
 # --------------------------------------------------------------------------- weights
 
-def remote_weights(local_dir: Path) -> tuple[Path, list[Path]] | None:
-    """(weights dir, weight file paths) of a snapshot whose weights are streamed (the paths
-    do not exist on disk), else None."""
+def remote_weights(local_dir: Path) -> tuple[Path, list[HubFile]] | None:
+    """(weights dir, weight files) of a snapshot whose weights are streamed (`HubFile`s: not
+    on disk, read by HTTP ranges), else None."""
     remote = current_session().remote.get(Path(local_dir))
     if remote is None:
         return None
-    return Path(local_dir), [Path(local_dir) / name for name in remote[2]]
-
-
-def open_weights(files) -> "object":
-    """The tensor source of `files`: streamed by HTTP ranges when they belong to a streamed
-    snapshot, else read from disk (`FileCheckpoint`)."""
-    from esd.loading.checkpoint import FileCheckpoint, normalise_key
-    files = tuple(files)
-    if files:
-        remote = current_session().remote.get(files[0].parent)
-        if remote is not None:
-            from huggingface_hub import get_token
-            from esd.loading.stream import RemoteFile, StreamedSafetensors
-            repo_id, commit, _ = remote
-            token = get_token()
-            return StreamedSafetensors([RemoteFile(repo_id, commit, f.name, token=token)
-                                        for f in files], normalise=normalise_key)
-    return FileCheckpoint(files)
-
-
-def plan_reads(source, keys) -> None:
-    """Tell a streamed source the order tensors will be read (chunked, prefetched)."""
-    plan = getattr(source, "plan", None)
-    if plan is not None:
-        plan(list(keys))
+    repo_id, commit, names = remote
+    report = current_session().report
+    return Path(local_dir), [HubFile(Path(local_dir) / name, repo_id, commit, report)
+                             for name in names]

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from esd.failures import ESDFailure
-from esd.loading.checkpoint import TensorSource, check_index_complete
+from esd.loading.checkpoint import TensorSource
+from esd.loading.formats import check_index_complete
 from esd.loading.log import logger, recorded_warnings
 from esd.loading.plans import load_plan, plan_key, save_plan
 from esd.loading.resolved import ResolvedModel

@@ -27,8 +27,9 @@ from typing import Callable
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.checkpoint import FileCheckpoint, TensorSource, read_json
-from esd.loading.hub import open_weights, plan_reads
+from esd.loading.checkpoint import FileCheckpoint, TensorSource
+from esd.loading.formats import read_json
+from esd.loading.formats import open_weights, plan_reads
 from esd.loading.layers import (KeyMatcher, build_model, distinct_layers, load_config,
                                 module_layer_type, plan_layers, rule_layer_type)
 from esd.loading.log import logger

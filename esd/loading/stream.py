@@ -9,44 +9,55 @@ is prefetched on threads while the caller computes).
 
 Must not: write weights to disk, compute metrics, or decide which tensors are layers.
 
-Retries (backoff doubling from `ESD_HUB_BACKOFF_S`, default 1 s, `ESD_HUB_RETRIES` tries,
-default 5): 429 (waiting `Retry-After`), 5xx, cut connections and wrong range answers.
-401/403/410 from the CDN mean an expired signed URL: a new HEAD refreshes it (not counted
-as a try; at most `MAX_REFRESHES` per read). When the
-retries are spent the failure is typed: `rate_limited`, `hub_unavailable`,
-`download_interrupted` (all retryable by the orchestrator) or `bad_range_response`.
-Memory: the chunks read ahead stay under `PREFETCH_BYTES` (at least one is read ahead; a
-tensor larger than a chunk is one chunk of its own), plus the chunk in use and the float32
-tensor handed out.
+Requests go through `hub_http.hub_request` (a timeout; huggingface_hub's `http_backoff`
+retries 429 with `Retry-After`, 5xx and failed connections, `ESD_HUB_RETRIES` tries from
+`ESD_HUB_BACKOFF_S`). What that backoff cannot judge is retried here with the same
+bounds: a wrong range answer (refused on its status and headers, before its body is read:
+a CDN ignoring `Range` cannot make us read a whole file) and a body cut short. 401/403/410
+from the CDN mean an expired signed URL: a new HEAD refreshes it (not counted as a try; at
+most `MAX_REFRESHES` per read, then `expired_url`). Failures are typed by
+`hub_http.hub_failure`, or `bad_range_response` / `download_interrupted` here.
+Memory: a range's body is read into one buffer of its exact size and tensors are converted
+from views of it; the chunks read ahead stay under `PREFETCH_BYTES` (a tensor larger than a
+chunk is one chunk of its own; one larger than the whole window is not read ahead), plus the
+chunk in use and the float32 tensor handed out.
 """
 from __future__ import annotations
 
-import io
 import struct
-import sys
 import threading
 import time
 import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.hub import hub_backoff_s, hub_retries
 from esd.loading.checkpoint import (MAX_HEADER_BYTES, SafetensorEntry, TensorSource,
                                      float32_tensor, parse_safetensors_header)
+from esd.loading.hub_http import (REFRESH_STATUSES, hub_backoff_s, hub_failure, hub_request,
+                                  hub_retries, same_origin)
+from esd.loading.hub_http import endpoint as hub_endpoint
 
 CHUNK_BYTES = 16 * 1024 * 1024       # small chunks: the first layer waits for one only
 PREFETCH_CHUNKS = 4                   # chunks read ahead on threads …
 PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under this
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
-REFRESH_STATUSES = (401, 403, 410)
 MAX_REFRESHES = 3                 # fresh signed URLs per read before giving up
 
 
 class _WrongAnswer(Exception):
-    """A range answer that is not the bytes asked for."""
+    """A range answer that is not the bytes asked for (refused before its body is read)."""
+
+
+class _CutShort(Exception):
+    """The connection broke while the body was read."""
+
+
+class _Refreshed(Exception):
+    """The CDN refused an expired signed URL; a fresh one was asked for."""
 
 
 @dataclass
@@ -61,34 +72,34 @@ class RemoteFile:
     """One file of `repo_id` at a pinned `commit`, read by byte ranges."""
 
     def __init__(self, repo_id: str, commit: str, filename: str, *, endpoint: str | None = None,
-                 token: str | None = None, stats: StreamStats | None = None, timeout: float = 30):
-        from huggingface_hub import constants
+                 token: str | None = None, stats: StreamStats | None = None):
         self.repo_id, self.commit, self.filename = repo_id, commit, filename
-        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.endpoint = (endpoint or hub_endpoint()).rstrip("/")
         self.token = token
         self.stats = stats or StreamStats()
-        self.timeout = timeout
         self.url: str | None = None
         self.size: int | None = None
         self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return f"{self.repo_id}@{self.commit[:12]}"
 
     @property
     def resolve_url(self) -> str:
         return (f"{self.endpoint}/{self.repo_id}/resolve/{self.commit}/"
                 f"{urllib.parse.quote(self.filename)}")
 
-    def _session(self):
-        from huggingface_hub.utils import get_session
-        return get_session()
-
     def resolve(self) -> None:
         """HEAD the resolve URL (with the token): the redirect target and the size."""
-        from huggingface_hub.utils import build_hf_headers
-        headers = build_hf_headers(token=self.token)
-        headers["Accept-Encoding"] = "identity"
-        response = self._with_retries(lambda: self._session().head(
-            self.resolve_url, headers=headers, follow_redirects=False, timeout=self.timeout),
-            what=f"resolve {self.filename}", resolving=True)
+        from huggingface_hub.utils import hf_raise_for_status
+        try:
+            response = hub_request("HEAD", self.resolve_url, token=self.token,
+                                   follow_redirects=False, hub=self.endpoint)
+            hf_raise_for_status(response)
+        except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
+            raise hub_failure(exc, self.repo_id, self.commit[:12], what=f"resolve "
+                              f"{self.filename}", hub=self.endpoint) from None
         self.stats.resolves += 1
         if response.status_code in (301, 302, 303, 307, 308):
             self.url = urllib.parse.urljoin(self.resolve_url, response.headers["location"])
@@ -100,122 +111,95 @@ class RemoteFile:
         if commit and commit != self.commit:
             raise ESDFailure("load", "revision_changed", f"{self.repo_id}/{self.filename}: "
                              f"resolved to commit {commit}, expected {self.commit}")
-        self.size = int(size) if size is not None else None
+        self.size = int(size) if size is not None and str(size).isdigit() else None
 
-    def read(self, start: int, length: int) -> bytes:
-        """Bytes [start, start + length) of the file."""
+    def read(self, start: int, length: int) -> bytearray:
+        """Bytes [start, start + length) of the file. 429, 5xx and failed connections are
+        retried by huggingface_hub's backoff; a wrong answer (not 206, another range, another
+        length) is refused before its body is read and asked again, a cut body is asked
+        again, an expired signed URL is replaced by a fresh one (at most `MAX_REFRESHES`)."""
         if length <= 0:
-            return b""
+            return bytearray()
         with self._lock:
             if self.url is None:
                 self.resolve()
-        end = start + length - 1
+        what = f"{self.filename} bytes {start}-{start + length - 1}"
+        tries, refreshes, wait, last = hub_retries(), 0, hub_backoff_s(), ""
+        attempt = 0
+        while attempt < tries:
+            try:
+                data = self._read_once(start, length)
+            except _Refreshed:
+                refreshes += 1
+                self.stats.retries += 1
+                if refreshes > MAX_REFRESHES:
+                    raise ESDFailure("load", "expired_url", f"{self.name}: {what}: the CDN "
+                                     f"refused {refreshes} fresh signed URLs", retryable=True)
+                continue                   # a fresh URL does not spend a try
+            except (_WrongAnswer, _CutShort) as exc:
+                last, reason = str(exc), "bad_range_response" \
+                    if isinstance(exc, _WrongAnswer) else "download_interrupted"
+            except ESDFailure:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every hub error becomes a typed failure
+                raise hub_failure(exc, self.repo_id, self.commit[:12], stage="load",
+                                  what=what, hub=self.endpoint) from None
+            else:
+                self.stats.bytes_read += length
+                return data
+            self.stats.retries += 1
+            attempt += 1
+            if attempt < tries:
+                time.sleep(wait)
+                wait *= 2
+        raise ESDFailure("load", reason, f"{self.name}: {what}: {last} after {tries} tries",
+                         retryable=reason != "bad_range_response")
 
-        def attempt():
-            url = self.url
-            headers = {"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
-            if _same_origin(url, self.endpoint):      # the token goes to the Hub only
-                from huggingface_hub.utils import build_hf_headers
-                headers.update(build_hf_headers(token=self.token))
-            self.stats.range_requests += 1
-            response = self._session().get(url, headers=headers, timeout=self.timeout)
-            if response.status_code in REFRESH_STATUSES and url != self.resolve_url:
+    def _read_once(self, start: int, length: int) -> bytearray:
+        """One range request, checked: 206, the exact `Content-Range` and length. The body
+        is read only after the headers are right, into one buffer of `length` bytes."""
+        import httpx2
+        from huggingface_hub.utils import hf_raise_for_status
+        url, end = self.url, start + length - 1
+        self.stats.range_requests += 1
+        with hub_request("GET", url, token=self.token, stream=True, hub=self.endpoint,
+                         headers={"Range": f"bytes={start}-{end}"}) as response:
+            status = response.status_code
+            if status in REFRESH_STATUSES and not same_origin(url, self.endpoint):
                 with self._lock:
                     if self.url == url:
                         self.resolve()           # an expired signed URL: a fresh one
                 raise _Refreshed()
-            if response.status_code in (429,) or response.status_code >= 500:
-                return response
-            if response.status_code != 206:
-                raise _WrongAnswer(f"status {response.status_code} to a range request")
+            if status >= 400:
+                hf_raise_for_status(response)
+            if status != 206:
+                raise _WrongAnswer(f"status {status} to a range request")
             want = f"bytes {start}-{end}/"
             got = response.headers.get("content-range", "")
             if not got.startswith(want) or (self.size is not None
                                             and got != f"{want}{self.size}"):
                 raise _WrongAnswer(f"Content-Range {got!r} for bytes={start}-{end}")
-            if len(response.content) != length:
-                raise _WrongAnswer(f"{len(response.content)} bytes for a range of {length}")
-            return response
-
-        response = self._with_retries(attempt, what=f"{self.filename} bytes {start}-{end}")
-        self.stats.bytes_read += length
-        return response.content
-
-    def _with_retries(self, call, what: str, resolving: bool = False):
-        """`call()` until it answers; 429/5xx/transport errors/wrong answers retried."""
-        import httpx2
-        name = f"{self.repo_id}@{self.commit[:12]}"
-        last = ""
-        reason = "download_interrupted"
-        delay = hub_backoff_s()
-        tries = hub_retries()
-        refreshes = 0
-        attempt = 0
-        while attempt < tries:
-            wait = delay
+            announced = response.headers.get("content-length")
+            if announced is not None and announced != str(length):
+                raise _WrongAnswer(f"{announced} bytes announced for a range of {length}")
             try:
-                response = call()
-            except _Refreshed:
-                # a fresh signed URL does not spend a try, but a CDN that refuses every
-                # fresh URL is not retried for ever
-                last, reason = "the CDN refused fresh signed URLs", "hub_unavailable"
-                refreshes += 1
-                self.stats.retries += 1
-                if refreshes <= MAX_REFRESHES:
-                    continue
-                break
-            except _WrongAnswer as exc:
-                last, reason = str(exc), "bad_range_response"
-            except httpx2.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                reason = "network_error" if isinstance(exc, (httpx2.ConnectError,
-                                                             httpx2.TimeoutException)) \
-                    else "download_interrupted"
-            else:
-                status = response.status_code
-                if status == 429:
-                    last, reason = "429 Too Many Requests", "rate_limited"
-                    retry_after = response.headers.get("retry-after", "")
-                    if retry_after.isdigit():
-                        wait = max(wait, float(retry_after))
-                elif status >= 500:
-                    last, reason = f"status {status}", "hub_unavailable"
-                elif resolving and status >= 400:
-                    raise _resolve_failure(response, name, self.filename)
-                else:
-                    return response
-            self.stats.retries += 1
-            attempt += 1
-            if attempt < tries:
-                time.sleep(wait)
-                delay *= 2
-        retryable = reason != "bad_range_response"
-        hint = " (HF_HUB_OFFLINE=1 uses the local cache only)" if reason == "network_error" else ""
-        raise ESDFailure("load", reason, f"{name}: {what}: {last} after {tries} tries{hint}",
-                         retryable=retryable)
+                return _read_exactly(response, length)
+            except httpx2.TransportError as exc:   # not retried inside the stream's context
+                raise _CutShort(f"{type(exc).__name__}: {exc}") from None
 
 
-class _Refreshed(Exception):
-    pass
-
-
-def _same_origin(url: str, endpoint: str) -> bool:
-    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(endpoint)
-    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
-
-
-def _resolve_failure(response, name: str, filename: str) -> ESDFailure:
-    code = response.headers.get("x-error-code", "")
-    status = response.status_code
-    if code == "GatedRepo":
-        return ESDFailure("resolve", "gated", f"{name} is gated: request access on the hub and "
-                          "set HF_TOKEN")
-    if code == "RepoNotFound":
-        return ESDFailure("resolve", "repo_not_found", f"{name}: no such repository")
-    if code in ("EntryNotFound", "RevisionNotFound"):
-        return ESDFailure("resolve", "corrupt_file", f"{name}: {filename} is not in the repo")
-    return ESDFailure("resolve", "unauthorized" if status in (401, 403) else "network_error",
-                      f"{name}: resolve {filename}: status {status}")
+def _read_exactly(response, length: int) -> bytearray:
+    """The body, into one buffer of `length` bytes: more is a wrong answer, not data."""
+    buffer = bytearray(length)
+    view, done = memoryview(buffer), 0
+    for piece in response.iter_raw():
+        if done + len(piece) > length:
+            raise _WrongAnswer(f"more than the {length} bytes of the range")
+        view[done:done + len(piece)] = piece
+        done += len(piece)
+    if done != length:
+        raise _WrongAnswer(f"{done} bytes for a range of {length}")
+    return buffer
 
 
 # ---------------------------------------------------------------- the tensor source
@@ -241,8 +225,12 @@ class StreamedSafetensors(TensorSource):
     get chunked reads with prefetch; without it each tensor is one range request."""
 
     def __init__(self, files: list[RemoteFile], *, normalise=lambda k: k,
-                 chunk_bytes: int = CHUNK_BYTES, prefetch: int = PREFETCH_CHUNKS):
+                 chunk_bytes: int = CHUNK_BYTES, prefetch: int = PREFETCH_CHUNKS,
+                 report: Callable[[int, int], None] | None = None):
         self.files = files
+        self.report = report               # (bytes of the plan read so far, bytes planned)
+        self._planned_bytes = self._done_bytes = 0
+        self._report_lock = threading.Lock()
         self.chunk_bytes, self.prefetch = chunk_bytes, max(0, prefetch)
         self.entries: dict[str, _Entry] = {}
         for index, remote in enumerate(files):
@@ -278,13 +266,21 @@ class StreamedSafetensors(TensorSource):
             self._chunks.append((e.file, e.begin, e.end, [key]))
             self._chunk_of[key] = len(self._chunks) - 1
         self._left = {i: set(c[3]) for i, c in enumerate(self._chunks)}
+        self._planned_bytes = sum(end - begin for _, begin, end, _ in self._chunks)
+        self._done_bytes = 0
         if self.prefetch and self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.prefetch,
                                             thread_name_prefix="esd-stream")
 
-    def _fetch(self, index: int) -> bytes:
+    def _fetch(self, index: int) -> bytearray:
         file, begin, end, _ = self._chunks[index]
-        return self.files[file].read(begin, end - begin)
+        data = self.files[file].read(begin, end - begin)
+        if self.report is not None:
+            with self._report_lock:
+                self._done_bytes += end - begin
+                done = self._done_bytes
+            self.report(done, self._planned_bytes)
+        return data
 
     def _chunk(self, index: int) -> Future:
         future = self._pending.get(index)
@@ -298,8 +294,8 @@ class StreamedSafetensors(TensorSource):
         ahead_bytes = 0
         for ahead in range(index + 1, min(len(self._chunks), index + 1 + self.prefetch)):
             _, begin, end, _ = self._chunks[ahead]
-            if ahead_bytes and ahead_bytes + (end - begin) > PREFETCH_BYTES:
-                break                                   # bounded memory read ahead
+            if ahead_bytes + (end - begin) > PREFETCH_BYTES:
+                break             # bounded read-ahead: a larger chunk is read when it is asked for
             ahead_bytes += end - begin
             if ahead not in self._pending and self._pool is not None:
                 self._pending[ahead] = self._pool.submit(self._fetch, ahead)
@@ -311,10 +307,10 @@ class StreamedSafetensors(TensorSource):
         index = self._chunk_of.get(key)
         if index is None:                               # not planned: read it alone
             data = self.files[e.file].read(e.begin, e.end - e.begin)
-            return _to_float32(data, e)
+            return _to_float32(memoryview(data), e)
         data = self._chunk(index).result()
         begin = self._chunks[index][1]
-        tensor = _to_float32(data[e.begin - begin:e.end - begin], e)
+        tensor = _to_float32(memoryview(data)[e.begin - begin:e.end - begin], e)
         left = self._left.get(index)
         if left is not None:
             left.discard(key)
@@ -348,9 +344,18 @@ def _read_header(remote: RemoteFile):
                          f"{n} bytes is not plausible")
     raw = first[8:8 + n] if 8 + n <= len(first) else \
         first[8:] + remote.read(len(first), 8 + n - len(first))
-    data_bytes = size - 8 - n if size is not None else sys.maxsize
+    data_bytes = size - 8 - n if size is not None else None
     return parse_safetensors_header(raw, data_bytes, remote.filename)
 
 
-def _to_float32(data: bytes, e: _Entry) -> torch.Tensor:
-    return float32_tensor(e.stored, io.BytesIO(data).readinto)
+def _to_float32(data, e: _Entry) -> torch.Tensor:
+    """The float32 tensor of `e` from its bytes (a memoryview: no copy of them)."""
+    done = 0
+
+    def read_into(buffer) -> int:
+        nonlocal done
+        count = min(len(buffer), len(data) - done)
+        buffer[:count] = data[done:done + count]
+        done += count
+        return count
+    return float32_tensor(e.stored, read_into)
