@@ -105,7 +105,7 @@ def run_message(output_dir=None, failed_path=None) -> str:
 def _elsewhere(where: Path) -> str:
     """How to write `where` on another disk: the hub cache moves with HF_HOME (or
     HF_HUB_CACHE), everything else with --output_dir."""
-    from esd.loading.hub import hub_cache_dir
+    from esd.hub_cache import hub_cache_dir
     if _within(where, hub_cache_dir()):
         return "or point HF_HOME at a disk with room: the hub cache is there"
     return "or use another --output_dir"

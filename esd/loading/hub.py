@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from esd.hub_cache import hub_cache_dir
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.failures import ESDFailure
 from esd.loading.formats import HubFile, streamable, weight_names
@@ -67,18 +68,6 @@ def hub_offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
     return _env_true("HF_HUB_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The hub cache: argument, else HF_HUB_CACHE / HF_HOME read now, else the hub default."""
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    from huggingface_hub import constants
-    return Path(constants.HF_HUB_CACHE)
 
 
 def repo_folder(cache: Path, repo_id: str) -> Path:
