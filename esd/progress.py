@@ -32,8 +32,14 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+# The lines a worker prints as it advances, read by the status display and by the stall
+# watchdog (`esd.supervisor`): a layer analysed (`  layer   12/74  name`, the worker's
+# `_print_layer_done`) or bytes moved (`  downloaded org/m: 120.0 of 500.0 MB at 40.1 MB/s`,
+# `TransferLines`; `  bytes N/M`, or any `12.3MB/s` rate). Nothing else is progress: a worker
+# looping on HTTP requests grows its log by a line per request, and stays stalled.
 LAYER_LINE = re.compile(rb"layer\s+(\d+)(?:\s*/\s*(\d+))?")
 TRANSFER_LINE = re.compile(rb"(downloaded|streamed) \S+: ([\d.]+) of ([\d.]+) MB at ([\d.]+) MB/s")
+PROGRESS_LINE = re.compile(rb"^[ \t]*(?:layer|bytes)[ \t]+\d+|\d[\d.]*[ \t]*[kKMGT]?i?B/s\b", re.MULTILINE)
 TRANSFER_EVERY_S = 2.0           # a worker prints how far a download or stream is this often
 MAX_KEY_CHARS = 40               # a running model's id is shown by its last characters
 LOG_TAIL_BYTES = 8192            # a worker's current layer is in the last few lines of its log

@@ -4,8 +4,8 @@ watchdog that stops a worker which makes no progress.
 Owns: `Policy` (retries, backoff, timeout, stall limit), `Outcome` (what the run achieved),
 `classify` (an ending → done, interrupted, or a typed failure, from the result file,
 `failures.jsonl`, the exit status and the `Ending` kind), `Supervisor` (the hooks every
-backend calls), and what counts as a worker's progress (`PROGRESS_LINE`). Every backend gets
-the same policy: a backend only starts tasks and says how they ended, in the closed set of
+backend calls), and the stall watchdog, which counts a worker's progress lines
+(`esd.progress.PROGRESS_LINE`) and nothing else. Every backend gets the same policy: a backend only starts tasks and says how they ended, in the closed set of
 `esd.backends.base.Ending` kinds. Knows nothing about GPUs, Slurm or metrics, and reads no
 scheduler's words (a backend's own word only travels into messages).
 
@@ -16,7 +16,6 @@ timed out, crashed) gets its record written here.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -26,15 +25,12 @@ from typing import Sequence
 from esd import diskfull
 from esd.backends.base import Backend, Ending, Hooks, Task, TaskResult
 from esd.failures import ESDFailure, FailureRecord, clear_failure, read_failures
+from esd.progress import PROGRESS_LINE   # what a worker prints as it advances
 
 EXIT_OK, EXIT_FAILED, EXIT_RETRYABLE = 0, 1, 75
 # endings that say the worker was killed from outside through no fault of its model: retried
 _KILLED = {Ending.OUT_OF_MEMORY: "ran out of memory", Ending.NODE_FAILURE: "lost its node",
            Ending.PREEMPTED: "was preempted"}
-# A worker's progress: a layer analysed (`  layer   12/74  name`, esd_worker._print_layer_done)
-# or bytes moved (`  bytes 1048576/5242880 ...`, or a download bar's `12.3MB/s`). Nothing else
-# counts: a worker looping on HTTP requests grows its log by a line per request, and stays stalled.
-PROGRESS_LINE = re.compile(rb"^[ \t]*(?:layer|bytes)[ \t]+\d+|\d[\d.]*[ \t]*[kKMGT]?i?B/s\b", re.MULTILINE)
 LOG_TAIL_BYTES = 16384   # the last progress line is looked for in this much of the log's end
 
 log = logging.getLogger("esd_experiment")
