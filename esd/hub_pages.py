@@ -9,13 +9,14 @@ listing here follows the same protocol with the same parts of the library (`http
   the token never leaves the Hub it was meant for.
 A stop is reported through `PageWalk.stopped` (a sentence saying why), never silently.
 
-Owns: the page walk. Knows nothing of what is listed (models, files) or of the project.
+Owns: the page walk, for every listing of the project (`esd/model_tree.py`'s models, the
+loader's tree listings through `esd/loading/hub_http.py`). Knows nothing of what is listed.
 """
 from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 MAX_PAGES = 500
 
@@ -36,17 +37,19 @@ class PageWalk:
     headers: dict | None = None
     max_pages: int = MAX_PAGES
     timeout: float | None = None
+    # how a page is fetched, `request(url, params) -> response`; default: huggingface_hub's
+    # `http_backoff` with `headers` (the loader passes its own, with its timeouts)
+    request: Callable | None = None
     stopped: str | None = None
     fetched: int = 0
 
     def pages(self) -> Iterator[list]:
-        from huggingface_hub.utils import hf_raise_for_status, http_backoff
+        from huggingface_hub.utils import hf_raise_for_status
         home = origin(self.url)
         seen: set[str] = set()
         url, params = self.url, self.params
         while url is not None:
-            response = http_backoff("GET", url, params=params, headers=self.headers,
-                                    timeout=self.timeout)
+            response = (self.request or self._get)(url, params)
             hf_raise_for_status(response)
             seen.add(str(response.request.url))
             self.fetched += 1
@@ -58,6 +61,10 @@ class PageWalk:
             self.stopped = self._refusal(url, home, seen)
             if self.stopped:
                 return
+
+    def _get(self, url: str, params):
+        from huggingface_hub.utils import http_backoff
+        return http_backoff("GET", url, params=params, headers=self.headers, timeout=self.timeout)
 
     def _refusal(self, url: str, home: tuple, seen: set[str]) -> str | None:
         if origin(url) != home:

@@ -104,37 +104,21 @@ def hub_json(url: str, params: dict | None = None):
 
 
 def hub_json_pages(url: str, params: dict | None = None) -> list:
-    """Every item of a paginated Hub listing. Follows `Link: rel="next"` on the Hub's own
-    origin only, never twice to the same page, at most `MAX_PAGES` pages; anything else is a
-    `bad_hub_response` (the token is never sent to another host)."""
-    from huggingface_hub.utils import hf_raise_for_status
+    """Every item of a paginated Hub listing, walked by `esd.hub_pages.PageWalk` (the one
+    rule: `Link: rel="next"` followed on the Hub's own origin only, never twice to the same
+    page, at most `MAX_PAGES` pages) with `hub_request`'s timeouts and backoff; a walk cut
+    short is a `bad_hub_response` (the token is never sent to another host)."""
+    from esd.hub_pages import PageWalk
+    walk = PageWalk(url, params, max_pages=MAX_PAGES,
+                    request=lambda page, query: hub_request("GET", page, params=query))
     items: list = []
-    seen: set[str] = set()
-    hub = endpoint()
-    while url:
-        response = hub_request("GET", url, params=params)
-        hf_raise_for_status(response)
-        page = response.json()
+    for page in walk.pages():
         if not isinstance(page, list):
             raise ESDFailure("resolve", "bad_hub_response", f"{_path(url)}: expected a list")
         items.extend(page)
-        seen.add(str(response.url))
-        params = None                       # the next link carries its own query
-        following = response.links.get("next", {}).get("url")
-        if not following:
-            break
-        following = urllib.parse.urljoin(str(response.url), following)
-        if not same_origin(following, hub):
-            raise ESDFailure("resolve", "bad_hub_response", f"{_path(url)}: the listing's next "
-                             f"page is on another host ({urllib.parse.urlsplit(following).netloc})"
-                             "; not followed (the token goes to the Hub only)", retryable=False)
-        if following in seen:
-            raise ESDFailure("resolve", "bad_hub_response", f"{_path(url)}: the listing's next "
-                             "page is one already read (a pagination loop)", retryable=False)
-        if len(seen) >= MAX_PAGES:
-            raise ESDFailure("resolve", "bad_hub_response", f"{_path(url)}: more than "
-                             f"{MAX_PAGES} pages", retryable=False)
-        url = following
+    if walk.stopped:
+        raise ESDFailure("resolve", "bad_hub_response", f"{_path(url)}: {walk.stopped}",
+                         retryable=False)
     return items
 
 
