@@ -137,6 +137,7 @@ class TransferLines:
         self._lock = threading.Lock()
         self._started: dict[tuple[str, str], float] = {}
         self._last: dict[tuple[str, str], float] = {}
+        self._finished: set[tuple[str, str, int]] = set()
 
     def __call__(self, verb: str, repo_id: str, done: int, total: int | None) -> None:
         now = time.monotonic()
@@ -144,7 +145,11 @@ class TransferLines:
         with self._lock:
             started = self._started.setdefault(key, now)
             finished = total is not None and done >= total
-            if not finished and now - self._last.get(key, 0.0) < self._every_s:
+            if finished and (verb, repo_id, total) in self._finished:
+                return                          # said once per transfer
+            if finished:
+                self._finished.add((verb, repo_id, total))
+            elif now - self._last.get(key, 0.0) < self._every_s:
                 return
             self._last[key] = now
         rate = done / max(now - started, 1e-3) / 1e6
