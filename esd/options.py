@@ -33,11 +33,11 @@ _KEY = "option"
 class OptionSpec:
     """How one field is a flag: its help text, how the flag's text becomes the value
     (`type`, then `parse` on the parsed value), and how the value is written back."""
-    help: str
+    help: str | Callable[[], str]       # a callable: read when the parser is built (a table's rows)
     type: Callable | None = None        # argparse `type=` (default: the default's own type)
     parse: Callable | None = None       # parsed flag value -> field value (e.g. a list -> tuple)
     metavar: str | None = None
-    choices: tuple | None = None
+    choices: tuple | Callable[[], list] | None = None   # a callable: read when the parser is built
     nargs: str | None = None
     record: Callable | None = None      # field value -> JSON/YAML-able value
 
@@ -81,13 +81,15 @@ def add_options(parser, cls, *, defaults: Any = None, exclude: tuple = (),
     for item in option_fields(cls, exclude=exclude):
         spec = spec_of(item)
         default = getattr(defaults, item.name) if defaults is not None else default_of(item)
-        text = describe(item.name, spec.help, default) if describe else spec.help
+        help_text = spec.help() if callable(spec.help) else spec.help
+        text = describe(item.name, help_text, default) if describe else help_text
+        choices = spec.choices() if callable(spec.choices) else spec.choices
         if isinstance(default, bool) and spec.type is None:
             add_bool_flag(parser, item.name, default, text)
             continue
         kind = spec.type or (type(default) if isinstance(default, (int, float, str)) else None)
         extra = {key: value for key, value in (("type", kind), ("metavar", spec.metavar),
-                                               ("choices", spec.choices), ("nargs", spec.nargs))
+                                               ("choices", choices), ("nargs", spec.nargs))
                  if value is not None}
         add_flag(parser, item.name, default=default, help=text, **extra)
 

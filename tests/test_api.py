@@ -66,10 +66,10 @@ def test_run_experiment_takes_a_list_of_ids_or_a_dataframe_and_resumes(tmp_path,
 
 def test_the_readme_api_example_runs_as_written(tmp_path):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Python API (notebooks)", 1)[1]
+    section = readme.split("## In a notebook", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmp_path))   # the example's temp dir here
     env.pop("HF_HUB_CACHE", None)
     # the example's hub model: the packaged all-MiniLM-L6-v2 placed in this test's hub cache
     setup = subprocess.run([sys.executable, "-c", "import run_esd_experiment as r; r.prepare_demo()"],
@@ -80,5 +80,6 @@ def test_the_readme_api_example_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "fit_status" in result.stdout and "alpha_mean" in result.stdout
     assert result.stdout.splitlines()[-2].startswith("0 ")        # run_experiment's exit status
-    summary = pd.read_csv(tmp_path / "results_api" / "summary.csv")
+    [out] = tmp_path.glob("esd_api_*")                            # the example's output directory
+    summary = pd.read_csv(out / "summary.csv")
     assert summary["model_id"].tolist() == ["sentence-transformers/all-MiniLM-L6-v2"]

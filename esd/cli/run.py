@@ -134,7 +134,8 @@ class ExperimentConfig(WorkerOptions):
         "'stalled' (%(default)s; 0 or none: never)", type=_optional_number(float))
     status_interval: float = option(
         60.0, "not on a terminal (nohup): seconds between status lines in the log (%(default)s)")
-    backend: str = option("local", f"{backends_help()} (default %(default)s)", choices=tuple(backend_names()))
+    backend: str = option(  # the backend table's rows (esd/backends/__init__.py), when the parser is built
+        "local", lambda: f"{backends_help()} (default %(default)s)", choices=backend_names)
     slurm_partition: str | None = option(None, "sbatch --partition", type=str)
     slurm_time: str | None = option(None, "sbatch --time, e.g. 04:00:00", type=str)
     slurm_gres: str | None = option(None, "sbatch --gres, e.g. gpu:1", type=str)
