@@ -13,7 +13,6 @@ Importing this module is cheap (no pandas until a list is read): the orchestrato
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from esd.atomic_files import atomic_path
@@ -23,13 +22,13 @@ MODEL_LIST_COPY = "model_list.csv"          # under runs/<run_id>/
 OWN_LIST_COLUMNS = ("model_id", "full_name", "source_model", "base_model_relation", "revision", "step")
 
 
-def keep_model_list(model_list, output_dir, run_id: str, base_dir=None) -> Path | None:
+def keep_model_list(model_list, output_dir, run_id: str, entries) -> Path | None:
     """Copy the run's model list to `output_dir/runs/<run_id>/model_list.csv` (atomically),
-    with a `result_file` column added: each row's safe id as the run derives it (relative
-    local paths resolved against `base_dir`, default the list's directory, as the run reads
-    them), so the copy is read correctly from anywhere. None when there is no list file."""
+    with a `result_file` column added: the safe id of the entry the run parsed from each row
+    (`entries`, by their `row`; a row the run skipped gets none), so the copy is read
+    correctly from anywhere and no row is parsed twice. None when there is no list file."""
     import csv
-    from esd.model_list import ID_COLUMNS, make_entry
+    from esd.model_list import ID_COLUMNS
     source = Path(model_list)
     if not source.is_file():
         return None
@@ -37,15 +36,11 @@ def keep_model_list(model_list, output_dir, run_id: str, base_dir=None) -> Path 
         reader = csv.DictReader(handle)
         columns = [(c or "").strip() for c in reader.fieldnames or []]
         rows = [{(k or "").strip(): (v or "").strip() for k, v in raw.items() if k} for raw in reader]
-    id_column = next((c for c in ID_COLUMNS if c in columns), None)
-    if id_column is None:
+    if not any(c in columns for c in ID_COLUMNS):
         return None
-    for row in rows:
-        try:
-            row["result_file"] = make_entry(row[id_column], row.get("revision") or None,
-                                            base_dir=Path(base_dir or source.parent)).safe_id
-        except Exception:  # noqa: BLE001 - a row the run refuses has no results to join
-            row["result_file"] = ""
+    result_files = {entry.row: entry.safe_id for entry in entries}
+    for number, row in enumerate(rows, start=2):      # numbered as read_model_list numbers them
+        row["result_file"] = result_files.get(number, "")
     target = Path(output_dir) / "runs" / run_id / MODEL_LIST_COPY
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:

@@ -16,7 +16,6 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from esd import metrics_table

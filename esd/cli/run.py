@@ -500,8 +500,7 @@ def run(config: ExperimentConfig) -> int:
     started = time.time()
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     # the list's rows (and extra columns: downloads, likes, …) travel to summary.csv from here
-    diskfull.tolerate(keep_model_list, config.model_list, config.output_dir, run_id,
-                      DEMO_DIR if config.is_demo else None)
+    diskfull.tolerate(keep_model_list, config.model_list, config.output_dir, run_id, entries)
     plan = plan_models(entries, config)
     log.info("run %s: %d models in %s; %d already done, %d skipped (failed before), %d to run%s",
              run_id, len(entries), config.model_list, len(plan.done), len(plan.skipped_failed),
