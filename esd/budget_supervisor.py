@@ -80,7 +80,7 @@ class BudgetedSupervisor(Supervisor):
             entry = self.entries.get(key)
             try:
                 self._sizes[key] = {} if entry is None else download_parts(
-                    entry.model_id, entry.revision, entry.source_model, stream=self.stream,
+                    entry, stream=self.stream,
                     trust_remote_code=self.trust_remote_code, cache=self.cache,
                     with_base=self.delta_from_base)
             except Exception as exc:  # noqa: BLE001 - unknown size: the worker says what is wrong

@@ -491,11 +491,10 @@ class BaseUnsized(Exception):
         self.base, self.cause = base, cause
 
 
-def download_parts(model_id: str, revision: str | None, source_model: str | None, *,
-                   stream: bool, trust_remote_code: bool, cache: Path,
+def download_parts(entry, *, stream: bool, trust_remote_code: bool, cache: Path,
                    with_base: bool = False, as_base: bool = False) -> dict[str, int]:
-    """Bytes a worker would download for one model (and an adapter's base, or with
-    `with_base` — --delta_from_base — a full model's `source_model`), by `repo@commit`; files
+    """Bytes a worker would download for one model (a `ModelEntry`; and an adapter's base, or
+    with `with_base` — --delta_from_base — a full model's base, `entry.base`), by `repo@commit`; files
     already in the cache count 0. A local directory is {}. Sizes are the tree listing's,
     raised to what the resolve answers say (the size the client checks what it writes
     against): a listing that under-reports does not get a model admitted.
@@ -506,19 +505,20 @@ def download_parts(model_id: str, revision: str | None, source_model: str | None
     worker fails `adapter_unsupported`. Raises what `hub_listing` raises for the model, and
     `BaseUnsized` for its base."""
     from esd.loading import hub
+    model_id, revision = entry.model_id, entry.revision
     if Path(model_id).expanduser().is_dir() or not hub.looks_like_hub_id(model_id):
-        return _base_parts(source_model, stream, trust_remote_code, cache) if with_base else {}
+        return _base_parts(entry.base, stream, trust_remote_code, cache) if with_base else {}
     listing = hub.hub_listing(model_id, revision or "main")
     names = listing.sizes
     parts: dict[str, int] = {}
     files = hub.needed_files(names, trust_remote_code)
     if hub.ADAPTER_CONFIG_FILE in names:
         if not as_base:
-            base = source_model or _adapter_base(model_id, listing.commit)
+            base = entry.base or _adapter_base(model_id, listing.commit)
             parts.update(_base_parts(base, stream, trust_remote_code, cache))
     else:
         if with_base:
-            parts.update(_base_parts(source_model, stream, trust_remote_code, cache))
+            parts.update(_base_parts(entry.base, stream, trust_remote_code, cache))
         if stream:
             streamed = set(hub.streamable(names))
             files = [f for f in files if f not in streamed]
@@ -550,19 +550,16 @@ def resolved_sizes(repo_id: str, commit: str, listed: dict[str, int]) -> dict[st
     return sizes
 
 
-def _base_parts(base: str | None, stream: bool, trust_remote_code: bool,
-                cache: Path) -> dict[str, int]:
-    """download_parts of a base (an adapter's; with --delta_from_base, a fine-tune's); {}
-    for none; `BaseUnsized` if the hub cannot size it."""
-    if not base:
+def _base_parts(base, stream: bool, trust_remote_code: bool, cache: Path) -> dict[str, int]:
+    """download_parts of a base entry (an adapter's; with --delta_from_base, a fine-tune's);
+    {} for none; `BaseUnsized` if the hub cannot size it."""
+    if base is None:
         return {}
-    from esd.model_list import parse_model_id
-    base_id, base_rev = parse_model_id(base)
     try:
-        return download_parts(base_id, base_rev, None, stream=stream,
-                              trust_remote_code=trust_remote_code, cache=cache, as_base=True)
+        return download_parts(base, stream=stream, trust_remote_code=trust_remote_code,
+                              cache=cache, as_base=True)
     except Exception as exc:  # noqa: BLE001 - the base's worker-side failure says what is wrong
-        raise BaseUnsized(base, exc) from exc
+        raise BaseUnsized(base.key, exc) from exc
 
 
 def _resolve_url(repo_id: str, commit: str, name: str) -> str:
@@ -573,14 +570,14 @@ def _resolve_url(repo_id: str, commit: str, name: str) -> str:
     return f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(commit, safe='')}/{quote(name)}"
 
 
-def _adapter_base(repo_id: str, commit: str) -> str | None:
-    """`base_model_name_or_path` of a hub adapter, read over HTTP (nothing written)."""
-    from huggingface_hub.utils import build_hf_headers, get_session
+def _adapter_base(repo_id: str, commit: str):
+    """The base (an entry) that a hub adapter's `base_model_name_or_path` names, read over
+    HTTP through `hub_json` (its timeouts and backoff; nothing written); None if unknown."""
+    from esd.loading.hub_http import hub_json
+    from esd.model_list import ModelEntry, parse_model_id
     try:
-        response = get_session().get(_resolve_url(repo_id, commit, "adapter_config.json"),
-                                     headers=build_hf_headers(), follow_redirects=True,
-                                     timeout=30)
-        response.raise_for_status()
-        return response.json().get("base_model_name_or_path") or None
+        text = hub_json(_resolve_url(repo_id, commit, "adapter_config.json")).get(
+            "base_model_name_or_path")
     except Exception:  # noqa: BLE001 - unknown base: the worker will say what is wrong
         return None
+    return ModelEntry(*parse_model_id(text)) if isinstance(text, str) and text.strip() else None

@@ -63,13 +63,14 @@ def test_streamed_hub_deltas_and_updates_equal_the_local_ones_with_no_weights_on
 def test_under_a_disk_budget_a_fine_tunes_size_counts_its_base(hub, tmp_path, repos, monkeypatch):
     import huggingface_hub.constants as constants
     from esd.disk_budget import download_parts
+    from esd.model_list import make_entry
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
     cache = tmp_path / "cache"
-    alone = download_parts("org/tuned", None, "org/base", stream=False, trust_remote_code=False,
-                           cache=cache)
-    with_base = download_parts("org/tuned", None, "org/base", stream=False, trust_remote_code=False,
-                               cache=cache, with_base=True)
+    tuned = make_entry("org/tuned", source_model="org/base")
+    alone = download_parts(tuned, stream=False, trust_remote_code=False, cache=cache)
+    with_base = download_parts(tuned, stream=False, trust_remote_code=False, cache=cache,
+                               with_base=True)
     assert list(alone) == [f"org/tuned@{repos['tuned']}"]
     assert with_base == {**alone, f"org/base@{repos['base']}": with_base[f"org/base@{repos['base']}"]}
     assert with_base[f"org/base@{repos['base']}"] > 100_000       # its weights, not only its config
