@@ -3,6 +3,7 @@
 CDN's bandwidth capped.
 
     python bench/bench_hub.py [--work_dir bench/_work/hub] [--bandwidth_mbps 40]
+                              [--only disk,memory,rss,ignore_range]
 
 1. Peak bytes in the hub cache over a run of 6 models (`run_esd_experiment.py`, 2 CPU
    workers), polled every 20 ms: cache mode keeps everything; bounded mode (budget: the
@@ -11,12 +12,23 @@ CDN's bandwidth capped.
 3. Wall time over 2 models, one worker, streaming vs download-then-analyse, at a bandwidth
    where one model's download takes about as long as its analysis.
 4. Resolve calls per model (per weight file), from the server's request log.
+5. Peak RSS (wait4) of one worker on a float32 Llama of TinyLlama's width (hidden 2048,
+   intermediate 5632, 4 layers, 1.25 GB: `bench/llama_fixture.py`): downloading into the hub
+   cache, reading it from the cache, and `--stream`; beside them the streaming bound, the
+   cached peak plus the read-ahead window (`PREFETCH_BYTES` of esd/loading/stream.py).
+6. The same streaming worker against a CDN that ignores `Range` (a 200 with the whole file):
+   its peak RSS beside the file's size, its wall time and the failure it ends with.
+
+Parts by name (`--only`): disk (1, 4), memory (2, 3), rss (5), ignore_range (6). The Hub of
+parts 2, 3, 5 and 6 runs in a process of its own: a worker's peak RSS (wait4) starts from its
+parent's RSS at fork, and the stand-in Hub holds every file it serves in memory.
 
 Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -41,12 +53,79 @@ save_model("llama", out, seed=seed, dtype=torch.bfloat16, config=dict(
 """
 
 
+# TinyLlama's width in float32: the size at which issue figures were taken (a 1.25 GB file)
+BUILD_F32 = ("import sys, torch; sys.path.insert(0, sys.argv[1]); "
+             "from llama_fixture import build_llama_checkpoint; "
+             "build_llama_checkpoint(sys.argv[2], num_layers=int(sys.argv[3]), dtype=torch.float32)")
+PREFETCH = ("from esd.loading.stream import PREFETCH_BYTES; print(PREFETCH_BYTES)")
+# The stand-in Hub in a process of its own, serving argv's repos (`repo_id=dir`) with argv's
+# fault knobs (a JSON object of `Faults` fields) until its stdin closes.
+SERVE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from hub_server import HubServer
+hub = HubServer().start()
+for name, value in json.loads(sys.argv[2]).items():
+    setattr(hub.faults, name, value)
+for spec in sys.argv[3:]:
+    repo_id, path = spec.split("=", 1)
+    hub.add_repo(repo_id, path)
+print(json.dumps([hub.hub_port, hub.cdn_port]), flush=True)
+sys.stdin.read()
+hub.stop()
+"""
+
+
+class HubProcess:
+    """The stand-in Hub serving `repos` ({repo_id: directory}) from a child process, with
+    `faults` set; entering gives a `HubServer` that is not started but points at the child's
+    ports, for its endpoint and its clients' environment."""
+
+    def __init__(self, repos: dict[str, Path], **faults):
+        self.repos, self.faults, self.proc = repos, faults, None
+
+    def __enter__(self) -> HubServer:
+        specs = [f"{repo_id}={path}" for repo_id, path in self.repos.items()]
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, str(ROOT / "tests"),
+                                      json.dumps(self.faults), *specs],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise SystemExit(f"the stand-in Hub did not start (exit status {self.proc.returncode})")
+        client = HubServer()
+        client.hub_port, client.cdn_port = json.loads(line)
+        return client
+
+    def __exit__(self, *exc) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def build(path: Path, layers: int, hidden: int, inter: int, vocab: int, seed: int) -> Path:
     if not (path / "model.safetensors").is_file():
         subprocess.run([sys.executable, "-c", BUILD, str(ROOT / "tests"), str(path), str(layers),
                         str(hidden), str(inter), str(vocab), str(seed)], check=True,
                        capture_output=True)
     return path
+
+
+def build_f32_llama(path: Path, layers: int) -> Path:
+    """TinyLlama-shaped float32 checkpoint, built in a child (this process stays small)."""
+    subprocess.run([sys.executable, "-c", BUILD_F32, str(ROOT / "bench"), str(path), str(layers)],
+                   check=True, capture_output=True)
+    return path
+
+
+def prefetch_bytes() -> int:
+    """The streaming loader's read-ahead window, asked of the code itself (in a child)."""
+    done = subprocess.run([sys.executable, "-c", PREFETCH], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          check=True, capture_output=True, text=True)
+    return int(done.stdout.strip())
 
 
 def weights_bytes(path: Path) -> int:
@@ -115,17 +194,55 @@ def run_experiment(hub, work: Path, name: str, ids: list[str], *flags, workers: 
     return wall, disk.peak, out
 
 
+class WorkerRun:
+    """How one `esd_worker.py` process ended: peak RSS (MiB, wait4), wall seconds, exit
+    status, the reason of the failure it recorded (None when it recorded none)."""
+
+    def __init__(self, rss_mib: float, seconds: float, returncode: int, reason: str | None):
+        self.rss_mib, self.seconds = rss_mib, seconds
+        self.returncode, self.reason = returncode, reason
+
+    @property
+    def outcome(self) -> str:
+        if self.returncode == 0:
+            return "CSV written"
+        return f"failed: {self.reason or 'no failure recorded'} (exit {self.returncode})"
+
+
+def run_worker(hub, home: Path, out: Path, model_id: str, *flags) -> WorkerRun:
+    """One worker against `hub` with HF_HOME `home` (kept: a second run finds the cache)."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.monotonic()
+    with open(out.parent / f"{out.name}.stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "esd_worker.py"),
+                                 f"--model_id={model_id}", "--output_dir", str(out), "--device",
+                                 "cpu", "--overwrite", *flags], env=env_for(hub, home),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.monotonic() - started
+    return WorkerRun(usage.ru_maxrss / 1024, seconds, os.waitstatus_to_exitcode(status),
+                     recorded_reason(out))
+
+
+def recorded_reason(out: Path) -> str | None:
+    """The reason of the last failure the worker recorded in `out`'s failures.jsonl."""
+    journal = out / "failures.jsonl"
+    reason = None
+    if journal.is_file():
+        for line in journal.read_text(errors="replace").splitlines():
+            try:
+                reason = json.loads(line).get("reason", reason)
+            except (ValueError, AttributeError):
+                pass
+    return reason
+
+
 def peak_rss_mb(hub, work: Path, model_id: str, *flags) -> tuple[float, float]:
     home = work / "home_rss"
     shutil.rmtree(home, ignore_errors=True)
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "esd_worker.py"), f"--model_id={model_id}",
-                             "--output_dir", str(work / "out_rss"), "--device", "cpu",
-                             "--overwrite", *flags], env=env_for(hub, home),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024, time.monotonic() - started
+    run = run_worker(hub, home, work / "out_rss", model_id, *flags)
+    return run.rss_mib, run.seconds
 
 
 def resolves_per_file(hub: HubServer, repo_id: str) -> dict[str, int]:
@@ -140,22 +257,36 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=ROOT / "bench" / "_work" / "hub")
     parser.add_argument("--bandwidth_mbps", type=float, default=40.0,
                         help="CDN bandwidth for part 1, MB/s (%(default)s)")
-    parser.add_argument("--parts", default="1234", help="which parts to run (%(default)s)")
+    parser.add_argument("--only", type=parts_list, default=list(PARTS),
+                        help=f"comma-separated parts to run, of {', '.join(PARTS)} (all)")
+    parser.add_argument("--rss_layers", type=int, default=4,
+                        help="decoder layers of the hidden-2048 float32 Llama of parts 5 and 6 "
+                             "(%(default)s: 1.25 GB)")
     args = parser.parse_args()
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    hub = HubServer().start()
+    for name in args.only:
+        PARTS[name](work, args)
+
+
+def parts_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown part {', '.join(unknown) or '(none)'}: "
+                                         f"choose from {', '.join(PARTS)}")
+    return [n for n in PARTS if n in names]        # the page's order, each once
+
+
+def part_disk(work, args) -> None:
+    hub = HubServer().start()      # in this process: part 1 reads its request log
     try:
-        # ---------------------------------------------------------------- 1. disk
-        if "1" in args.parts or "4" in args.parts:
-            part_disk(hub, work, args)
-        if "2" in args.parts or "3" in args.parts:
-            part_memory_and_wall(hub, work, args)
+        part_disk_with(hub, work, args)
     finally:
         hub.stop()
 
 
-def part_disk(hub, work, args) -> None:
+def part_disk_with(hub, work, args) -> None:
     sizes = [(1, 256), (2, 256), (3, 256), (2, 384), (3, 384), (4, 384)]
     ids = []
     for i, (layers, hidden) in enumerate(sizes):
@@ -186,44 +317,92 @@ def part_disk(hub, work, args) -> None:
           + f"; weight files {len(weights)}, resolves for them {sum(weights.values())}")
 
 
-def part_memory_and_wall(hub, work, args) -> None:
+def part_memory_and_wall(work, args) -> None:
     # ---------------------------------------------------------------- 2. memory
-    big = {}
-    for layers in (4, 12):
-        path = build(work / f"llama{layers}", layers, 512, 1408, 8000, seed=layers)
-        hub.add_repo(f"bench/llama{layers}", path)
-        big[layers] = path
+    big = {layers: build(work / f"llama{layers}", layers, 512, 1408, 8000, seed=layers)
+           for layers in (4, 12)}
+    tiny = build(work / "m0", 1, 256, 768, 4000, seed=0)
+    repos = {f"bench/llama{layers}": path for layers, path in big.items()}
     print("2. peak RSS of one streaming worker (Llama-shaped, hidden 512, bf16)")
     times = {}
     rss = {}
-    for layers in (4, 12):
-        rss[layers], times[layers] = peak_rss_mb(hub, work, f"bench/llama{layers}", "--stream")
-        print(f"   {layers:2d} layers ({weights_bytes(big[layers]) / 1e6:6.1f} MB of weights): "
-              f"peak RSS {rss[layers]:7.1f} MB, {times[layers]:5.1f}s")
-    print(f"   12 vs 4 layers: {rss[12] / rss[4]:.2f}x the RSS for "
-          f"{weights_bytes(big[12]) / weights_bytes(big[4]):.2f}x the weights")
+    with HubProcess({**repos, "bench/m0": tiny}) as hub:
+        for layers in (4, 12):
+            rss[layers], times[layers] = peak_rss_mb(hub, work, f"bench/llama{layers}", "--stream")
+            print(f"   {layers:2d} layers ({weights_bytes(big[layers]) / 1e6:6.1f} MB of weights): "
+                  f"peak RSS {rss[layers]:7.1f} MiB, {times[layers]:5.1f}s")
+        print(f"   12 vs 4 layers: {rss[12] / rss[4]:.2f}x the RSS for "
+              f"{weights_bytes(big[12]) / weights_bytes(big[4]):.2f}x the weights")
+        # A worker's start (imports, config) cannot overlap anything: measured on a 1-layer
+        # model and taken out, so that one download takes as long as one model's analysis.
+        _, startup = peak_rss_mb(hub, work, "bench/m0", "--stream")
 
     # ---------------------------------------------------------------- 3. wall time
-    # A worker's start (imports, config) cannot overlap anything: measured on a 1-layer model
-    # and taken out, so that one download takes as long as one model's analysis proper.
-    tiny = build(work / "m0", 1, 256, 768, 4000, seed=0)
-    hub.add_repo("bench/m0", tiny)
-    _, startup = peak_rss_mb(hub, work, "bench/m0", "--stream")
     size = weights_bytes(big[12])
     analysis = max(1.0, times[12] - startup)
     bandwidth = size / analysis
-    for copy in (1, 2):
-        hub.add_repo(f"bench/copy{copy}", big[12])
-    hub.faults.bandwidth_bps = bandwidth
     print(f"3. wall time over 2 models of {size / 1e6:.1f} MB, 1 worker, CDN capped at "
           f"{bandwidth / 1e6:.1f} MB/s (one download ≈ one analysis, {analysis:.1f}s; a worker's "
           f"start {startup:.1f}s)")
     walls = {}
-    for name, flags in (("download", ()), ("stream", ("--stream",))):
-        walls[name], _, _ = run_experiment(hub, work, f"wall_{name}",
-                                           ["bench/copy1", "bench/copy2"], *flags, workers=1)
-        print(f"   {name:8s} {walls[name]:6.1f}s")
+    copies = {f"bench/copy{copy}": big[12] for copy in (1, 2)}
+    with HubProcess(copies, bandwidth_bps=bandwidth) as hub:
+        for name, flags in (("download", ()), ("stream", ("--stream",))):
+            walls[name], _, _ = run_experiment(hub, work, f"wall_{name}", list(copies), *flags,
+                                               workers=1)
+            print(f"   {name:8s} {walls[name]:6.1f}s")
     print(f"   streaming / download-then-analyse: {walls['stream'] / walls['download']:.2f}x")
+
+
+def f32_llama(work: Path, args) -> tuple[str, Path]:
+    layers = args.rss_layers
+    return f"bench/llama2048-{layers}L", build_f32_llama(work / f"llama2048_{layers}L_f32", layers)
+
+
+def part_rss_at_2048(work, args) -> None:
+    # ---------------------------------------------------------------- 5. RSS at hidden 2048
+    repo_id, path = f32_llama(work, args)
+    size = weights_bytes(path)
+    window_mib = prefetch_bytes() / 2 ** 20
+    print(f"5. peak RSS of one worker, Llama hidden 2048 / intermediate 5632, {args.rss_layers} "
+          f"layers, float32 ({size / 1e9:.2f} GB of weights)")
+    home = work / "home_rss2048"
+    shutil.rmtree(home, ignore_errors=True)
+    with HubProcess({repo_id: path}) as hub:
+        runs = {"download": run_worker(hub, home, work / "out_rss2048_download", repo_id),
+                "cached": run_worker(hub, home, work / "out_rss2048_cached", repo_id)}
+        shutil.rmtree(home, ignore_errors=True)
+        runs["stream"] = run_worker(hub, home, work / "out_rss2048_stream", repo_id, "--stream")
+    labels = {"download": "download, then analyse", "cached": "read from the hub cache",
+              "stream": "--stream"}
+    for name, run in runs.items():
+        print(f"   {labels[name]:24s} peak RSS {run.rss_mib:7.0f} MiB  {run.seconds:6.1f}s  "
+              f"{run.outcome}")
+    cached, stream = runs["cached"].rss_mib, runs["stream"].rss_mib
+    bound = cached + window_mib
+    print(f"   bound for --stream: cached {cached:.0f} MiB + read-ahead {window_mib:.0f} MiB "
+          f"(PREFETCH_BYTES) = {bound:.0f} MiB; --stream {stream:.0f} MiB: "
+          + (f"within it ({bound - stream:.0f} MiB to spare)" if stream <= bound
+             else f"OVER it by {stream - bound:.0f} MiB"))
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def part_ignore_range(work, args) -> None:
+    # ---------------------------------------------------------------- 6. Range ignored
+    repo_id, path = f32_llama(work, args)
+    size = weights_bytes(path)
+    home = work / "home_ignore_range"
+    shutil.rmtree(home, ignore_errors=True)
+    with HubProcess({repo_id: path}, ignore_range=True) as hub:
+        run = run_worker(hub, home, work / "out_ignore_range", repo_id, "--stream")
+    shutil.rmtree(home, ignore_errors=True)
+    print(f"6. --stream against a CDN that ignores Range (200 with the whole file), the same "
+          f"model: file {size / 2 ** 20:.0f} MiB, peak RSS {run.rss_mib:.0f} MiB "
+          f"({run.rss_mib * 2 ** 20 / size:.2f}x the file), {run.seconds:.1f}s, {run.outcome}")
+
+
+PARTS = {"disk": part_disk, "memory": part_memory_and_wall, "rss": part_rss_at_2048,
+         "ignore_range": part_ignore_range}
 
 
 if __name__ == "__main__":

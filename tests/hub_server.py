@@ -49,6 +49,9 @@ def is_lfs(path: str) -> bool:
 class Repo:
     repo_id: str
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)   # sha -> files
+    # sha -> path -> (git oid, sha256 of an LFS file else None): hashed once when the commit
+    # is added, not on every listing or resolve (a 1 GB file takes seconds to hash)
+    hashes: dict[str, dict[str, tuple[str, str | None]]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)                   # branch/tag/pr -> sha
     gated: bool = False
     tokens: set[str] = field(default_factory=set)   # tokens with access (gated repos)
@@ -206,17 +209,20 @@ class HubServer:
             files = {p.relative_to(root).as_posix(): p.read_bytes()
                      for p in sorted(root.rglob("*")) if p.is_file()}
         files = dict(files)
-        sha = hashlib.sha1(json.dumps({k: git_oid(v) for k, v in sorted(files.items())})
+        hashes = {path: (git_oid(data), sha256(data) if is_lfs(path) else None)
+                  for path, data in files.items()}
+        sha = hashlib.sha1(json.dumps({k: hashes[k][0] for k in sorted(files)})
                            .encode() + repo_id.encode() + revision.encode()).hexdigest()
         with self._lock:
             repo = self.repos.setdefault(repo_id, Repo(repo_id))
             repo.commits[sha] = files
+            repo.hashes[sha] = hashes
             repo.refs[revision] = sha
             repo.gated = repo.gated or gated
             repo.tokens.update(tokens)
             for path, data in files.items():
                 if is_lfs(path):
-                    self.blobs[sha256(data)] = data
+                    self.blobs[hashes[path][1]] = data
         return sha
 
     def add_model(self, repo_id: str, files: "Path | dict[str, bytes] | None" = None, *,
@@ -266,10 +272,10 @@ class HubServer:
             for repo in (self.repos.get(repo_id),):
                 if repo is None:
                     continue
-                for files in repo.commits.values():
-                    for path, data in files.items():
-                        if is_lfs(path):
-                            by_blob[sha256(data)] = path
+                for hashes in repo.hashes.values():
+                    for path, (_, lfs_oid) in hashes.items():
+                        if lfs_oid is not None:
+                            by_blob[lfs_oid] = path
         for r in self.requests():
             resolve = _split_resolve(r.raw_path)
             if r.server == "hub" and r.method == "GET" and resolve and resolve[0] == repo_id:
@@ -448,7 +454,8 @@ def _make_handler(hub: HubServer, role: str):
             if kind == "paths-info":
                 form = urllib.parse.parse_qs(self.body.decode())
                 wanted = form.get("paths", [])
-                return self._json([_listed(_tree_entry(p, files[p]), hub.faults)
+                return self._json([_listed(_tree_entry(p, files[p], repo.hashes[sha][p]),
+                                           hub.faults)
                                    for p in wanted if p in files])
             prefix = urllib.parse.unquote("/".join(rest[2:])).strip("/")
             recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
@@ -456,7 +463,8 @@ def _make_handler(hub: HubServer, role: str):
             if hub.faults.tree_link:
                 origin = hub.endpoint if hub.faults.tree_link == "self" else hub.cdn
                 headers["Link"] = f'<{origin}{self.path}>; rel="next"'
-            return self._json([_listed(e, hub.faults) for e in _tree(files, prefix, recursive)],
+            return self._json([_listed(e, hub.faults)
+                               for e in _tree(files, repo.hashes[sha], prefix, recursive)],
                               headers=headers)
 
         def _list_models(self):
@@ -510,10 +518,10 @@ def _make_handler(hub: HubServer, role: str):
                 return self._error(404, "EntryNotFound", f"{filename} does not exist at {sha}",
                                    {"X-Repo-Commit": sha})
             data = files[filename]
-            headers = {"X-Repo-Commit": hub.faults.commit_sha or sha, "ETag": f'"{git_oid(data)}"',
+            oid, digest = repo.hashes[sha][filename]
+            headers = {"X-Repo-Commit": hub.faults.commit_sha or sha, "ETag": f'"{oid}"',
                        "Accept-Ranges": "bytes"}
             if is_lfs(filename):
-                digest = sha256(data)
                 headers.update({"X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data)),
                                 "Location": f"{hub.cdn}/blobs/{digest}?expires="
                                             f"{int(time.time()) + 3600}&sig={digest[:12]}"})
@@ -648,10 +656,11 @@ def _listing_item(repo: Repo, expand: list[str], full: bool) -> dict:
     return {k: fields[k] for k in wanted if k in fields}
 
 
-def _tree_entry(path: str, data: bytes) -> dict:
-    entry = {"type": "file", "oid": git_oid(data), "size": len(data), "path": path}
-    if is_lfs(path):
-        entry["lfs"] = {"oid": sha256(data), "size": len(data), "pointerSize": 134}
+def _tree_entry(path: str, data: bytes, hashes: tuple[str, str | None]) -> dict:
+    oid, lfs_oid = hashes
+    entry = {"type": "file", "oid": oid, "size": len(data), "path": path}
+    if lfs_oid is not None:
+        entry["lfs"] = {"oid": lfs_oid, "size": len(data), "pointerSize": 134}
     return entry
 
 
@@ -665,7 +674,8 @@ def _listed(entry: dict, faults: Faults) -> dict:
     return entry
 
 
-def _tree(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict]:
+def _tree(files: dict[str, bytes], hashes: dict[str, tuple[str, str | None]], prefix: str,
+          recursive: bool) -> list[dict]:
     out, dirs = [], set()
     for path in sorted(files):
         if prefix and not path.startswith(prefix + "/"):
@@ -679,7 +689,7 @@ def _tree(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict]:
                 out.append({"type": "directory", "oid": git_oid(folder.encode()), "size": 0,
                             "path": folder})
         if recursive or len(parts) == 1:
-            out.append(_tree_entry(path, files[path]))
+            out.append(_tree_entry(path, files[path], hashes[path]))
     return out
 
 
