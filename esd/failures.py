@@ -43,10 +43,11 @@ from esd.atomic_files import write_text_atomic
 
 STAGES = ("resolve", "load", "merge", "analyze", "save", "worker")
 
-# Reasons a retry can help with; everything else is final.
+# Reasons a retry can help with; everything else is final. A new retryable reason is one
+# word here: `ESDFailure(stage, reason, message)` reads it.
 RETRYABLE_REASONS = frozenset({
     "download_interrupted", "network_error", "out_of_memory", "worker_killed",
-    "hub_unavailable", "disk_full",
+    "hub_unavailable", "disk_full", "rate_limited", "expired_url", "retryable_exit",
 })
 
 FAILED_MODELS_TXT = "failed_models.txt"

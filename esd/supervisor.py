@@ -98,7 +98,7 @@ def classify(result: TaskResult, output_dir: Path, policy: Policy, stalled: bool
         return "failed", diskfull.disk_full_failure(result.task.log_path or output_dir, stage="worker")
     if result.returncode == EXIT_RETRYABLE:
         return "failed", ESDFailure("worker", "retryable_exit", "the worker exited with status 75 (a retry can "
-                                    f"help) without a failure record; see {result.task.log_path}", retryable=True)
+                                    f"help) without a failure record; see {result.task.log_path}")
     if ending in _KILLED:
         return "failed", ESDFailure("worker", "worker_killed", f"worker {_KILLED[ending]}{said}", retryable=True)
     if ending is Ending.CANCELLED:

@@ -159,13 +159,12 @@ def offline_hint(repo_id: str, cache) -> str:
 def rate_limited(name: str, stage: str = "resolve") -> ESDFailure:
     return ESDFailure(stage, "rate_limited", f"{name}: the hub answered 429 Too Many Requests "
                       "(its rate limits) after retries; retry later, or log in (HF_TOKEN) for "
-                      "higher limits", retryable=True)
+                      "higher limits")
 
 
 def expired_url(name: str, status: int | None, stage: str = "resolve") -> ESDFailure:
     return ESDFailure(stage, "expired_url", f"{name}: the CDN refused the download link the hub "
-                      f"gave ({status}: a signed URL that expired); a retry asks for a new one",
-                      retryable=True)
+                      f"gave ({status}: a signed URL that expired); a retry asks for a new one")
 
 
 def hub_failure(exc: BaseException, repo_id: str, revision: str | None = None, *,

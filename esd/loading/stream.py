@@ -134,7 +134,7 @@ class RemoteFile:
                 self.stats.retries += 1
                 if refreshes > MAX_REFRESHES:
                     raise ESDFailure("load", "expired_url", f"{self.name}: {what}: the CDN "
-                                     f"refused {refreshes} fresh signed URLs", retryable=True)
+                                     f"refused {refreshes} fresh signed URLs")
                 continue                   # a fresh URL does not spend a try
             except (_WrongAnswer, _CutShort) as exc:
                 last, reason = str(exc), "bad_range_response" \
