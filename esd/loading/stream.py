@@ -25,6 +25,7 @@ chunk in use and the float32 tensor handed out.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -309,13 +310,19 @@ class StreamedSafetensors(TensorSource):
             data = self.files[e.file].read(e.begin, e.end - e.begin)
             return _to_float32(memoryview(data), e)
         data = self._chunk(index).result()
-        begin = self._chunks[index][1]
-        tensor = _to_float32(memoryview(data)[e.begin - begin:e.end - begin], e)
+        _, begin, end, _ = self._chunks[index]
         left = self._left.get(index)
         if left is not None:
             left.discard(key)
             if not left:                                # chunk used up: free it
                 self._pending.pop(index, None)
+        if (e.stored.dtype == "F32" and (e.begin, e.end) == (begin, end) and left is not None
+                and not left and sys.byteorder == "little" and e.end > e.begin):
+            # a float32 tensor that is its whole chunk, now no one else's: the tensor takes
+            # the chunk's buffer itself, so it is never in memory twice (as on the cached path)
+            tensor = torch.frombuffer(data, dtype=torch.float32).view(e.shape)
+        else:
+            tensor = _to_float32(memoryview(data)[e.begin - begin:e.end - begin], e)
         for old in [i for i in self._pending if i < index]:
             self._pending.pop(old).cancel()             # skipped by the caller
         return tensor
