@@ -61,8 +61,11 @@ def seen() -> list[str]:
 _WRITING = "no space left on the disk writing "
 
 
-def disk_full_failure(path, stage: str = "save") -> ESDFailure:
-    note(path)
+def disk_full_failure(path, stage: str = "save", *, here: bool = True) -> ESDFailure:
+    """The typed failure of a write that found no space; `here`: in this process (its last
+    line says so), not in a worker whose failure record says it."""
+    if here:
+        note(path)
     return ESDFailure(stage, "disk_full", f"{_WRITING}{path} ({free_space_text(path)}); free "
                       "space there and rerun", retryable=True)
 

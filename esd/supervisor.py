@@ -95,7 +95,8 @@ def classify(result: TaskResult, output_dir: Path, policy: Policy, stalled: bool
     if record is not None:
         return "failed", record
     if result.returncode == diskfull.EXIT_DISK_FULL or ending is Ending.NO_SPACE:
-        return "failed", diskfull.disk_full_failure(result.task.log_path or output_dir, stage="worker")
+        return "failed", diskfull.disk_full_failure(result.task.log_path or output_dir, stage="worker",
+                                                    here=False)   # the worker's disk, on its record
     if result.returncode == EXIT_RETRYABLE:
         return "failed", ESDFailure("worker", "retryable_exit", "the worker exited with status 75 (a retry can "
                                     f"help) without a failure record; see {result.task.log_path}")
