@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
 
-WORKER_SCRIPT = Path(__file__).resolve().parents[2] / "esd_worker.py"   # what every task runs
+# What every task runs: a checkout's `esd_worker.py` beside the package, else the installed
+# package's own worker module (`esd/cli/worker.py`, runnable as a file).
+WORKER_SCRIPT = next(path for path in (Path(__file__).resolve().parents[2] / "esd_worker.py",
+                                       Path(__file__).resolve().parents[1] / "cli" / "worker.py")
+                     if path.is_file())
 
 
 class BackendError(RuntimeError):

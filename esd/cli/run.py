@@ -32,9 +32,9 @@ from esd.options import add_options, option, options_from_args, options_part, op
 from esd.progress import RunProgress
 from esd.run_record import record_run, setup_logging, start_run_record, teardown_logging
 from esd.settings import ESDSettings, WorkerOptions, add_esd_arguments, esd_settings_from_args
-from esd.cli import worker
 from esd.cli.worker import worker_argv
 from esd.backends import BACKENDS, Backend, BackendError, Task, backend_names, backends_help
+from esd.backends.base import WORKER_SCRIPT   # the file a backend starts for each model
 from esd.backends import make_backend as build_backend
 from esd.disk_budget import LedgerDamaged
 from esd.failures import clear_failures, compact_failures, read_failures
@@ -46,10 +46,6 @@ from esd.model_list import ModelEntry, ModelListError, read_model_list
 # relative to DEMO_DIR, so the demo's ids and result files are the same installed or not.
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 DEMO_MODEL_LIST = DEMO_DIR / "examples" / "models.csv"
-# the file a backend starts for each model: a checkout's `esd_worker.py` beside the package,
-# else the installed package's own worker module (runnable as a file)
-WORKER_SCRIPT = next(path for path in (Path(__file__).resolve().parents[2] / "esd_worker.py",
-                                       Path(worker.__file__).resolve()) if path.is_file())
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 ESD_SETTINGS_FILE = run_lock.SETTINGS_FILE
 EXIT_INTERRUPTED = 130
