@@ -24,7 +24,6 @@ base included) or that a worker is reading.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import json
@@ -39,7 +38,7 @@ from filelock import FileLock
 from esd.atomic_files import write_text_atomic
 from esd.failures import ESDFailure
 from esd.loading.hub import cached_files, repo_folder as _repo_folder
-from esd.units import GB
+from esd.units import GB, gigabytes  # noqa: F401 - gigabytes: the flag type, here for callers
 
 LEDGER = ".hub_downloads.json"
 
@@ -159,17 +158,6 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def gigabytes(text) -> float:
-    """`--disk_budget GB`: a number of gigabytes (10^9 bytes) > 0."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {text!r}")
-    return value
 
 
 @dataclass

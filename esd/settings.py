@@ -14,7 +14,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, fields
 
-from esd.disk_budget import gigabytes
+from esd.units import gigabytes
 from esd.options import add_options, option, options_argv, options_from_args
 
 FIX_FINGERS_METHODS = ("xmin_mid", "xmin_peak", "DKS", "clip_xmax")
@@ -146,6 +146,6 @@ class WorkerOptions:
     disk_budget: float | None = option(
         None, "bounded disk: delete what the run downloads once analysed, start a model only "
                                        "when its download fits beside the running ones (off: the cache keeps everything)",
-        type=gigabytes, metavar="GB")   # GB = 10^9 bytes (esd/disk_budget.py)
+        type=gigabytes, metavar="GB")   # GB = 10^9 bytes (esd/units.py)
     stream: bool = option(False, "read hub safetensors weights by HTTP ranges while analysing; "
                           "nothing of them is written to disk")
