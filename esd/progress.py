@@ -98,9 +98,10 @@ def last_layer(log_path) -> tuple[int, int | None] | None:
 def current_layer(log_path) -> str | None:
     """`layer 12/30` (or `layer 12`) from the last layer line of a worker log; None if none yet."""
     layer = last_layer(log_path)
-    if layer is None:
-        return None
-    done, total = layer
+    return None if layer is None else _layer_text(*layer)
+
+
+def _layer_text(done: int, total: int | None) -> str:
     return f"layer {done}/{total}" if total else f"layer {done}"
 
 
@@ -124,7 +125,10 @@ def current_activity(log_path) -> str | None:
     if transfer and (not layer or transfer[-1].start() > layer[-1].start()):
         verb, done, total, rate = (g.decode() for g in transfer[-1].groups())
         return f"{verb} {done} of {total} MB at {rate} MB/s"
-    return current_layer(log_path)
+    if not layer:
+        return None
+    done, total = layer[-1].groups()       # the tail already read: not read again
+    return _layer_text(int(done), int(total) if total else None)
 
 
 class TransferLines:
