@@ -49,8 +49,8 @@ def endpoint() -> str:
 
 
 def same_origin(url: str, other: str) -> bool:
-    a, b = urllib.parse.urlsplit(url), urllib.parse.urlsplit(other)
-    return (a.scheme, a.netloc) == (b.scheme, b.netloc)
+    from esd.hub_pages import origin    # the one origin rule (scheme, host, port)
+    return origin(url) == origin(other)
 
 
 class HubUnreachable(Exception):
