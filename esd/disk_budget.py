@@ -487,7 +487,7 @@ def download_parts(entry, *, stream: bool, trust_remote_code: bool, cache: Path,
     raised to what the resolve answers say (the size the client checks what it writes
     against): a listing that under-reports does not get a model admitted.
 
-    A base is sized as loading resolves it (`esd.loading.lora.resolve_adapter`: the base
+    A base is sized as loading resolves it (`esd.loading.resolve.resolve_adapter`: the base
     is resolved as a model, never as an adapter in turn), so with `as_base` an adapter's own
     base is not followed: adapters naming themselves or each other end there, and their
     worker fails `adapter_unsupported`. Raises what `hub_listing` raises for the model, and

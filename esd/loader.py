@@ -20,9 +20,12 @@ module named after it:
 - `esd/loading/deltas.py`     — a fine-tune as its difference from its base.
 - `esd/loading/log.py`        — the `model_loader` logger and `warn=` callbacks.
 
-Owns here: `resolve_model` (a `ModelEntry` — local directory, `org/name`, `org/name@rev`,
-training checkpoint directory — to a frozen `ResolvedModel` holding that entry) and
-`iter_layers` (its layers, one at a time, as `(longname, layer_type, float32 CPU tensor)`).
+- `esd/loading/resolve.py`   — `resolve_model`: a `ModelEntry` (local directory, `org/name`,
+                                `org/name@rev`, training checkpoint directory) to a frozen
+                                `ResolvedModel` holding that entry, an adapter's base; no
+                                torch (the download stage fetches through it alone).
+
+Owns here: `iter_layers` (its layers, one at a time, as `(longname, layer_type, float32 CPU tensor)`).
 
 Must not: compute any metric (that is `net_esd.py`), choose devices or GPUs, write result
 files, or hold a whole model in memory (one exception, documented at
@@ -39,133 +42,25 @@ Decisions:
 """
 from __future__ import annotations
 
-import errno
-from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from esd.failures import ESDFailure
-from esd.loading.formats import (check_not_quantized, find_weights, is_adapter_dir, open_weights,
-                                 plan_reads)
-from esd.loading.hub import (download_snapshot, hub_cache_dir, install_into_hub_cache,
-                             remote_weights, looks_like_hub_id)
+from esd.loading.formats import open_weights, plan_reads
+from esd.loading.hub import install_into_hub_cache
 from esd.loading.deltas import iter_delta_layers
 from esd.loading.layers import distinct_layers, plan_layers
 from esd.loading.lora import (adapter_update_unsupported, iter_adapter_layers,  # noqa: F401
-                              iter_adapter_updates, resolve_adapter)
-from esd.loading.log import Warn, iter_with_warnings_to, logger, warnings_to
-from esd.loading.resolved import CONFIG_FILE, ResolvedModel
-from esd.model_list import ModelEntry, RevisionConflict, relation_says_adapter, split_revision
+                              iter_adapter_updates)
+from esd.loading.log import Warn, iter_with_warnings_to
+from esd.loading.resolve import resolve_adapter, resolve_model  # noqa: F401 - torch-free, re-exported
+from esd.loading.resolved import ResolvedModel
 from esd.schema import LAYER_MODES
 
 __all__ = ["ResolvedModel", "install_into_hub_cache", "iter_layers", "resolve_model"]
 
 PlanCounts = Callable[[dict], None]   # iter_layers' on_plan: {mode: layers it yields}
-
-
-def resolve_model(model_id: "str | ModelEntry", revision: str | None = None,
-                  source_model: str | None = None,
-                  base_model_relation: str | None = None, *, trust_remote_code: bool = False,
-                  cache_dir: str | None = None, warn: Warn | None = None) -> ResolvedModel:
-    """Resolve a model (a `ModelEntry`, the form the model list and the worker hold, or an id
-    — local dir, `org/name`, `org/name@rev` — with the entry's fields as keywords) to files;
-    for an adapter, also resolve its base (the entry's base → `base_model_name_or_path` in
-    adapter_config.json). Downloads only what is needed, or reads the cache when offline.
-    Warnings go to the `model_loader` logger, or to `warn` when given (also those of
-    `iter_layers` on the result)."""
-    entry = model_id if isinstance(model_id, ModelEntry) else \
-        _entry_of(model_id, revision, source_model, base_model_relation)
-    with warnings_to(warn):
-        resolved = _resolve(entry, trust_remote_code, cache_dir, as_base=False)
-    return replace(resolved, warn=warn)
-
-
-def _entry_of(model_id: str, revision: str | None, source_model: str | None,
-              base_model_relation: str | None) -> ModelEntry:
-    """The entry of the keyword form (no local lookup: the id is read as written)."""
-    if not isinstance(model_id, str) or not model_id.strip():
-        raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
-    try:
-        model_id, revision = split_revision(model_id, revision)
-    except RevisionConflict as exc:
-        raise ESDFailure("resolve", "invalid_id", str(exc)) from None
-    return ModelEntry(model_id, revision, source_model or None, base_model_relation)
-
-
-def _resolve(entry: ModelEntry, trust_remote_code: bool, cache_dir: str | None,
-             as_base: bool) -> ResolvedModel:
-    """resolve_model's work; as the base of an adapter (`as_base`), an adapter directory is
-    returned unresolved (marked `is_adapter`) instead of resolving its own base."""
-    relation = entry.base_model_relation
-    try:
-        resolved = _locate(entry, trust_remote_code, cache_dir)
-        hint_adapter = relation_says_adapter(relation)
-        if is_adapter_dir(resolved.local_dir):
-            if as_base:
-                return replace(resolved, is_adapter=True)
-            if relation and not hint_adapter:
-                logger.warning(f"{resolved.model_id}: base_model_relation="
-                               f"{relation!r} but the files are an adapter "
-                               "(adapter_config.json); merging it into its base")
-
-            def resolve_base(base: ModelEntry) -> ResolvedModel:
-                return _resolve(base, trust_remote_code, cache_dir, as_base=True)
-            return resolve_adapter(resolved, resolve_base)
-        if hint_adapter:
-            logger.warning(f"{resolved.model_id}: base_model_relation={relation!r} "
-                           "but there is no adapter_config.json + adapter_model.*; analysing it "
-                           "as a full model")
-        return _with_weights(resolved)
-    except OSError as exc:      # unreadable folders (/proc, permissions), over-long names
-        raise _os_failure(exc, entry.local_dir or entry.model_id) from None
-
-
-def _os_failure(exc: OSError, model_id) -> ESDFailure:
-    where = exc.filename or model_id
-    if exc.errno == errno.ENAMETOOLONG:
-        return ESDFailure("resolve", "invalid_id", f"{model_id!r}: a name in it is too long "
-                          f"for the file system ({len(str(where))} characters)")
-    if isinstance(exc, PermissionError):
-        return ESDFailure("load", "permission_denied", f"{model_id}: cannot read {where}: "
-                          "permission denied")
-    return ESDFailure("load", "unreadable", f"{model_id}: cannot read {where}: "
-                      f"{exc.strerror or exc}")
-
-
-def _locate(entry: ModelEntry, trust_remote_code: bool, cache_dir: str | None) -> ResolvedModel:
-    """The directory an entry names: a local directory, or the hub snapshot of `org/name@rev`."""
-    model_id, revision = entry.local_dir or entry.model_id, entry.revision
-    if not model_id.strip():
-        raise ESDFailure("resolve", "invalid_id", f"empty model id: {model_id!r}")
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        if revision:
-            logger.warning(f"{model_id}: local directory, revision {revision!r} ignored")
-        return ResolvedModel(entry, local, trust_remote_code=trust_remote_code)
-    if local.is_file() or model_id.startswith(("/", "./", "../", "~")) or model_id.count("/") > 1:
-        raise ESDFailure("resolve", "repo_not_found", f"{model_id}: no such local directory "
-                         "(and not a hub id `org/name`)")
-    if not looks_like_hub_id(model_id):
-        raise ESDFailure("resolve", "invalid_id", f"{model_id!r} is neither a local directory "
-                         "nor a hub id `org/name`")
-    snapshot = download_snapshot(model_id, revision or "main", hub_cache_dir(cache_dir),
-                                 trust_remote_code)
-    return ResolvedModel(entry, snapshot, revision or "main", commit=snapshot.name,
-                         trust_remote_code=trust_remote_code)
-
-
-def _with_weights(resolved: ResolvedModel) -> ResolvedModel:
-    """A full model: its weight files and config.json (refusing quantized checkpoints)."""
-    weights_dir, files = remote_weights(resolved.local_dir) or \
-        find_weights(resolved.local_dir)    # remote: weights streamed (--stream)
-    config_path = next((candidate for candidate in (weights_dir / CONFIG_FILE,
-                                                    resolved.local_dir / CONFIG_FILE)
-                        if candidate.is_file()), None)
-    check_not_quantized(config_path)
-    return replace(resolved, weights_dir=weights_dir, weight_files=tuple(files),
-                   config_path=config_path)
 
 
 def iter_layers(resolved: ResolvedModel, *, warn: Warn | None = None, mode: str = "weights",

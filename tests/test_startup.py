@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("module", ["run_esd_experiment", "analyze_results", "create_model_list",
-                                    "esd_worker", "esd_api", "esd.settings", "esd.options"])
+                                    "esd_worker", "esd_api", "esd.settings", "esd.options",
+                                    "esd.loading.resolve"])
 def test_importing_a_command_loads_no_torch(module):
     code = (f"import sys, {module}; "
             "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "

@@ -1,7 +1,7 @@
-"""Adapters: resolving an adapter's base, and merging the adapter into it layer by layer.
+"""Adapters: merging an adapter into its base layer by layer (its base is chosen at
+resolution, `esd.loading.resolve.resolve_adapter`).
 
-Owns: reading adapter_config.json and choosing the base (`source_model` argument →
-`base_model_name_or_path`; `resolve_adapter`), LoRA scaling with rank/alpha patterns and
+Owns: LoRA scaling with rank/alpha patterns and
 rsLoRA, checking every adapter tensor's name and shape against the base before anything is
 merged (`_plan_adapter`), the streaming merge ΔW = B @ A · scaling in float32 for plain LoRA
 on Linear / Conv1D / Embedding, modules_to_save and saved embedding layers
@@ -18,90 +18,20 @@ or approximate a merge peft would do differently.
 from __future__ import annotations
 
 import math
-import os
 import re
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from esd.failures import ESDFailure
 from esd.loading.checkpoint import FileCheckpoint, TensorSource
-from esd.loading.formats import read_json
 from esd.loading.formats import open_weights, plan_reads
 from esd.loading.layers import (KeyMatcher, build_model, distinct_layers, load_config,
                                 module_layer_type, plan_layers, rule_layer_type)
 from esd.loading.log import logger
-from esd.loading.resolved import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHT_FILES, ResolvedModel
-from esd.model_list import ModelEntry, RevisionConflict, split_revision
+from esd.loading.resolved import ADAPTER_CONFIG_FILE, ResolvedModel
 from esd.schema import LAYER_MODES
 
-
-# --------------------------------------------------------------------------- the base
-
-def resolve_adapter(resolved: ResolvedModel,
-                    resolve_base: Callable[[ModelEntry], ResolvedModel]) -> ResolvedModel:
-    """`resolved` (a directory with adapter files) as an adapter with its base resolved by
-    `resolve_base(entry)`, which must not resolve adapters in turn: a base that is an adapter
-    (itself, a stack, a cycle A→B→A) is `adapter_unsupported`."""
-    adapter_config = read_json(resolved.local_dir / ADAPTER_CONFIG_FILE, stage="resolve")
-    adapter = replace(resolved, is_adapter=True, adapter_config=adapter_config,
-                      weights_dir=resolved.local_dir,
-                      weight_files=tuple(resolved.local_dir / n for n in ADAPTER_WEIGHT_FILES
-                                         if (resolved.local_dir / n).is_file())[:1])
-    base_id, base_entry = _base_entry(adapter)
-    try:
-        if isinstance(base_entry, ESDFailure):   # `b@v1` and another `revision` in the config
-            raise base_entry
-        base = resolve_base(base_entry)
-    except ESDFailure as failure:
-        if failure.retryable:
-            failure.message = f"base {base_id} of adapter {resolved.model_id}: {failure.message}"
-            raise
-        raise ESDFailure("resolve", "adapter_base_unresolved",
-                         f"{resolved.model_id}: base model {base_id!r} cannot be resolved: "
-                         f"{failure.reason}: {failure.message}") from None
-    if base.local_dir.resolve() == resolved.local_dir.resolve():
-        raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
-                         f"{base_id!r} is the adapter itself")
-    if base.is_adapter:
-        raise ESDFailure("resolve", "adapter_unsupported", f"{resolved.model_id}: its base "
-                         f"{base_id!r} is an adapter too (stacked adapters are not merged)")
-    return replace(adapter, base=base)
-
-
-def _base_entry(resolved: ResolvedModel) -> tuple[str, ModelEntry | ESDFailure]:
-    """(base as named, its entry): the entry's base (the model list's `source_model`), else
-    adapter_config.json's `base_model_name_or_path` (a relative path taken against the
-    adapter's directory) and `revision`; an `invalid_id` failure where those two disagree."""
-    config = resolved.adapter_config or {}
-    config_base = config.get("base_model_name_or_path") or None
-    if config_base is not None and not isinstance(config_base, str):
-        raise ESDFailure("resolve", "corrupt_file", f"{resolved.model_id}: "
-                         f"{ADAPTER_CONFIG_FILE}: base_model_name_or_path is not text")
-    named = resolved.entry.base
-    if named is not None:
-        source_model = resolved.entry.source_model
-        if config_base and named.model_id != config_base:
-            logger.warning(f"{resolved.model_id}: source_model {source_model!r} differs from the "
-                           f"adapter's base_model_name_or_path {config_base!r}; using "
-                           f"{source_model!r}")
-        return source_model, named
-    if not config_base:
-        raise ESDFailure("resolve", "adapter_base_unresolved",
-                         f"{resolved.model_id}: adapter without a base: no source_model given and "
-                         "no base_model_name_or_path in adapter_config.json")
-    beside = Path(config_base).expanduser()
-    if not beside.is_absolute() and (resolved.local_dir / beside).is_dir():
-        config_base = os.path.normpath(resolved.local_dir / beside)
-    try:
-        return config_base, ModelEntry(*split_revision(config_base, config.get("revision") or None))
-    except RevisionConflict as exc:
-        return config_base, ESDFailure("resolve", "invalid_id", str(exc))
-
-
-# --------------------------------------------------------------------------- planning
 
 _PEFT_ONLY_FIELDS = ("use_dora", "lora_bias", "target_parameters", "layer_replication",
                      "trainable_token_indices", "alora_invocation_tokens", "use_bdlora",
