@@ -40,6 +40,9 @@ from typing import Callable, Iterable
 LAYER_LINE = re.compile(rb"layer\s+(\d+)(?:\s*/\s*(\d+))?")
 TRANSFER_LINE = re.compile(rb"(downloaded|streamed) \S+: ([\d.]+) of ([\d.]+) MB at ([\d.]+) MB/s")
 PROGRESS_LINE = re.compile(rb"^[ \t]*(?:layer|bytes)[ \t]+\d+|\d[\d.]*[ \t]*[kKMGT]?i?B/s\b", re.MULTILINE)
+# A worker's last line: how long it held its slot and how much of that it waited for bytes
+# (downloading in the slot); read by the supervisor for the run's compute-vs-wait share.
+SLOT_LINE = re.compile(rb"^slot: ([\d.]+)s, waiting for bytes ([\d.]+)s$", re.MULTILINE)
 TRANSFER_EVERY_S = 2.0           # a worker prints how far a download or stream is this often
 MAX_KEY_CHARS = 40               # a running model's id is shown by its last characters
 LOG_TAIL_BYTES = 8192            # a worker's current layer is in the last few lines of its log
@@ -161,6 +164,18 @@ class TransferLines:
         self._write(f"  {verb} {repo_id}: {done / 1e6:.1f} of {of} MB at {rate:.1f} MB/s")
 
 
+def slot_line(held_s: float, waited_s: float) -> str:
+    """The worker's last line (`SLOT_LINE`): its slot time and the part spent waiting for bytes."""
+    return f"slot: {held_s:.2f}s, waiting for bytes {min(waited_s, held_s):.2f}s"
+
+
+def slot_times(log_path) -> tuple[float, float] | None:
+    """(slot seconds, waiting seconds) of the last `SLOT_LINE` of a worker log; None if none."""
+    tail = _log_tail(log_path)
+    found = list(SLOT_LINE.finditer(tail)) if tail is not None else []
+    return (float(found[-1].group(1)), float(found[-1].group(2))) if found else None
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
@@ -182,6 +197,7 @@ class RunProgress:
         self.started = self.last_status = self.last_line = time.monotonic()
         self._running: Running = lambda: ()
         self._waiting: Waiting = lambda: []
+        self._stages = None          # the download stage's `stages()`, when the run has one
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,10 +211,13 @@ class RunProgress:
             self.status = tqdm(total=0, bar_format="{desc}", file=self.stream, position=1, leave=False)
 
     # ------------------------------------------------------------ what the run tells us
-    def follow(self, running: Running | None = None, waiting: Waiting | None = None) -> "RunProgress":
-        """Start redrawing every `tick_s`, asking `running()` and `waiting()` each time."""
+    def follow(self, running: Running | None = None, waiting: Waiting | None = None,
+               stages=None) -> "RunProgress":
+        """Start redrawing every `tick_s`, asking `running()` and `waiting()` each time (and
+        `stages()`, the download stage's `Stages`, when the run downloads ahead of its slots)."""
         self._running = running or self._running
         self._waiting = waiting or self._waiting
+        self._stages = stages or self._stages
         if self.total and self._thread is None:
             self._thread = threading.Thread(target=self._tick_until_closed, daemon=True,
                                             name="esd-progress")
@@ -263,6 +282,7 @@ class RunProgress:
         try:
             running = sorted(self._running(), key=lambda item: item[1])
             waiting = list(self._waiting())
+            stages = self._stages() if self._stages is not None else None
         except Exception:  # noqa: BLE001 - a display must never stop the run
             return ""
         for key, _, _ in running:   # the backend names our own jobs in full: shorten them too
@@ -274,7 +294,9 @@ class RunProgress:
                 layer = current_activity(log_path)
                 detail = ", ".join(x for x in (layer, format_duration(now - started)) if x)
                 shown.append(f"{_clip_left(str(key), MAX_KEY_CHARS)} ({detail})")
-            parts.append("running: " + ", ".join(shown))
+            parts.append((f"{stages.text()}: " if stages is not None else "running: ") + ", ".join(shown))
+        elif stages is not None:
+            parts.append(stages.text())
         if waiting:
             parts.append("waiting: " + "; ".join(waiting))
         return " | ".join(parts)

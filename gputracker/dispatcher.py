@@ -57,6 +57,8 @@ NO_PIDFD_REAP_INTERVAL_S = 0.05  # child polling period where pidfd_open is miss
 @dataclass
 class Job:
     """One command to run. ``not_before`` is a ``time.monotonic()`` instant (retry backoff);
+    ``ready``, when given, is asked before launching: the job waits in the queue until it
+    returns True (e.g. while its inputs are fetched; whoever makes it true calls ``wake``);
     ``log_path=None`` lets the child write to the dispatcher's own stdout/stderr."""
 
     job_id: str
@@ -65,6 +67,10 @@ class Job:
     timeout_s: float | None = None
     env: dict | None = None
     not_before: float = 0.0
+    ready: Callable[[], bool] | None = None
+
+    def is_ready(self, now: float) -> bool:
+        return self.not_before <= now and (self.ready is None or bool(self.ready()))
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,7 @@ class Dispatcher:
         self._results: list[JobResult] = []
         self._stop_requests = 0  # plain int: request_stop must be safe in a signal handler
         self._cancel_requests: set[str] = set()  # job ids to terminate (``cancel``)
+        self._withdrawals: dict[str, tuple] = {}  # queued job id -> how it ended elsewhere (``withdraw``)
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._next_poll_mono = 0.0
@@ -250,6 +257,20 @@ class Dispatcher:
             self._cancel_requests.add(job_id)
         self._wake()
 
+    def withdraw(self, job_id: str, returncode: int, start_time: float | None = None,
+                 end_time: float | None = None) -> None:
+        """End the queued job ``job_id`` without launching it: what it waited for failed
+        with ``returncode`` (between ``start_time`` and ``end_time``). Its result reaches
+        ``on_job_end`` from the dispatch thread like any other. Safe from any thread; a job
+        that is no longer queued is left alone."""
+        with self._queue_lock:
+            self._withdrawals[job_id] = (returncode, start_time, end_time)
+        self._wake()
+
+    def wake(self) -> None:
+        """Look at the queue again now (a job's ``ready`` became true). Safe from any thread."""
+        self._wake()
+
     def run(self, jobs: list[Job] | tuple[Job, ...] = ()) -> list[JobResult]:
         """Run ``jobs`` (and anything submitted meanwhile) until the queue is empty and no
         job runs, or until stopped. Returns every result of this call, in end order; jobs
@@ -271,6 +292,7 @@ class Dispatcher:
                 if self._stop_requests and not self._stopping:
                     self._begin_stop(now)
                 self._reap(selector)
+                self._end_withdrawn()
                 self._tend_running(time.monotonic())
                 if not self._stopping:
                     now = time.monotonic()
@@ -313,7 +335,7 @@ class Dispatcher:
         if not queued:
             return []
         reasons = []
-        ready = sum(job.not_before <= now for job in queued)
+        ready = sum(job.is_ready(now) for job in queued)
         if ready:
             if self.mode == "cpu":
                 reasons.append(f"{ready} queued: all {self.cpu_slots} CPU slot(s) busy")
@@ -322,6 +344,9 @@ class Dispatcher:
         for job in queued:
             if job.not_before > now:
                 reasons.append(f"{job.job_id}: retry in {job.not_before - now:.0f} s")
+        waiting_inputs = sum(job.not_before <= now and not job.is_ready(now) for job in queued)
+        if waiting_inputs:
+            reasons.append(f"{waiting_inputs} waiting for their inputs")
         return reasons
 
     def _gpu_reason(self, gpu: int, state: _GpuState) -> str:
@@ -371,6 +396,21 @@ class Dispatcher:
     def _has_queued(self) -> bool:
         with self._queue_lock:
             return bool(self._queue)
+
+    def _end_withdrawn(self) -> None:
+        """Queued jobs ``withdraw`` ended: out of the queue, their results reported."""
+        with self._queue_lock:
+            if not self._withdrawals:
+                return
+            requests, self._withdrawals = self._withdrawals, {}
+            ended = [q for q in self._queue if q.job.job_id in requests]
+            for queued in ended:
+                self._queue.remove(queued)
+        for queued in ended:
+            job = queued.job
+            returncode, start_time, end_time = requests[job.job_id]
+            self._finish_result(JobResult(job.job_id, list(job.argv), returncode, (), start_time, end_time,
+                                          0.0, False, False, job.log_path))
 
     def _drop_queue(self) -> None:
         with self._queue_lock:
@@ -422,7 +462,7 @@ class Dispatcher:
     def _next_eligible(self, now: float) -> _Queued | None:
         with self._queue_lock:
             for queued in self._queue:
-                if queued.job.not_before <= now:
+                if queued.job.is_ready(now):
                     return queued
         return None
 

@@ -107,6 +107,7 @@ class LoggedRequest:
     status: int = 0
     time: float = 0.0
     body_bytes_sent: int = 0   # of a file body: how much the client actually took
+    ended: float | None = None  # when a file body was sent whole
 
     @property
     def token(self) -> str | None:
@@ -578,6 +579,7 @@ def _make_handler(hub: HubServer, role: str):
                 self.wfile.write(piece)
                 sent += len(piece)
                 self.entry.body_bytes_sent = sent
+            self.entry.ended = time.time()
 
     return Handler
 

@@ -301,3 +301,39 @@ def test_submit_rejects_a_command_string_because_no_shell_is_used(tmp_path, fake
     d = make_dispatcher(tmp_path)
     with pytest.raises(TypeError, match="shlex.split"):
         d.submit(Job("s", "python -c pass", tmp_path / "s.log"))
+
+
+def test_a_job_whose_inputs_are_not_ready_waits_in_the_queue_and_starts_once_woken(tmp_path, jobs, fake_gpus):
+    fake_gpus([{"used_mb": 0}])
+    inputs = threading.Event()
+    d = make_dispatcher(tmp_path, max_check=1, poll_interval_s=30.0)   # no poll wakes it: only `wake`
+    opened = []
+
+    def open_inputs():
+        time.sleep(0.5)
+        assert "gated" not in jobs.records()        # not launched while its inputs are missing
+        assert "1 waiting for their inputs" in d.waiting_reasons()
+        opened.append(time.time())
+        inputs.set()
+        d.wake()
+
+    threading.Thread(target=open_inputs).start()
+    results = d.run([Job("gated", jobs.argv("gated", sleep_s=0), tmp_path / "g.log", ready=inputs.is_set)])
+
+    assert [r.returncode for r in results] == [0]
+    assert results[0].start_time >= opened[0]
+
+
+def test_a_withdrawn_queued_job_ends_with_the_given_status_and_never_runs(tmp_path, jobs, fake_gpus):
+    fake_gpus([{"used_mb": 0}])
+    ended = []
+    d = make_dispatcher(tmp_path, max_check=1, on_job_end=ended.append)
+    never = threading.Event()
+    threading.Thread(target=lambda: (time.sleep(0.3), d.withdraw("w", 75, 1.0, 2.0))).start()
+    results = d.run([Job("w", jobs.argv("w", sleep_s=0), tmp_path / "w.log", ready=never.is_set),
+                     Job("x", jobs.argv("x", sleep_s=0), tmp_path / "x.log")])
+
+    by_id = {r.job_id: r for r in results}
+    assert by_id["w"].returncode == 75 and (by_id["w"].start_time, by_id["w"].end_time) == (1.0, 2.0)
+    assert not by_id["w"].interrupted and "w" not in jobs.records()
+    assert by_id["x"].returncode == 0 and [r.job_id for r in ended] == [r.job_id for r in results]

@@ -209,7 +209,9 @@ def test_the_hub_gone_mid_run_is_retryable_and_the_rerun_completes(hub, tmp_path
 
     stopper = threading.Thread(target=stop_after_first_result)
     stopper.start()
-    result, out = run_experiment(hub, tmp_path, rows, "--cpu_workers", "1", "--max_retries", "0")
+    # --downloads 0: the second model's worker downloads it (the stage would have it already)
+    result, out = run_experiment(hub, tmp_path, rows, "--cpu_workers", "1", "--max_retries", "0",
+                                 "--downloads", "0")
     stopper.join()
     assert result.returncode == 1
     (failed,) = failures(out).values()

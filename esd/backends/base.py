@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
 
@@ -39,6 +39,8 @@ class Task:
     attempt: int = 1               # 1 for the first run, 2 for the first retry, ...
     delay_s: float = 0.0           # do not start before this many seconds from now (backoff)
     env: tuple[tuple[str, str], ...] = ()  # extra environment variables of the worker
+    # not started before ready() is true (its model's files are being downloaded: esd/download_stage.py)
+    ready: Callable[[], bool] | None = field(default=None, compare=False)
 
 
 class Ending(enum.Enum):

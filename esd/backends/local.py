@@ -40,6 +40,8 @@ class LocalBackend(Backend):
         self._dispatcher = None
         self._cancelled: set[str] = set()
         self._ran_any = False
+        self._lock = threading.Lock()      # the dispatcher appearing vs `withdraw` from other threads
+        self._early: list[tuple] = []      # withdrawn before the dispatcher existed
 
     def _env(self, task: Task) -> dict:
         env = dict(task.env)
@@ -52,7 +54,7 @@ class LocalBackend(Backend):
         import gputracker
         return gputracker.Job(job_id=task.key, argv=[self.python, str(self.worker_script), *task.argv],
                               log_path=task.log_path, timeout_s=task.timeout_s, env=self._env(task),
-                              not_before=time.monotonic() + task.delay_s)
+                              not_before=time.monotonic() + task.delay_s, ready=task.ready)
 
     def run(self, tasks: Sequence[Task], hooks: Hooks) -> None:
         import gputracker
@@ -89,7 +91,11 @@ class LocalBackend(Backend):
         ticker = threading.Thread(target=_tick, args=(hooks, stop_ticking), daemon=True,
                                   name="esd-watchdog")
         with dispatcher:
-            self._dispatcher = dispatcher
+            with self._lock:
+                self._dispatcher = dispatcher
+                for early in self._early:
+                    dispatcher.withdraw(*early)
+                self._early.clear()
             ticker.start()
             try:
                 with gputracker.install_signal_handlers(dispatcher):
@@ -102,7 +108,8 @@ class LocalBackend(Backend):
             finally:
                 stop_ticking.set()
                 ticker.join()
-                self._dispatcher = None
+                with self._lock:
+                    self._dispatcher = None
                 self._ran_any = bool(tasks)
                 self._metrics = dispatcher.metrics()
 
@@ -111,6 +118,22 @@ class LocalBackend(Backend):
         if dispatcher is not None:
             self._cancelled.add(key)
             dispatcher.cancel(key)
+
+    def wake(self) -> None:
+        """A queued task's `ready` became true: look at the queue now (any thread)."""
+        dispatcher = self._dispatcher
+        if dispatcher is not None:
+            dispatcher.wake()
+
+    def withdraw(self, key: str, returncode: int, start_time: float | None = None,
+                 end_time: float | None = None) -> None:
+        """End the queued task `key` without starting it: what it waited for ended with
+        `returncode` (reported through `on_end` like a worker's end; any thread)."""
+        with self._lock:
+            if self._dispatcher is None:
+                self._early.append((key, returncode, start_time, end_time))
+                return
+            self._dispatcher.withdraw(key, returncode, start_time, end_time)
 
     def waiting_reasons(self) -> list[str]:
         dispatcher = self._dispatcher

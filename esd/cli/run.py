@@ -115,6 +115,13 @@ class ExperimentConfig(WorkerOptions):
         None, "GPU indices that may be used, or 'none' for CPU (all NVML sees)", type=str, nargs="+",
         parse=_parse_gpus, record=_gpus_record)
     cpu_workers: int = option(1, "concurrent workers on CPU (%(default)s)")
+    downloads: int = option(
+        1, "models downloaded at once ahead of the GPU/CPU slots, in list order: a slot is given "
+        "to a model once its files are in the hub cache (%(default)s; 0: each worker downloads "
+        "its model in its slot; not with --stream or --backend slurm)")
+    download_ahead: int = option(
+        2, "at most this many models downloaded or downloading that no slot has taken yet "
+        "(%(default)s)")
     num_gpus_per_job: int = option(1, "GPUs per model (%(default)s)")
     gpu_memory_threshold: int = option(  # MB
         500, "a GPU is free while its used memory stays under this many MB (%(default)s)")
@@ -144,6 +151,7 @@ class ExperimentConfig(WorkerOptions):
     def validate(self) -> None:
         self.esd.validate()
         positive = {"cpu_workers": self.cpu_workers, "num_gpus_per_job": self.num_gpus_per_job,
+                    "download_ahead": self.download_ahead,
                     "max_check": self.max_check, "slurm_array_parallelism": self.slurm_array_parallelism}
         for name, value in positive.items():
             if value is not None and value < 1:
@@ -153,6 +161,7 @@ class ExperimentConfig(WorkerOptions):
         if not 0 < self.status_interval < math.inf:
             raise ConfigError(f"--status_interval must be a number of seconds > 0, got {self.status_interval}")
         non_negative = {"gpu_memory_threshold": self.gpu_memory_threshold, "max_retries": self.max_retries,
+                        "downloads": self.downloads,
                         "retry_backoff": self.retry_backoff}
         for name, value in non_negative.items():
             if not 0 <= value < math.inf:  # also refuses nan
@@ -360,9 +369,30 @@ def make_backend(config: ExperimentConfig) -> Backend:
         raise ConfigError(f"{config.backend}: {exc}") from None
 
 
+def has_hub_files(entry: ModelEntry) -> bool:
+    """Its worker may download: a hub id, a hub base, or a local adapter (its base may be a hub id)."""
+    if not entry.is_local:
+        return True
+    if entry.base is not None:
+        return not entry.base.is_local
+    return (Path(entry.local_dir or entry.model_id).expanduser() / "adapter_config.json").is_file()
+
+
+def with_download_stage(backend: Backend, plan: Plan, config: ExperimentConfig) -> Backend:
+    """The local backend in cache and bounded modes gets its slots' models downloaded ahead
+    (esd/download_stage.py); streaming workers read while they compute, and a Slurm array's
+    nodes download for themselves."""
+    if config.backend != "local" or config.stream or not config.downloads:
+        return backend
+    from esd.download_stage import DownloadStage
+    hub_keys = {entry.key for entry in plan.pending if has_hub_files(entry)}
+    return DownloadStage(backend, downloads=config.downloads, ahead=config.download_ahead,
+                         fetch=lambda task: task.key in hub_keys, worker_script=WORKER_SCRIPT)
+
+
 def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
     """Hand the plan's tasks to the backend under the run's policy (retries, limits)."""
-    backend = make_backend(config)
+    backend = with_download_stage(make_backend(config), plan, config)
     policy = Policy(max_retries=config.max_retries, retry_backoff_s=config.retry_backoff,
                     timeout_s=config.timeout, stall_timeout_s=config.stall_timeout)
     progress = (RunProgress(len(plan.pending), done_before=len(plan.done), log=log,
@@ -378,7 +408,8 @@ def run_tasks(plan: Plan, config: ExperimentConfig) -> Outcome:
         else:
             supervisor = Supervisor(backend, config.output_dir, policy, progress)
         if progress is not None:  # the bar ticks, names running models and why others wait
-            progress.follow(running=supervisor.running_tasks, waiting=backend.waiting_reasons)
+            progress.follow(running=supervisor.running_tasks, waiting=backend.waiting_reasons,
+                            stages=getattr(backend, "stages", None))
         return supervisor.run(plan_tasks(plan, config))
     except BackendError as exc:  # sbatch missing or refusing, --gpus 7 on a 2-GPU machine, ...
         raise ConfigError(f"{config.backend}: {exc}") from exc
@@ -437,6 +468,8 @@ def report(plan: Plan, outcome: Outcome, elapsed: float, summary: Path | None, c
         by_reason[reason] = by_reason.get(reason, 0) + 1
     for reason, count in sorted(by_reason.items(), key=lambda kv: -kv[1]):
         log.info("  failed %-40s %d", reason, count)
+    if outcome.slot_s > 0:
+        log.info("slots:    %s", outcome.slot_text())
     if outcome.failed:
         log.info("failures: %s", config.output_dir / "failed_models.txt")
     if page is not None:

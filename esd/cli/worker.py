@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +44,7 @@ from esd.failures import ESDFailure, clear_failure, failure_recorded_since, reco
 from esd.model_list import (ENTRY_FLAGS, ModelEntry, RevisionConflict, add_entry_flags, entry_argv,
                             entry_from_args, record_result_file, unsafe_characters)
 from esd.options import add_options, option, options_argv, options_from_args
-from esd.progress import TransferLines
+from esd.progress import TransferLines, slot_line
 from esd.schema import LAYER_MODES, layer_mode_of
 from esd.settings import (ESDSettings, WorkerOptions, add_esd_arguments,  # noqa: F401 - re-exported
                           esd_argv, esd_settings_from_args)
@@ -62,7 +62,11 @@ class WorkerConfig(WorkerOptions):
     esd: ESDSettings
     device: str = option("auto", "where eigenvalues are computed (auto: cuda when visible)",
                          choices=("auto", "cpu", "cuda"))
+    fetch_only: bool = option(False, "only download the model's files (an adapter's or, with "
+                              "--delta_from_base, a fine-tune's base too) into the hub cache; "
+                              "the orchestrator's download stage runs this")
     log_path: Path | None = None   # Slurm manifest task: send our output there
+    started: float = field(default_factory=time.time)   # the process's start: its slot time
 
 
 def worker_argv(entry: ModelEntry, output_dir, esd: ESDSettings,
@@ -387,6 +391,8 @@ def run_worker(config: WorkerConfig) -> int:
             print(f"{entry.key}: FAILED meanwhile in another worker: {earlier.stage}/{earlier.reason}: "
                   f"{earlier.message}", flush=True)
             return EXIT_RETRYABLE if earlier.retryable else EXIT_FAILED
+        if config.fetch_only:
+            return fetch_files(config)
         started = time.time()
         from esd.loading.hub import hub_session
         from esd.loading.plans import use_plan_cache
@@ -394,7 +400,7 @@ def run_worker(config: WorkerConfig) -> int:
         try:
             eigs = {} if config.save_eigs else None
             with hub_session(entry.key, ledger=download_ledger(config), stream=config.stream,
-                             report=TransferLines(lambda line: print(line, flush=True))):
+                             report=TransferLines(lambda line: print(line, flush=True))) as session:
                 frame = compute_model_metrics(entry, config.esd, device=config.device,
                                               trust_remote_code=config.trust_remote_code, eigs_out=eigs,
                                               progress=_print_layer_done, note=_print_note)
@@ -405,6 +411,29 @@ def run_worker(config: WorkerConfig) -> int:
             return EXIT_RETRYABLE if record.retryable else EXIT_FAILED
     clear_failure(config.output_dir, entry.key)
     print(f"{entry.key}: {_rows_said(frame)} in {time.time() - started:.1f}s -> {out}", flush=True)
+    print(slot_line(time.time() - config.started, session.waited_s), flush=True)
+    return EXIT_OK
+
+
+def fetch_files(config: WorkerConfig) -> int:
+    """`--fetch_only`: the files this model's worker will read, into the hub cache — the
+    model's, an adapter's base's, with --delta_from_base a fine-tune's base's — and nothing
+    else (no tensor read, no torch imported). Under --disk_budget they stay on the run's
+    ledger for the model's worker, which releases them when its CSV is written."""
+    from esd.loading.hub import hub_session
+    from esd.loading.resolve import resolve_model
+    entry, started = config.entry, time.time()
+    try:
+        with hub_session(entry.key, ledger=download_ledger(config), keep=True,
+                         report=TransferLines(lambda line: print(line, flush=True))):
+            resolved = resolve_model(entry, trust_remote_code=config.trust_remote_code, warn=log.warning)
+            if config.esd.delta_from_base and entry.base is not None and not resolved.is_adapter:
+                resolve_model(entry.base, trust_remote_code=config.trust_remote_code, warn=log.warning)
+    except ESDFailure as failure:
+        record = record_failure(config.output_dir, entry.key, failure)
+        print(f"{entry.key}: FAILED {failure} (retryable: {record.retryable})", flush=True)
+        return EXIT_RETRYABLE if record.retryable else EXIT_FAILED
+    print(f"{entry.key}: files in the cache ({time.time() - started:.1f}s)", flush=True)
     return EXIT_OK
 
 

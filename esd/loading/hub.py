@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,12 +240,14 @@ class HubSession:
     """How one worker uses the hub: who it is (the model key), the run's download ledger
     (None: downloads stay in the cache; it refuses a download larger than the budget), and
     whether weights are streamed; `report(verb, repo_id, bytes so far, total bytes)` is told
-    how far a download or stream is. `remote`: snapshot dir → (repo, commit, streamed files)."""
+    how far a download or stream is. `remote`: snapshot dir → (repo, commit, streamed files);
+    `waited_s`: seconds spent downloading files (the model's slot waiting for bytes)."""
     user: str = ""
     ledger: object | None = None          # esd.disk_budget.DownloadLedger, given by the worker
     stream: bool = False
     report: Callable[[str, str, int, int | None], None] | None = None
     remote: dict[Path, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
+    waited_s: float = 0.0
 
 
 _ACTIVE: list[HubSession] = []
@@ -256,12 +259,13 @@ def current_session() -> HubSession:
 
 
 @contextlib.contextmanager
-def hub_session(user: str, *, ledger=None, stream: bool = False, report=None):
+def hub_session(user: str, *, ledger=None, stream: bool = False, report=None, keep: bool = False):
     """The worker's hub session around resolving, analysing and saving one model. With a
     `ledger` (the worker's `DownloadLedger`, under `--disk_budget` or `--stream`), every
     download is recorded before it starts; on a normal exit (the CSV written) and on a final
     failure, what this model downloaded and no other model needs is deleted; a retryable
-    failure keeps it for the retry. `report` (see `HubSession`) hears of bytes moved."""
+    failure keeps it for the retry. `keep`: a normal exit keeps the downloads for the model's
+    worker (the download stage's fetch). `report` (see `HubSession`) hears of bytes moved."""
     session = HubSession(user, ledger, stream, report)
     _ACTIVE.append(session)
     try:
@@ -279,7 +283,8 @@ def hub_session(user: str, *, ledger=None, stream: bool = False, report=None):
     else:
         if ledger is not None:
             ledger.release_all_holds()
-            ledger.release(user)
+            if not keep:
+                ledger.release(user)
     finally:
         _ACTIVE.remove(session)
 
@@ -339,7 +344,10 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
         session.ledger.hold(repo_id, listing.commit)
     meter = None if session.report is None else _byte_meter(
         session.report, repo_id, sum(listing.sizes.get(n, 0) for n in fetch if n not in have))
+    started = time.monotonic()
     snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch, meter)
+    if any(n not in have for n in fetch):
+        session.waited_s += time.monotonic() - started
     _remember_ref(cache, repo_id, revision, listing.commit)
     if session.ledger is not None:
         session.ledger.downloaded(repo_id, listing.commit)
