@@ -32,8 +32,8 @@ from esd.atomic_files import write_text_atomic  # noqa: E402
 
 PAGE = REPO_ROOT / "docs" / "benchmarks.md"
 # the page's order of sections, whichever script ran last
-SECTIONS = ("bench_esd", "bench_memory", "bench_hub", "bench_dispatch", "bench_loader",
-            "bench_hostile")
+SECTIONS = ("bench_esd", "bench_memory", "bench_hub", "bench_stages", "bench_dispatch",
+            "bench_loader", "bench_hostile")
 INTRO = """# Benchmarks
 
 Figures printed by the scripts in `bench/`. Each section below is written by its script when
@@ -47,6 +47,7 @@ not across sections. To add or refresh a section, run its script from the reposi
 | `python bench/bench_esd.py` | the whole worker process against WeightWatcher 0.7.7 and the float32 arithmetic floor on a 1.2 GB TinyLlama-shaped checkpoint, with a stage breakdown and the largest difference of every metric |
 | `python bench/bench_memory.py` | peak RSS of the worker on 4- and 12-layer TinyLlama-shaped checkpoints, against the import floor and WeightWatcher |
 | `python bench/bench_hub.py` | the three hub modes against the stand-in Hub on 127.0.0.1: peak bytes in the cache, a streaming worker's peak RSS, wall time with the CDN's bandwidth capped, resolve calls per file |
+| `python bench/bench_stages.py` | N hub models through the orchestrator on a capped link against the bound N·T + T: the download stage with one and two slots, a disk budget, `--stream`, and downloads in the slot; the share of slot time waiting for bytes, peak bytes in the cache |
 | `python bench/bench_dispatch.py` | the gputracker dispatcher on fake GPUs: overhead per job, re-grant and release-to-launch latency |
 | `python bench/bench_loader.py` | planning a deep config and a 70B-shaped Llama (shapes only), reading tensors from a safetensors file with a huge header |
 | `python bench/bench_hostile.py` | kill -9, a full disk, racing orchestrators, hostile ids, the failure journal's cost |
