@@ -184,3 +184,27 @@ def test_gpus_named_on_a_machine_without_nvml_say_one_thing_the_error(two_models
     said = [line for line in console.splitlines() if "GPU" in line]
     assert len(said) == 1 and said[0].startswith("error: ") and "--gpus 0 1 2 3: no GPU can be used here" in said[0]
     assert "use --gpus none to run on CPU" in said[0]
+
+
+def test_with_a_download_stage_the_status_counts_downloading_ready_running_and_the_link_rate(tmp_path):
+    from esd.download_stage import Stages
+    from esd.progress import TransferLines
+    fetching = [tmp_path / "b.log", tmp_path / "c.log"]
+    for log_path, rate in zip(fetching, (10.0, 30.0)):     # what each fetch's TransferLines printed
+        log_path.write_text(f"[download stage] fetching\n  downloaded org/x: 20.0 of 90.0 MB at {rate} MB/s\n")
+    quiet = tmp_path / "d.log"
+    lines = []
+    TransferLines(lines.append)("downloaded", "org/d", 0, 1000)      # nothing moved yet: 0.0 MB/s
+    quiet.write_text("\n".join(lines) + "\n")
+    running = tmp_path / "a.log"
+    running.write_text("  layer   3/8  model.layers.1.mlp\n")
+    stages = Stages(downloading=(("org/b", fetching[0]), ("org/c", fetching[1])), ready=1, running=1)
+    progress = RunProgress(4, log=logging.getLogger("test_progress.stages"), tty=False)
+    progress.follow(running=lambda: [("org/a", time.time() - 3, running)], stages=lambda: stages)
+    try:
+        text = progress.activity_text()
+    finally:
+        progress.close()
+    assert text.startswith("downloading 2 (40.0 MB/s), ready 1, running 1: org/a (layer 3/8, ")
+    assert Stages(downloading=(("org/d", quiet),), ready=0, running=0).text() == "downloading 1 (0.0 MB/s), ready 0, running 0"
+    assert Stages().text() == "downloading 0, ready 0, running 0"
