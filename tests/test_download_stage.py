@@ -113,3 +113,33 @@ def test_a_failed_download_is_typed_and_retried_by_the_policy_and_a_missing_repo
     failed = read_failures(out)
     assert list(failed) == ["org/missing"] and failed["org/missing"].reason == "repo_not_found"
     assert "files in the cache" in (out / "logs" / "workers" / "org--m1.log").read_text()
+
+
+def test_ctrl_c_mid_download_stops_the_fetch_and_the_same_command_completes(hub, tmp_path, built):
+    import signal
+    import time
+    hub.add_repo("org/m1", built[0])
+    hub.faults.bandwidth_bps = (built[0] / "model.safetensors").stat().st_size / 20   # 20 s download
+    out = tmp_path / "out"
+    env = hub.subprocess_env(tmp_path / "hf_home", None)
+    env.update(PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    model_list = write_model_list(tmp_path / "models.csv", [{"model_id": "org/m1"}])
+    argv = RUN + ["--model_list", str(model_list), "--output_dir", str(out), *FAST]
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    worker_log = out / "logs" / "workers" / "org--m1.log"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (worker_log.exists() and "downloaded org/m1" in worker_log.read_text()):
+        time.sleep(0.1)
+    assert "downloaded org/m1" in worker_log.read_text()      # the fetch is moving bytes
+    proc.send_signal(signal.SIGINT)
+    said, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, said
+    fetches = subprocess.run(["pgrep", "-f", f"{out}.*--fetch_only"], capture_output=True, text=True)
+    assert fetches.stdout.strip() == "", "a fetch outlived the run"
+    assert not (out / "org--m1.csv").exists()
+
+    hub.faults.bandwidth_bps = None
+    result, out = run(hub, tmp_path, [{"model_id": "org/m1"}])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "org--m1.csv").exists()
