@@ -96,6 +96,7 @@ class DownloadStage(Backend):
         self._running: set[str] = set()
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = False
+        self._gated = 0                      # tasks that went through the stage
         self.fetch_seconds = 0.0             # summed wall time of fetches (the link's busy time)
 
     # ------------------------------------------------------------------ the Backend
@@ -122,8 +123,12 @@ class DownloadStage(Backend):
     def write_metrics(self, path: Path) -> None:
         self.inner.write_metrics(path)
 
-    def stages(self) -> Stages:
+    def stages(self) -> Stages | None:
+        """What is downloading, ready and running; None while no task of the run needed a
+        download (local models, offline): the display then shows what runs, as without it."""
         with self._cond:
+            if not self._gated:
+                return None
             downloading = tuple((key, task.log_path) for key, task in self._fetching.items())
             return Stages(downloading, len(self._ready), len(self._running))
 
@@ -135,6 +140,7 @@ class DownloadStage(Backend):
             return task
         gate = _Gate()
         with self._cond:
+            self._gated += 1
             self._queue.append((task, time.monotonic() + task.delay_s, gate))
             self._cond.notify_all()
         return replace(task, ready=gate)
