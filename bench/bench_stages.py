@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_hub import HubProcess, PeakDisk, build, env_for, weights_bytes  # noqa: E402
+from bench_hub import HubProcess, build, run_experiment, weights_bytes  # noqa: E402
 
 SLOTS_LINE = re.compile(r"slots: +(\S+) of slot time: (\d+)% computing, (\d+)% waiting for bytes")
 
@@ -56,28 +55,12 @@ def env_for_local() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
 
 
-def run_mode(hub, work: Path, name: str, ids: list[str], *flags) -> tuple[float, int, str]:
+def run_mode(hub, work: Path, name: str, ids: list[str], slots: int, *flags) -> tuple[float, int, str]:
     """(wall seconds, peak bytes in the hub cache, the run's `slots:` figures)."""
-    home, out = work / f"home_{name}", work / f"out_{name}"
-    shutil.rmtree(home, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
-    (home / "hub").mkdir(parents=True)
-    model_list = work / f"{name}.csv"
-    model_list.write_text("model_id\n" + "".join(f"{i}\n" for i in ids))
-    env = env_for(hub, home)
-    env.pop("OMP_NUM_THREADS", None)     # the local backend shares the cores between its slots
-    started = time.monotonic()
-    with PeakDisk(home / "hub") as disk:
-        done = subprocess.run([sys.executable, str(ROOT / "run_esd_experiment.py"),
-                               "--model_list", str(model_list), "--output_dir", str(out),
-                               "--gpus", "none", "--poll_interval", "0.05", "--max_check", "1",
-                               *flags], env=env, capture_output=True, text=True)
-    wall = time.monotonic() - started
-    if done.returncode != 0:
-        print(done.stdout[-2000:], done.stderr[-2000:])
-    found = SLOTS_LINE.search(done.stdout + done.stderr)
+    wall, peak, out = run_experiment(hub, work, name, ids, *flags, workers=slots)
+    found = SLOTS_LINE.search((out / "logs" / "esd_experiment.log").read_text())
     waited = f"{found.group(3)}% of {found.group(1)} slot time waiting for bytes" if found else "no slots line"
-    return wall, disk.peak, waited
+    return wall, peak, waited
 
 
 def main() -> None:
@@ -106,15 +89,15 @@ def measure(args) -> None:
           f"{bandwidth / 1e6:.1f} MB/s, so one download also takes T; LB = N·T + T = {bound:.1f}s")
     ids = [f"bench/copy{i}" for i in range(n)]
     budget_gb = 2 * size / 1e9 * 1.05     # twice the model, and its small files
-    modes = (("cache, 1 slot", ("--cpu_workers", "1")),
-             ("cache, 2 slots", ("--cpu_workers", "2")),
-             (f"bounded ({budget_gb:.3f} GB), 1 slot", ("--cpu_workers", "1", "--disk_budget", f"{budget_gb:.4f}")),
-             ("--stream, 1 slot", ("--cpu_workers", "1", "--stream")),
-             ("in the slot (--downloads 0), 1 slot", ("--cpu_workers", "1", "--downloads", "0")))
+    modes = (("cache, 1 slot", 1, ()),
+             ("cache, 2 slots", 2, ()),
+             (f"bounded ({budget_gb:.3f} GB), 1 slot", 1, ("--disk_budget", f"{budget_gb:.4f}")),
+             ("--stream, 1 slot", 1, ("--stream",)),
+             ("in the slot (--downloads 0), 1 slot", 1, ("--downloads", "0")))
     print(f"   {'mode':38s} {'wall':>7s} {'/ LB':>6s}  {'peak cache':>10s}  slot time")
     with HubProcess({i: model for i in ids}, bandwidth_bps=bandwidth) as hub:
-        for index, (name, flags) in enumerate(modes):
-            wall, peak, waited = run_mode(hub, work, f"mode{index}", ids, *flags)
+        for index, (name, slots, flags) in enumerate(modes):
+            wall, peak, waited = run_mode(hub, work, f"mode{index}", ids, slots, *flags)
             print(f"   {name:38s} {wall:6.1f}s {wall / bound:5.2f}x  {peak / 1e6:7.1f} MB  {waited}")
 
 
