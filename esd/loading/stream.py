@@ -328,8 +328,7 @@ class StreamedSafetensors(TensorSource):
             if future is not None:
                 future.cancel()
                 self.ahead_bytes -= self._chunks[index].size
-        if future is not None:
-            self._read_ahead()
+        self._read_ahead()
 
     def tensor(self, key: str) -> torch.Tensor:
         """A float32 CPU copy of one tensor, owned by the caller."""
@@ -400,40 +399,43 @@ class _Chunk:
 
 def plan_chunks(entries: list[_Entry], keys: list[str], chunk_bytes: int) -> list[_Chunk]:
     """The planned tensors (`entries`, named `keys`, in the order they will be asked for)
-    grouped into chunks, each one byte range of one file read by one request. A tensor joins
-    the chunk before it when the span of both stays within `chunk_bytes`, holds no other
-    planned tensor (no byte is read twice) and at most `MAX_GAP_SHARE` of it is bytes no one
-    asked for (a layer's norms between its matrices). A model's layers are asked for in
-    model order (q, k, v, o, …) but stored by name (k, o, q, v, …): a layer's tensors are
-    near one another in the file, not adjacent in the order asked."""
-    by_file: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    grouped into chunks, each one byte range of one file read by one request. A chunk is a
+    run of tensors consecutive in the order asked, the longest from its first whose span in
+    the file stays within `chunk_bytes`, holds no planned tensor of another chunk (no byte is
+    read twice) and at most `MAX_GAP_SHARE` of bytes no one asked for (a layer's norms). A
+    model's layers are asked for in model order (q, k, v, o, …) but stored by name (k, o, q,
+    v, …): a layer's tensors are near one another in the file, not adjacent in the order."""
+    planned: dict[int, tuple[list[int], list[int], list[int]]] = {}
     for file in {e.file for e in entries}:
         spans = sorted((e.begin, e.end) for e in entries if e.file == file and e.end > e.begin)
         sums = [0]
         for begin, end in spans:
             sums.append(sums[-1] + end - begin)
-        by_file[file] = ([b for b, _ in spans], [e for _, e in spans], sums)
+        planned[file] = ([b for b, _ in spans], [e for _, e in spans], sums)
 
     def planned_bytes_in(file: int, begin: int, end: int) -> int:
-        begins, ends, sums = by_file[file]
+        begins, ends, sums = planned[file]
         first, last = bisect.bisect_right(ends, begin), bisect.bisect_left(begins, end)
         return sums[last] - sums[first] if last > first else 0
 
     chunks: list[_Chunk] = []
-    used = 0                                    # bytes of the last chunk's own tensors
-    for key, e in zip(keys, entries):
-        if chunks:
-            last = chunks[-1]
-            begin, end = min(last.begin, e.begin), max(last.end, e.end)
-            own = used + (e.end - e.begin)
-            if (last.file == e.file and end - begin <= chunk_bytes
-                    and planned_bytes_in(e.file, begin, end) == own
+    first = 0
+    while first < len(entries):
+        e = entries[first]
+        file, begin, end, own = e.file, e.begin, e.end, e.end - e.begin
+        best = (first + 1, begin, end)                # one tensor alone is always a chunk
+        for last in range(first + 1, len(entries)):
+            n = entries[last]
+            begin, end = min(begin, n.begin), max(end, n.end)
+            own += n.end - n.begin
+            if n.file != file or end - begin > chunk_bytes:
+                break
+            if (planned_bytes_in(file, begin, end) == own
                     and end - begin - own <= MAX_GAP_SHARE * (end - begin)):
-                chunks[-1] = _Chunk(e.file, begin, end, last.keys + (key,))
-                used = own
-                continue
-        chunks.append(_Chunk(e.file, e.begin, e.end, (key,)))
-        used = e.end - e.begin
+                best = (last + 1, begin, end)
+        stop, begin, end = best
+        chunks.append(_Chunk(file, begin, end, tuple(keys[first:stop])))
+        first = stop
     return chunks
 
 
