@@ -378,7 +378,7 @@ class StreamedSafetensors(TensorSource):
 
     def close(self) -> None:
         if self._planned_at is not None and self.files:
-            logger.info("streamed %s: %s", self.files[0].name, self.read_summary())
+            logger.info("range reads of %s: %s", self.files[0].name, self.read_summary())
         self._cancel_pending()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
