@@ -21,8 +21,8 @@ Memory: a range's body is read into one buffer of its exact size and tensors are
 from views of it. Chunks are read ahead, in plan order, on `READERS` threads from the moment
 the plan is known; the chunks read or being read and not yet used up stay under
 `PREFETCH_BYTES` (a chunk is at most `CHUNK_BYTES` unless one tensor is larger; a tensor
-larger than the whole window is not read ahead but read when asked for), plus the float32
-tensor handed out. The caller's time blocked on bytes is logged when the source is closed.
+larger than the whole window is read ahead alone, as it would be read when asked for), plus
+the float32 tensor handed out. The caller's time blocked on bytes is logged when the source is closed.
 """
 from __future__ import annotations
 
@@ -287,14 +287,14 @@ class StreamedSafetensors(TensorSource):
 
     def _read_ahead(self) -> None:
         """Start reading the next chunks in plan order while the window has room. A chunk
-        larger than the whole window is not read ahead (it is read when asked for), and the
-        chunks after it wait until it is."""
+        larger than the whole window is read ahead alone, once nothing else is (it would be
+        read whole when asked for anyway), and the chunks after it wait until it is used up."""
         if self._pool is None:
             return
         with self._lock:
             while self._next < len(self._chunks):
                 size = self._chunks[self._next].size
-                if self.ahead_bytes + size > self.window_bytes:
+                if self.ahead_bytes + size > self.window_bytes and self.ahead_bytes > 0:
                     break
                 self._pending[self._next] = self._pool.submit(self._fetch, self._next)
                 self.ahead_bytes += size
