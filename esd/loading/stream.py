@@ -22,7 +22,8 @@ from views of it. Chunks are read ahead, in plan order, on `READERS` threads fro
 the plan is known; the chunks read or being read and not yet used up stay under
 `PREFETCH_BYTES` (a chunk is at most `CHUNK_BYTES` unless one tensor is larger; a tensor
 larger than the whole window is read ahead alone, as it would be read when asked for), plus
-the float32 tensor handed out. The caller's time blocked on bytes is logged when the source is closed.
+the float32 tensor handed out. The caller's time blocked on bytes is logged when the source
+is closed.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ CHUNK_BYTES = 16 * 1024 * 1024       # small chunks: the first layer waits for o
 READERS = 2                           # range requests in flight at once, in plan order …
 PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under this
 MAX_GAP_SHARE = 0.125                 # of a chunk: bytes of tensors no one asked for
+MAX_RUN_TRIES = 256                   # tensors tried past a chunk's last fitting one
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
 MAX_REFRESHES = 3                 # fresh signed URLs per read before giving up
 
@@ -433,6 +435,8 @@ def plan_chunks(entries: list[_Entry], keys: list[str], chunk_bytes: int) -> lis
             if (planned_bytes_in(file, begin, end) == own
                     and end - begin - own <= MAX_GAP_SHARE * (end - begin)):
                 best = (last + 1, begin, end)
+            elif last - best[0] >= MAX_RUN_TRIES:
+                break                                 # many small tensors: stop looking
         stop, begin, end = best
         chunks.append(_Chunk(file, begin, end, tuple(keys[first:stop])))
         first = stop
