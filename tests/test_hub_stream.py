@@ -60,7 +60,7 @@ def test_streamed_tensors_equal_the_file_bit_for_bit_with_one_resolve(hub, llama
 def test_adjacent_tensors_merge_into_chunks_no_larger_than_the_bound(hub, llama_repo):
     source, sha = llama_repo
     got = read_all(StreamedSafetensors([remote(hub, "org/llama", sha, "model.safetensors")],
-                                       chunk_bytes=40_000, prefetch=2))
+                                       chunk_bytes=40_000, readers=2))
     assert got
     sizes = []
     for r in hub.requests("cdn")[1:]:           # after the header read

@@ -4,8 +4,8 @@ Owns: `RemoteFile` (one file of a pinned commit: one resolve (HEAD) gives the re
 target, then byte ranges are read from it, every answer checked: 206, the exact
 `Content-Range`, the exact length) and `StreamedSafetensors` (a tensor source like the
 local checkpoint's: `keys`, `shapes`, `floating`, `tensor(key)`, `close`; its header is read
-by a range request, adjacent tensors are merged into chunks, and a bounded number of chunks
-is prefetched on threads while the caller computes).
+by a range request, tensors near one another in the file are merged into chunks, and a
+bounded window of bytes is read ahead on threads while the caller computes).
 
 Must not: write weights to disk, compute metrics, or decide which tensors are layers.
 
@@ -18,12 +18,16 @@ from the CDN mean an expired signed URL: a new HEAD refreshes it (not counted as
 most `MAX_REFRESHES` per read, then `expired_url`). Failures are typed by
 `hub_http.hub_failure`, or `bad_range_response` / `download_interrupted` here.
 Memory: a range's body is read into one buffer of its exact size and tensors are converted
-from views of it; the chunks read ahead stay under `PREFETCH_BYTES` (a tensor larger than a
-chunk is one chunk of its own; one larger than the whole window is not read ahead), plus the
-chunk in use and the float32 tensor handed out.
+from views of it. Chunks are read ahead, in plan order, on `READERS` threads from the moment
+the plan is known; the chunks read or being read and not yet used up stay under
+`PREFETCH_BYTES` (a chunk is at most `CHUNK_BYTES` unless one tensor is larger; a tensor
+larger than the whole window is read ahead alone, as it would be read when asked for), plus
+the float32 tensor handed out. The caller's time blocked on bytes is logged when the source
+is closed.
 """
 from __future__ import annotations
 
+import bisect
 import struct
 import sys
 import threading
@@ -41,10 +45,13 @@ from esd.loading.checkpoint import (MAX_HEADER_BYTES, SafetensorEntry, TensorSou
 from esd.loading.hub_http import (REFRESH_STATUSES, hub_backoff_s, hub_failure, hub_request,
                                   hub_retries, same_origin)
 from esd.loading.hub_http import endpoint as hub_endpoint
+from esd.loading.log import logger
 
 CHUNK_BYTES = 16 * 1024 * 1024       # small chunks: the first layer waits for one only
-PREFETCH_CHUNKS = 4                   # chunks read ahead on threads …
+READERS = 2                           # range requests in flight at once, in plan order …
 PREFETCH_BYTES = 256 * 1024 * 1024    # … while what is read ahead stays under this
+MAX_GAP_SHARE = 0.125                 # of a chunk: bytes of tensors no one asked for
+MAX_RUN_TRIES = 256                   # tensors tried past a chunk's last fitting one
 FIRST_READ = 100_000              # header guess, as huggingface_hub's metadata reader
 MAX_REFRESHES = 3                 # fresh signed URLs per read before giving up
 
@@ -223,16 +230,23 @@ class StreamedSafetensors(TensorSource):
 
     `normalise` maps a raw key to the name the loader uses (the local checkpoint strips
     DDP/compile prefixes). Call `plan(keys)` with the order the tensors will be asked for to
-    get chunked reads with prefetch; without it each tensor is one range request."""
+    get chunked reads with read-ahead; without it each tensor is one range request.
+
+    Read-ahead: from `plan` on, `readers` threads read the planned chunks in order while the
+    bytes of chunks read (or being read) and not yet used up stay under `window_bytes`; each
+    chunk used up makes room for the next. So the link stays busy while the caller computes,
+    and memory is bounded by the window whatever the model's size."""
 
     def __init__(self, files: list[RemoteFile], *, normalise=lambda k: k,
-                 chunk_bytes: int = CHUNK_BYTES, prefetch: int = PREFETCH_CHUNKS,
+                 chunk_bytes: int = CHUNK_BYTES, readers: int = READERS,
+                 window_bytes: int = PREFETCH_BYTES,
                  report: Callable[[int, int], None] | None = None):
         self.files = files
         self.report = report               # (bytes of the plan read so far, bytes planned)
         self._planned_bytes = self._done_bytes = 0
         self._report_lock = threading.Lock()
-        self.chunk_bytes, self.prefetch = chunk_bytes, max(0, prefetch)
+        self.chunk_bytes, self.readers = chunk_bytes, max(0, readers)
+        self.window_bytes = window_bytes
         self.entries: dict[str, _Entry] = {}
         for index, remote in enumerate(files):
             header = _read_header(remote)
@@ -242,98 +256,191 @@ class StreamedSafetensors(TensorSource):
         self.shapes = {k: e.shape for k, e in self.entries.items()}
         self.floating = {k: e.stored.floating for k, e in self.entries.items()}
         self.key_file = {k: files[e.file].filename for k, e in self.entries.items()}
-        self._chunks: list[tuple[int, int, int, list[str]]] = []   # file, begin, end, keys
+        self._chunks: list[_Chunk] = []
         self._chunk_of: dict[str, int] = {}
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, Future] = {}    # chunks read ahead, not used up
         self._left: dict[int, set[str]] = {}
+        self._lock = threading.Lock()            # _pending, _next, ahead_bytes
+        self._next = 0                           # the next chunk to read ahead
+        self.ahead_bytes = 0                     # bytes of the chunks in _pending
+        self.peak_ahead_bytes = 0
+        self.wait_s = 0.0                        # the caller's time blocked on bytes
+        self._planned_at: float | None = None
         self._pool: ThreadPoolExecutor | None = None
 
     def keys(self):
         return self.entries.keys()
 
     def plan(self, keys_in_order) -> None:
-        """Group the tensors to be read, in this order, into chunks of adjacent byte ranges."""
-        self._chunks, self._chunk_of = [], {}
-        for key in keys_in_order:
-            if key in self._chunk_of or key not in self.entries:
-                continue
-            e = self.entries[key]
-            if self._chunks:
-                file, begin, end, members = self._chunks[-1]
-                if file == e.file and e.begin == end and e.end - begin <= self.chunk_bytes:
-                    self._chunks[-1] = (file, begin, e.end, members + [key])
-                    self._chunk_of[key] = len(self._chunks) - 1
-                    continue
-            self._chunks.append((e.file, e.begin, e.end, [key]))
-            self._chunk_of[key] = len(self._chunks) - 1
-        self._left = {i: set(c[3]) for i, c in enumerate(self._chunks)}
-        self._planned_bytes = sum(end - begin for _, begin, end, _ in self._chunks)
-        self._done_bytes = 0
-        if self.prefetch and self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.prefetch,
+        """Group the tensors to be read, in this order, into chunks (`plan_chunks`) and start
+        reading ahead."""
+        self._cancel_pending()
+        keys = [k for k in dict.fromkeys(keys_in_order) if k in self.entries]
+        self._chunks = plan_chunks([self.entries[k] for k in keys], keys, self.chunk_bytes)
+        self._chunk_of = {key: i for i, chunk in enumerate(self._chunks) for key in chunk.keys}
+        self._left = {i: set(chunk.keys) for i, chunk in enumerate(self._chunks)}
+        self._planned_bytes = sum(chunk.size for chunk in self._chunks)
+        self._done_bytes, self._next = 0, 0
+        self._planned_at = time.perf_counter()
+        if self.readers and self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.readers,
                                             thread_name_prefix="esd-stream")
+        self._read_ahead()
+
+    def _read_ahead(self) -> None:
+        """Start reading the next chunks in plan order while the window has room. A chunk
+        larger than the whole window is read ahead alone, once nothing else is (it would be
+        read whole when asked for anyway), and the chunks after it wait until it is used up."""
+        if self._pool is None:
+            return
+        with self._lock:
+            while self._next < len(self._chunks):
+                size = self._chunks[self._next].size
+                if self.ahead_bytes + size > self.window_bytes and self.ahead_bytes > 0:
+                    break
+                self._pending[self._next] = self._pool.submit(self._fetch, self._next)
+                self.ahead_bytes += size
+                self.peak_ahead_bytes = max(self.peak_ahead_bytes, self.ahead_bytes)
+                self._next += 1
 
     def _fetch(self, index: int) -> bytearray:
-        file, begin, end, _ = self._chunks[index]
-        data = self.files[file].read(begin, end - begin)
+        chunk = self._chunks[index]
+        data = self.files[chunk.file].read(chunk.begin, chunk.size)
+        with self._report_lock:
+            self._done_bytes += chunk.size
+            done = self._done_bytes
         if self.report is not None:
-            with self._report_lock:
-                self._done_bytes += end - begin
-                done = self._done_bytes
             self.report(done, self._planned_bytes)
         return data
 
-    def _chunk(self, index: int) -> Future:
-        future = self._pending.get(index)
+    def _chunk_bytes(self, index: int) -> bytearray:
+        """The bytes of chunk `index`: read ahead, else read now (in the caller's thread)."""
+        with self._lock:
+            future = self._pending.get(index)
+            if future is None:
+                self._next = max(self._next, index + 1)     # the read-ahead goes on after it
         if future is None:
-            future = Future()
-            try:
-                future.set_result(self._fetch(index))
-            except BaseException as exc:  # noqa: BLE001 - re-raised by .result()
-                future.set_exception(exc)
-            self._pending[index] = future
-        ahead_bytes = 0
-        for ahead in range(index + 1, min(len(self._chunks), index + 1 + self.prefetch)):
-            _, begin, end, _ = self._chunks[ahead]
-            if ahead_bytes + (end - begin) > PREFETCH_BYTES:
-                break             # bounded read-ahead: a larger chunk is read when it is asked for
-            ahead_bytes += end - begin
-            if ahead not in self._pending and self._pool is not None:
-                self._pending[ahead] = self._pool.submit(self._fetch, ahead)
-        return future
+            return self._fetch(index)
+        return future.result()
+
+    def _give_up(self, index: int) -> None:
+        """Chunk `index` is used up (or skipped): its room in the window goes to the next."""
+        with self._lock:
+            future = self._pending.pop(index, None)
+            if future is not None:
+                future.cancel()
+                self.ahead_bytes -= self._chunks[index].size
+        self._read_ahead()
 
     def tensor(self, key: str) -> torch.Tensor:
         """A float32 CPU copy of one tensor, owned by the caller."""
         e = self.entries[key]
         index = self._chunk_of.get(key)
+        started = time.perf_counter()
         if index is None:                               # not planned: read it alone
             data = self.files[e.file].read(e.begin, e.end - e.begin)
+            self.wait_s += time.perf_counter() - started
             return _to_float32(memoryview(data), e)
-        data = self._chunk(index).result()
-        _, begin, end, _ = self._chunks[index]
-        left = self._left.get(index)
-        if left is not None:
-            left.discard(key)
-            if not left:                                # chunk used up: free it
-                self._pending.pop(index, None)
-        if (e.stored.dtype == "F32" and (e.begin, e.end) == (begin, end) and left is not None
+        for old in [i for i in list(self._pending) if i < index]:
+            self._give_up(old)                          # skipped by the caller
+        data = self._chunk_bytes(index)
+        self.wait_s += time.perf_counter() - started
+        chunk = self._chunks[index]
+        left = self._left[index]
+        left.discard(key)
+        if not left:                                    # chunk used up: free it
+            self._give_up(index)
+        elif index not in self._pending:                # read now, not ahead: keep it
+            future = Future()
+            future.set_result(data)
+            with self._lock:
+                self._pending[index] = future
+                self.ahead_bytes += chunk.size
+        if (e.stored.dtype == "F32" and (e.begin, e.end) == (chunk.begin, chunk.end)
                 and not left and sys.byteorder == "little" and e.end > e.begin):
             # a float32 tensor that is its whole chunk, now no one else's: the tensor takes
             # the chunk's buffer itself, so it is never in memory twice (as on the cached path)
-            tensor = torch.frombuffer(data, dtype=torch.float32).view(e.shape)
-        else:
-            tensor = _to_float32(memoryview(data)[e.begin - begin:e.end - begin], e)
-        for old in [i for i in self._pending if i < index]:
-            self._pending.pop(old).cancel()             # skipped by the caller
-        return tensor
+            return torch.frombuffer(data, dtype=torch.float32).view(e.shape)
+        return _to_float32(memoryview(data)[e.begin - chunk.begin:e.end - chunk.begin], e)
+
+    def read_summary(self) -> str:
+        """What the plan read and how long the caller waited for bytes, for the log."""
+        span = time.perf_counter() - self._planned_at if self._planned_at is not None else 0.0
+        share = self.wait_s / span if span > 0 else 0.0
+        return (f"{self._done_bytes / 1e6:.1f} MB in {len(self._chunks)} chunks, read-ahead "
+                f"peak {self.peak_ahead_bytes / 1e6:.1f} MB; waited {self.wait_s:.1f}s of "
+                f"{span:.1f}s for bytes ({share:.0%})")
+
+    def _cancel_pending(self) -> None:
+        with self._lock:
+            for future in self._pending.values():
+                future.cancel()
+            self._pending.clear()
+            self.ahead_bytes = 0
 
     def close(self) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
+        if self._planned_at is not None and self.files:
+            logger.info("range reads of %s: %s", self.files[0].name, self.read_summary())
+        self._cancel_pending()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    file: int
+    begin: int           # absolute byte offsets in the file
+    end: int
+    keys: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return self.end - self.begin
+
+
+def plan_chunks(entries: list[_Entry], keys: list[str], chunk_bytes: int) -> list[_Chunk]:
+    """The planned tensors (`entries`, named `keys`, in the order they will be asked for)
+    grouped into chunks, each one byte range of one file read by one request. A chunk is a
+    run of tensors consecutive in the order asked, the longest from its first whose span in
+    the file stays within `chunk_bytes`, holds no planned tensor of another chunk (no byte is
+    read twice) and at most `MAX_GAP_SHARE` of bytes no one asked for (a layer's norms). A
+    model's layers are asked for in model order (q, k, v, o, …) but stored by name (k, o, q,
+    v, …): a layer's tensors are near one another in the file, not adjacent in the order."""
+    planned: dict[int, tuple[list[int], list[int], list[int]]] = {}
+    for file in {e.file for e in entries}:
+        spans = sorted((e.begin, e.end) for e in entries if e.file == file and e.end > e.begin)
+        sums = [0]
+        for begin, end in spans:
+            sums.append(sums[-1] + end - begin)
+        planned[file] = ([b for b, _ in spans], [e for _, e in spans], sums)
+
+    def planned_bytes_in(file: int, begin: int, end: int) -> int:
+        begins, ends, sums = planned[file]
+        first, last = bisect.bisect_right(ends, begin), bisect.bisect_left(begins, end)
+        return sums[last] - sums[first] if last > first else 0
+
+    chunks: list[_Chunk] = []
+    first = 0
+    while first < len(entries):
+        e = entries[first]
+        file, begin, end, own = e.file, e.begin, e.end, e.end - e.begin
+        best = (first + 1, begin, end)                # one tensor alone is always a chunk
+        for last in range(first + 1, len(entries)):
+            n = entries[last]
+            begin, end = min(begin, n.begin), max(end, n.end)
+            own += n.end - n.begin
+            if n.file != file or end - begin > chunk_bytes:
+                break
+            if (planned_bytes_in(file, begin, end) == own
+                    and end - begin - own <= MAX_GAP_SHARE * (end - begin)):
+                best = (last + 1, begin, end)
+            elif last - best[0] >= MAX_RUN_TRIES:
+                break                                 # many small tensors: stop looking
+        stop, begin, end = best
+        chunks.append(_Chunk(file, begin, end, tuple(keys[first:stop])))
+        first = stop
+    return chunks
 
 
 def _read_header(remote: RemoteFile):
