@@ -378,7 +378,8 @@ def part_wall(work: Path, args) -> None:
     copies = {f"bench/copy{copy}": path for copy in (1, 2)}
     with HubProcess(copies, bandwidth_bps=bandwidth) as hub:
         for repeat in range(args.wall_repeats):       # interleaved: both modes see the same load
-            for name, flags in (("download", ()), ("stream", ("--stream",))):
+            # --downloads 0: each worker downloads, then analyses (no download stage ahead of it)
+            for name, flags in (("download", ("--downloads", "0")), ("stream", ("--stream",))):
                 wall, _, out = run_experiment(hub, work, f"wall_{name}", list(copies), *flags,
                                               workers=1)
                 seconds = job_seconds(out)

@@ -63,7 +63,7 @@ def _stream_safetensors(files: tuple["HubFile", ...]) -> "TensorSource":
     return StreamedSafetensors(
         [RemoteFile(f.repo_id, f.commit, f.name, token=token) for f in files],
         normalise=normalise_key, report=None if report is None else
-        (lambda done, planned: report("streamed", repo_id, done, planned)))
+        (lambda done, planned: report("streamed", repo_id, done, planned)), waited=files[0].waited)
 
 
 FORMATS: tuple[WeightFormat, ...] = (
@@ -251,15 +251,16 @@ def check_index_complete(files: tuple[Path, ...], ckpt: "TensorSource") -> None:
 
 class HubFile(type(Path())):
     """A weight file of a hub snapshot that is not on disk (`--stream`): read by HTTP ranges
-    from `repo_id@commit`, telling `report(verb, repo_id, done, total)` how far it is. Its path
-    is where the file would be in the snapshot; paths derived from it are plain paths."""
+    from `repo_id@commit`, telling `report(verb, repo_id, done, total)` how far it is and
+    `waited(seconds)` how long its reader blocked on bytes. Its path is where the file would
+    be in the snapshot; paths derived from it are plain paths."""
 
-    def __new__(cls, path, repo_id: str = "", commit: str = "", report=None):
+    def __new__(cls, path, repo_id: str = "", commit: str = "", report=None, waited=None):
         self = super().__new__(cls, path) if sys.version_info < (3, 12) else super().__new__(cls)
-        self.repo_id, self.commit, self.report = repo_id, commit, report
+        self.repo_id, self.commit, self.report, self.waited = repo_id, commit, report, waited
         return self
 
-    def __init__(self, path, repo_id: str = "", commit: str = "", report=None):
+    def __init__(self, path, repo_id: str = "", commit: str = "", report=None, waited=None):
         if sys.version_info >= (3, 12):
             super().__init__(path)
 

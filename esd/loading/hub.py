@@ -241,13 +241,18 @@ class HubSession:
     (None: downloads stay in the cache; it refuses a download larger than the budget), and
     whether weights are streamed; `report(verb, repo_id, bytes so far, total bytes)` is told
     how far a download or stream is. `remote`: snapshot dir → (repo, commit, streamed files);
-    `waited_s`: seconds spent downloading files (the model's slot waiting for bytes)."""
+    `waited_s`: seconds spent downloading files or blocked on streamed bytes (the model's
+    slot waiting for bytes)."""
     user: str = ""
     ledger: object | None = None          # esd.disk_budget.DownloadLedger, given by the worker
     stream: bool = False
     report: Callable[[str, str, int, int | None], None] | None = None
     remote: dict[Path, tuple[str, str, tuple[str, ...]]] = field(default_factory=dict)
     waited_s: float = 0.0
+
+    def add_wait(self, seconds: float) -> None:
+        """A streamed file's reader blocked this long on bytes (told at its close)."""
+        self.waited_s += seconds
 
 
 _ACTIVE: list[HubSession] = []
@@ -429,6 +434,6 @@ def remote_weights(local_dir: Path) -> tuple[Path, list[HubFile]] | None:
     if remote is None:
         return None
     repo_id, commit, names = remote
-    report = current_session().report
-    return Path(local_dir), [HubFile(Path(local_dir) / name, repo_id, commit, report)
-                             for name in names]
+    session = current_session()
+    return Path(local_dir), [HubFile(Path(local_dir) / name, repo_id, commit, session.report,
+                                     waited=session.add_wait) for name in names]

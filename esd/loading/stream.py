@@ -240,9 +240,11 @@ class StreamedSafetensors(TensorSource):
     def __init__(self, files: list[RemoteFile], *, normalise=lambda k: k,
                  chunk_bytes: int = CHUNK_BYTES, readers: int = READERS,
                  window_bytes: int = PREFETCH_BYTES,
-                 report: Callable[[int, int], None] | None = None):
+                 report: Callable[[int, int], None] | None = None,
+                 waited: Callable[[float], None] | None = None):
         self.files = files
         self.report = report               # (bytes of the plan read so far, bytes planned)
+        self.waited = waited               # told at close how long the caller blocked on bytes
         self._planned_bytes = self._done_bytes = 0
         self._report_lock = threading.Lock()
         self.chunk_bytes, self.readers = chunk_bytes, max(0, readers)
@@ -381,6 +383,8 @@ class StreamedSafetensors(TensorSource):
     def close(self) -> None:
         if self._planned_at is not None and self.files:
             logger.info("range reads of %s: %s", self.files[0].name, self.read_summary())
+            if self.waited is not None:
+                self.waited(self.wait_s)
         self._cancel_pending()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
