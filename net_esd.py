@@ -128,28 +128,47 @@ def _gram_matrices(mats: torch.Tensor, dtype: torch.dtype, device: torch.device)
 USE_SYRK = True
 
 
+_blas_control: dict = {}
+_blas_control_lock = threading.Lock()
+
+
+def _blas_threads_as_torch() -> None:
+    """Let BLAS (scipy's OpenBLAS, for the syrk) run with torch's current thread count, so a
+    worker given N cores uses N. Checked before every chunk: esd/pipeline.py changes torch's
+    count while layers are computed (two layers at once share the cores; the last one gets
+    them all). The count stays set after the Gram (threadpoolctl, without restoring)."""
+    threads = torch.get_num_threads()
+    if _blas_control.get("threads") == threads:
+        return
+    with _blas_control_lock:
+        if "libraries" not in _blas_control:  # after scipy's BLAS is loaded: it is among them
+            from threadpoolctl import ThreadpoolController
+            _blas_control["libraries"] = ThreadpoolController().select(user_api="blas")
+        _blas_control["libraries"].limit(limits=threads)
+        _blas_control["threads"] = threads
+
+
 def _cpu_syrk_gram(mats: torch.Tensor) -> torch.Tensor:
     """(b, m, m) float64 lower-triangle Gram of each of mats (b, r, c) on CPU, accumulated
-    by dsyrk over chunks converted to float64 (no full-size float64 copy of W). OpenBLAS
-    runs with torch's thread count (threadpoolctl), so a worker given N cores uses N."""
+    by dsyrk over chunks converted to float64 (no full-size float64 copy of W), with torch's
+    thread count (`_blas_threads_as_torch`)."""
     from scipy.linalg import blas
-    from threadpoolctl import threadpool_limits
     b, r, c = mats.shape
     tall = r >= c                      # Gram = WᵀW (c×c), else WWᵀ (r×r)
     m, k = (c, r) if tall else (r, c)  # m×m Gram, summed over k
     per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, m))
     grams = []
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        for w in mats:
-            gram = None
-            for start in range(0, k, per_chunk):
-                part = w[start:start + per_chunk] if tall else w[:, start:start + per_chunk]
-                x = part.to(torch.float64).contiguous().numpy()  # C-order = its transpose in Fortran order
-                # tall: x is (rows, c) and x.T (Fortran, c×rows) · its transpose = xᵀx;
-                # wide: x is (r, cols) and x.T (Fortran, cols×r) with trans: x·xᵀ
-                gram = blas.dsyrk(1.0, x.T, beta=0.0 if gram is None else 1.0, c=gram,
-                                  trans=0 if tall else 1, lower=1, overwrite_c=1)
-            grams.append(torch.from_numpy(gram))
+    for w in mats:
+        gram = None
+        for start in range(0, k, per_chunk):
+            part = w[start:start + per_chunk] if tall else w[:, start:start + per_chunk]
+            x = part.to(torch.float64).contiguous().numpy()  # C-order = its transpose in Fortran order
+            _blas_threads_as_torch()
+            # tall: x is (rows, c) and x.T (Fortran, c×rows) · its transpose = xᵀx;
+            # wide: x is (r, cols) and x.T (Fortran, cols×r) with trans: x·xᵀ
+            gram = blas.dsyrk(1.0, x.T, beta=0.0 if gram is None else 1.0, c=gram,
+                              trans=0 if tall else 1, lower=1, overwrite_c=1)
+        grams.append(torch.from_numpy(gram))
     return torch.stack(grams) if b > 1 else grams[0].unsqueeze(0)
 
 
@@ -582,13 +601,14 @@ def analyze_layers(layers: Iterable, settings: ESDSettings = ESDSettings(), *, d
     with the columns `esd_columns(settings)`.
 
     layers: any iterable, consumed lazily by a prefetch thread (esd/pipeline.py): at most ~2
-        layers alive on CPU, the one computed and the next one being read.
+        layers alive on CPU (two computed at once on ≥ 2 cores, else the one computed and the
+        next one being read).
     names: optional collection of longnames to analyse (others are skipped).
     eigs_out: optional dict, filled with longname -> ascending eigenvalues (np.float64).
     device_ids: CUDA device indices to spread layers over (ignored without CUDA);
         otherwise `device` (default CPU).
-    progress: optional callback(layers_done, longname) after each layer (called from the
-        device worker threads when several CUDA devices are used).
+    progress: optional callback(layers_done, longname) after each layer, in iterator order
+        (called from the worker threads when layers are computed side by side).
     Errors raised by the iterator propagate; a layer whose maths fails gets a row whose
     fit_status starts with 'error:'.
     """
