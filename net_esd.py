@@ -148,6 +148,11 @@ def _blas_threads_as_torch() -> None:
         _blas_control["threads"] = threads
 
 
+def _float64_rows(part: torch.Tensor) -> np.ndarray:
+    """A C-ordered float64 copy of one chunk of W (the one conversion of the Gram)."""
+    return part.to(torch.float64).contiguous().numpy()
+
+
 def _cpu_syrk_gram(mats: torch.Tensor) -> torch.Tensor:
     """(b, m, m) float64 lower-triangle Gram of each of mats (b, r, c) on CPU, accumulated
     by dsyrk over chunks converted to float64 (no full-size float64 copy of W), with torch's
@@ -162,7 +167,7 @@ def _cpu_syrk_gram(mats: torch.Tensor) -> torch.Tensor:
         gram = None
         for start in range(0, k, per_chunk):
             part = w[start:start + per_chunk] if tall else w[:, start:start + per_chunk]
-            x = part.to(torch.float64).contiguous().numpy()  # C-order = its transpose in Fortran order
+            x = _float64_rows(part)  # C-order = its transpose in Fortran order
             _blas_threads_as_torch()
             # tall: x is (rows, c) and x.T (Fortran, c×rows) · its transpose = xᵀx;
             # wide: x is (r, cols) and x.T (Fortran, cols×r) with trans: x·xᵀ
