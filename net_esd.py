@@ -134,9 +134,12 @@ _blas_control_lock = threading.Lock()
 
 def _blas_threads_as_torch() -> None:
     """Let BLAS (scipy's OpenBLAS, for the syrk) run with torch's current thread count, so a
-    worker given N cores uses N. Checked before every chunk: esd/pipeline.py changes torch's
-    count while layers are computed (two layers at once share the cores; the last one gets
-    them all). The count stays set after the Gram (threadpoolctl, without restoring)."""
+    worker given N cores uses N. Checked before every chunk: in esd/pipeline.py's compute
+    threads, torch's count is first set to the thread's share of the cores (two layers at
+    once share them; the last one gets them all). The count stays set after the Gram
+    (threadpoolctl, without restoring)."""
+    from esd.pipeline import follow_cpu_share
+    follow_cpu_share()
     threads = torch.get_num_threads()
     if _blas_control.get("threads") == threads:
         return
@@ -188,6 +191,8 @@ def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.devi
             raise NonFiniteWeightsError("weight holds NaN or Inf")
         if dtype != torch.float64:  # finite weights whose squares overflow this dtype
             return _gram_eigenvalues(mats, torch.float64, device)
+    if device.type == "cpu":
+        _blas_threads_as_torch()  # the eigensolver takes this thread's share of the cores too
     return torch.linalg.eigvalsh(gram, UPLO="L")  # (b, m)
 
 

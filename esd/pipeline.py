@@ -155,24 +155,37 @@ CPU_LAYERS_AT_ONCE = 2
 
 class _CpuThreadShares:
     """Torch's CPU threads (and through them BLAS's: net_esd follows torch's count) split
-    evenly between the layer threads still computing: cores // computing. When one thread
-    runs out of layers, the other gets all the cores for the rest of its layer (the Gram
-    picks the count up at its next chunk, the eigensolver at its next call). Restores
-    torch's thread count at the end."""
+    evenly between the layer threads still computing: cores // computing. Torch's count is
+    per thread, so each compute thread takes its share itself (`follow_cpu_share`, called
+    by net_esd before each Gram chunk and each eigensolve): when one thread runs out of
+    layers, the other takes all the cores for the rest of its layer. Restores torch's
+    thread count at the end."""
 
     def __init__(self, layer_threads: int):
         self.cores = torch.get_num_threads()
         self.computing = layer_threads
         self.lock = threading.Lock()
-        torch.set_num_threads(max(1, self.cores // layer_threads))
+
+    def share(self) -> int:
+        return max(1, self.cores // max(1, self.computing))
 
     def thread_done(self) -> None:
         with self.lock:
             self.computing -= 1
-            torch.set_num_threads(max(1, self.cores // max(1, self.computing)))
 
     def restore(self) -> None:
         torch.set_num_threads(self.cores)
+
+
+_this_thread = threading.local()   # .shares: the _CpuThreadShares of a compute thread
+
+
+def follow_cpu_share() -> None:
+    """In a CPU compute thread of `run_on_devices`: set torch's thread count (this thread's
+    own) to its current share of the cores. Anywhere else: nothing."""
+    shares = getattr(_this_thread, "shares", None)
+    if shares is not None and torch.get_num_threads() != shares.share():
+        torch.set_num_threads(shares.share())
 
 
 def cpu_layer_threads(devices: list[torch.device]) -> list[torch.device]:
@@ -203,7 +216,9 @@ def run_on_devices(layers: Iterator, devices: list[torch.device], compute: Calla
             errors: list[BaseException] = []
 
             def work(device):
+                _this_thread.shares = shares
                 try:
+                    follow_cpu_share()
                     _device_worker(prefetcher, device, compute, counter, results, lock, on_layer_done)
                 except BaseException as error:
                     errors.append(error)
