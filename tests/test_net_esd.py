@@ -249,6 +249,18 @@ def test_dks_at_8192_eigenvalues_equals_reference_across_candidate_blocks():
     assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-9)
 
 
+@pytest.mark.parametrize("method", ["DKS", "xmin_peak", "clip_xmax"])
+def test_ks_distances_are_bit_for_bit_the_same_in_blocks_of_few_candidates(method, monkeypatch):
+    # blocks of _KS_BLOCK_CANDIDATES candidates (each spanning only its own tails) against one
+    # block of every candidate: the same element-wise values, so the same fit to the last bit
+    x = np.sort(pareto_spectrum(2.7, 2048, seed=5) * np.random.default_rng(5).uniform(0.5, 1.5, 2048))
+    assert net_esd._KS_BLOCK_CANDIDATES < len(x) - 1
+    few = net_esd.fit_power_law(x, method)
+    monkeypatch.setattr(net_esd, "_KS_BLOCK_CANDIDATES", 1 << 40)
+    every = net_esd.fit_power_law(x, method)
+    assert few == every and few.status == "ok"
+
+
 @pytest.mark.parametrize("true_alpha", [2.0, 3.0, 4.5])
 @pytest.mark.parametrize("method", ["DKS", "xmin_mid", "xmin_peak", "clip_xmax"])
 def test_fit_recovers_the_exponent_of_a_pareto_spectrum(method, true_alpha):
