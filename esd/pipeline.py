@@ -7,8 +7,9 @@ threads thousands of times, and stalls at each whenever another thread (the read
 fit, another process) holds one of its cores; two layers side by side, each on its own
 cores, do not wait for each other.
 
-Owns: threads, bounded look-ahead (at most `slots` layers alive), order of results, device
-selection, how torch's CPU threads are shared between layers, and host→device copies. It must not know what is computed: the caller passes
+Owns: threads, bounded look-ahead (at most `slots` layers alive), order of results and of
+progress, device selection, how torch's CPU threads are shared between layers, and
+host→device copies. It must not know what is computed: the caller passes
 `compute(item, device) -> result`, which must not raise (net_esd turns a layer's failure into
 a row). Errors raised by the layer iterator itself reach the caller unchanged.
 """
