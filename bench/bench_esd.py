@@ -14,7 +14,8 @@ repeat measures, interleaved so that the load of a shared machine hits all of th
     the floor is the faster of the two in that repeat;
  2. ours: `python esd_worker.py --fix_fingers DKS --device cpu` as a user runs it (process
     start, imports, planning, reading, computing, writing the CSV), in a fresh output
-    directory (the first model of its architecture: no cached plan);
+    directory (the first model of its architecture: no cached plan), and again in one whose
+    plan cache knows the model ("plan cached": every later model of that architecture);
  3. WW: a process running WeightWatcher's analyze() (loading with transformers included);
  4. start-up: `esd_worker.py` on a 2-layer GPT-2 against `python -c "import torch"`, in a fresh
     output directory (the first model of its architecture: transformers plans its layers) and
@@ -267,9 +268,10 @@ def main():
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_esd_"))
     runs = {"floor": [], "floor one at a time": [], "  of which Gram": [], "  of which eigvalsh": [],
-            "floor two at once": [], "ours": [], "WW": [], "import torch": [], "worker GPT-2": [],
+            "floor two at once": [], "ours": [], "ours, plan cached": [], "WW": [], "import torch": [], "worker GPT-2": [],
             "GPT-2 planned": [], "ours +randomize": [], "ours +mp_fit": []}
     run_process(worker_argv(gpt2_dir, tmp / "gpt2_planned"))  # its plan is cached from now on
+    run_process(worker_argv(model_dir, tmp / "llama_planned", "--fix_fingers", "DKS"))  # and this one's
     for repeat in range(args.repeats):
         one, gram_s, eig_s = time_floor_one_at_a_time(mats)
         runs["floor one at a time"].append(one)
@@ -279,6 +281,9 @@ def main():
         runs["floor"].append(min(one, runs["floor two at once"][-1]))
         # a fresh output directory each time: the first model of its architecture (no cached plan)
         runs["ours"].append(run_process(worker_argv(model_dir, tmp / f"ours{repeat}", "--fix_fingers", "DKS")))
+        # every later model of the architecture in a run: its plan cached, transformers not imported
+        runs["ours, plan cached"].append(run_process(
+            worker_argv(model_dir, tmp / "llama_planned", "--fix_fingers", "DKS")))
         if not args.skip_ww:
             runs["WW"].append(run_process([sys.executable, "-c", WW_SCRIPT, str(model_dir), str(tmp / "ww.csv")]))
         runs["import torch"].append(run_process([sys.executable, "-c", "import torch"]))
@@ -299,6 +304,8 @@ def main():
     ratio = lambda a, b: [x / y for x, y in zip(runs[a], runs[b])]  # noqa: E731 - same repeat
     print("\nratios within each repeat (min – max)")
     print(f"  ours / float64 floor  {span(ratio('ours', 'floor'))}   goal ≤ 1.15")
+    print(f"  ours, plan cached / floor {span(ratio('ours, plan cached', 'floor'))}"
+          "   (every later model of the architecture in a run)")
     print(f"  ours / one at a time  {span(ratio('ours', 'floor one at a time'))}")
     print(f"  ours / two at once    {span(ratio('ours', 'floor two at once'))}")
     if runs["WW"]:
