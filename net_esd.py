@@ -56,6 +56,10 @@ _FINGER_THRESH = 1.0
 _CLIP_MIN_ALPHA = 2.0
 # elements per block when computing KS distances of many candidates at once (float64: 32 MB)
 _KS_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# candidates per block: a block spans the tail of its first candidate, so later candidates
+# of a wide block compute (and mask) positions before their own xmin — 128 keeps that waste
+# small at n = 2048 (half the work of one block of every candidate) for few extra calls
+_KS_BLOCK_CANDIDATES = 128
 # elements of W converted to the Gram dtype at once (float64: 32 MB)
 _GRAM_CHUNK_ELEMENTS = 4 * 1024 * 1024
 # column blocks of the Gram product; only blocks on or below the diagonal are computed
@@ -128,28 +132,55 @@ def _gram_matrices(mats: torch.Tensor, dtype: torch.dtype, device: torch.device)
 USE_SYRK = True
 
 
+_blas_control: dict = {}
+_blas_control_lock = threading.Lock()
+
+
+def _blas_threads_as_torch() -> None:
+    """Let BLAS (scipy's OpenBLAS, for the syrk) run with torch's current thread count, so a
+    worker given N cores uses N. Checked before every chunk: in esd/pipeline.py's compute
+    threads, torch's count is first set to the thread's share of the cores (two layers at
+    once share them; the last one gets them all). The count stays set after the Gram
+    (threadpoolctl, without restoring)."""
+    from esd.pipeline import follow_cpu_share
+    follow_cpu_share()
+    threads = torch.get_num_threads()
+    if _blas_control.get("threads") == threads:
+        return
+    with _blas_control_lock:
+        if "libraries" not in _blas_control:  # after scipy's BLAS is loaded: it is among them
+            from threadpoolctl import ThreadpoolController
+            _blas_control["libraries"] = ThreadpoolController().select(user_api="blas")
+        _blas_control["libraries"].limit(limits=threads)
+        _blas_control["threads"] = threads
+
+
+def _float64_rows(part: torch.Tensor) -> np.ndarray:
+    """A C-ordered float64 copy of one chunk of W (the one conversion of the Gram)."""
+    return part.to(torch.float64).contiguous().numpy()
+
+
 def _cpu_syrk_gram(mats: torch.Tensor) -> torch.Tensor:
     """(b, m, m) float64 lower-triangle Gram of each of mats (b, r, c) on CPU, accumulated
-    by dsyrk over chunks converted to float64 (no full-size float64 copy of W). OpenBLAS
-    runs with torch's thread count (threadpoolctl), so a worker given N cores uses N."""
+    by dsyrk over chunks converted to float64 (no full-size float64 copy of W), with torch's
+    thread count (`_blas_threads_as_torch`)."""
     from scipy.linalg import blas
-    from threadpoolctl import threadpool_limits
     b, r, c = mats.shape
     tall = r >= c                      # Gram = WᵀW (c×c), else WWᵀ (r×r)
     m, k = (c, r) if tall else (r, c)  # m×m Gram, summed over k
     per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, m))
     grams = []
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        for w in mats:
-            gram = None
-            for start in range(0, k, per_chunk):
-                part = w[start:start + per_chunk] if tall else w[:, start:start + per_chunk]
-                x = part.to(torch.float64).contiguous().numpy()  # C-order = its transpose in Fortran order
-                # tall: x is (rows, c) and x.T (Fortran, c×rows) · its transpose = xᵀx;
-                # wide: x is (r, cols) and x.T (Fortran, cols×r) with trans: x·xᵀ
-                gram = blas.dsyrk(1.0, x.T, beta=0.0 if gram is None else 1.0, c=gram,
-                                  trans=0 if tall else 1, lower=1, overwrite_c=1)
-            grams.append(torch.from_numpy(gram))
+    for w in mats:
+        gram = None
+        for start in range(0, k, per_chunk):
+            part = w[start:start + per_chunk] if tall else w[:, start:start + per_chunk]
+            x = _float64_rows(part)  # C-order = its transpose in Fortran order
+            _blas_threads_as_torch()
+            # tall: x is (rows, c) and x.T (Fortran, c×rows) · its transpose = xᵀx;
+            # wide: x is (r, cols) and x.T (Fortran, cols×r) with trans: x·xᵀ
+            gram = blas.dsyrk(1.0, x.T, beta=0.0 if gram is None else 1.0, c=gram,
+                              trans=0 if tall else 1, lower=1, overwrite_c=1)
+        grams.append(torch.from_numpy(gram))
     return torch.stack(grams) if b > 1 else grams[0].unsqueeze(0)
 
 
@@ -164,6 +195,8 @@ def _gram_eigenvalues(mats: torch.Tensor, dtype: torch.dtype, device: torch.devi
             raise NonFiniteWeightsError("weight holds NaN or Inf")
         if dtype != torch.float64:  # finite weights whose squares overflow this dtype
             return _gram_eigenvalues(mats, torch.float64, device)
+    if device.type == "cpu":
+        _blas_threads_as_torch()  # the eigensolver takes this thread's share of the cores too
     return torch.linalg.eigvalsh(gram, UPLO="L")  # (b, m)
 
 
@@ -283,7 +316,7 @@ def _ks_distances(log_x: torch.Tensor, alphas: torch.Tensor, candidates: torch.T
     n = log_x.shape[0]
     pieces, start = [], 0
     while start < candidates.shape[0]:
-        block = max(1, _KS_BLOCK_ELEMENTS // (n - int(candidates[start])))
+        block = max(1, min(_KS_BLOCK_CANDIDATES, _KS_BLOCK_ELEMENTS // (n - int(candidates[start]))))
         pieces.append(_ks_distances_block(log_x, alphas, candidates[start:start + block]))
         start += block
     return torch.cat(pieces) if pieces else torch.empty(0, dtype=log_x.dtype, device=log_x.device)
@@ -582,13 +615,14 @@ def analyze_layers(layers: Iterable, settings: ESDSettings = ESDSettings(), *, d
     with the columns `esd_columns(settings)`.
 
     layers: any iterable, consumed lazily by a prefetch thread (esd/pipeline.py): at most ~2
-        layers alive on CPU, the one computed and the next one being read.
+        layers alive on CPU (two computed at once on ≥ 2 cores, else the one computed and the
+        next one being read).
     names: optional collection of longnames to analyse (others are skipped).
     eigs_out: optional dict, filled with longname -> ascending eigenvalues (np.float64).
     device_ids: CUDA device indices to spread layers over (ignored without CUDA);
         otherwise `device` (default CPU).
-    progress: optional callback(layers_done, longname) after each layer (called from the
-        device worker threads when several CUDA devices are used).
+    progress: optional callback(layers_done, longname) after each layer, in iterator order
+        (called from the worker threads when layers are computed side by side).
     Errors raised by the iterator propagate; a layer whose maths fails gets a row whose
     fit_status starts with 'error:'.
     """

@@ -44,7 +44,7 @@ not across sections. To add or refresh a section, run its script from the reposi
 
 | script | measures |
 | --- | --- |
-| `python bench/bench_esd.py` | the whole worker process against WeightWatcher 0.7.7 and the float32 arithmetic floor on a 1.2 GB TinyLlama-shaped checkpoint, with a stage breakdown and the largest difference of every metric |
+| `python bench/bench_esd.py` | the whole worker process against the float64 arithmetic floor (dsyrk Gram + float64 eigvalsh of the same matrices) and WeightWatcher 0.7.7 on a 1.2 GB TinyLlama-shaped checkpoint, with a stage breakdown and the largest difference of every metric |
 | `python bench/bench_memory.py` | peak RSS of the worker on 4- and 12-layer TinyLlama-shaped checkpoints, against the import floor and WeightWatcher |
 | `python bench/bench_hub.py` | the three hub modes against the stand-in Hub on 127.0.0.1: peak bytes in the cache, a streaming worker's peak RSS, wall time with the CDN's bandwidth capped, resolve calls per file |
 | `python bench/bench_stages.py` | N hub models through the orchestrator on a capped link against the bound N·T + T: the download stage with one and two slots, a disk budget, `--stream`, and downloads in the slot; the share of slot time waiting for bytes, peak bytes in the cache |

@@ -1,9 +1,15 @@
 """Moving layers to the arithmetic: a reader thread that prefetches layers from an iterator
 while the previous one is computed, and one worker thread per device (CUDA: with a side
-stream copying the next layer host→device while the current one is computed).
+stream copying the next layer host→device while the current one is computed). On a CPU
+with two cores or more, two worker threads compute two layers at once, each with half of
+torch's threads (`_CpuThreadShares`): a layer's multi-threaded eigensolver synchronises its
+threads thousands of times, and stalls at each whenever another thread (the reader, the
+fit, another process) holds one of its cores; two layers side by side, each on its own
+cores, do not wait for each other.
 
-Owns: threads, bounded look-ahead (at most `slots` layers alive), order of results, device
-selection and host→device copies. It must not know what is computed: the caller passes
+Owns: threads, bounded look-ahead (at most `slots` layers alive), order of results and of
+progress, device selection, how torch's CPU threads are shared between layers, and
+host→device copies. It must not know what is computed: the caller passes
 `compute(item, device) -> result`, which must not raise (net_esd turns a layer's failure into
 a row). Errors raised by the layer iterator itself reach the caller unchanged.
 """
@@ -123,18 +129,87 @@ def _device_worker(prefetcher: LayerPrefetcher, device: torch.device, compute: C
         results[order] = compute(item, device)
         del item  # drop the layer before the reader may fetch another
         prefetcher.release()
-        on_layer_done(longname)
+        on_layer_done(order, longname)
         if device.type != "cuda":
             pending = fetch()
+
+
+class _InOrder:
+    """Calls on_layer_done(longname) in iterator order, though layers computed side by side
+    may finish out of order: a layer is announced once every layer before it is done."""
+
+    def __init__(self, on_layer_done: Callable[[str], None]):
+        self.on_layer_done, self.finished, self.next, self.lock = on_layer_done, {}, 0, threading.Lock()
+
+    def __call__(self, order: int, longname: str) -> None:
+        with self.lock:
+            self.finished[order] = longname
+            while self.next in self.finished:
+                self.on_layer_done(self.finished.pop(self.next))
+                self.next += 1
+
+
+# layers computed at once on one CPU (with ≥ 2 torch threads); two keep the bound of two
+# layers alive that a single CPU thread with its read-ahead had
+CPU_LAYERS_AT_ONCE = 2
+
+
+class _CpuThreadShares:
+    """Torch's CPU threads (and through them BLAS's: net_esd follows torch's count) split
+    evenly between the layer threads still computing: cores // computing. Torch's count is
+    per thread, so each compute thread takes its share itself (`follow_cpu_share`, called
+    by net_esd before each Gram chunk and each eigensolve): when one thread runs out of
+    layers, the other takes all the cores for the rest of its layer. Restores torch's
+    thread count at the end."""
+
+    def __init__(self, layer_threads: int):
+        self.cores = torch.get_num_threads()
+        self.computing = layer_threads
+        self.lock = threading.Lock()
+
+    def share(self) -> int:
+        return max(1, self.cores // max(1, self.computing))
+
+    def thread_done(self) -> None:
+        with self.lock:
+            self.computing -= 1
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.cores)
+
+
+_this_thread = threading.local()   # .shares: the _CpuThreadShares of a compute thread
+
+
+def follow_cpu_share() -> None:
+    """In a CPU compute thread of `run_on_devices`: set torch's thread count (this thread's
+    own) to its current share of the cores. Anywhere else: nothing."""
+    shares = getattr(_this_thread, "shares", None)
+    if shares is not None and torch.get_num_threads() != shares.share():
+        torch.set_num_threads(shares.share())
+
+
+def cpu_layer_threads(devices: list[torch.device]) -> list[torch.device]:
+    """The devices as worker threads: one CPU device becomes CPU_LAYERS_AT_ONCE threads when
+    torch has that many threads or more; anything else as given."""
+    if len(devices) == 1 and devices[0].type == "cpu" and torch.get_num_threads() >= 2:
+        return devices * CPU_LAYERS_AT_ONCE
+    return devices
 
 
 def run_on_devices(layers: Iterator, devices: list[torch.device], compute: Callable,
                    on_layer_done: Callable[[str], None] = lambda name: None) -> list:
     """compute(item, device) for every (longname, layer_type, tensor) of `layers`, in iterator
-    order, on all devices in parallel (one thread per device), reading ahead in a thread."""
-    lookahead = 2 if devices[0].type == "cuda" else 1
-    prefetcher = LayerPrefetcher(layers, slots=len(devices) * lookahead + 1)
+    order, on all devices in parallel (one thread per device; a CPU with ≥ 2 threads: two
+    layers at once, `cpu_layer_threads`), reading ahead in a thread. At most two layers are
+    alive on CPU, two per device plus one on CUDA."""
+    devices = cpu_layer_threads(devices)
+    on_cpu = devices[0].type == "cpu"
+    slots = max(2, len(devices)) if on_cpu else len(devices) * 2 + 1
+    prefetcher = LayerPrefetcher(layers, slots=slots)
     counter, results, lock = iter(range(1 << 62)), {}, threading.Lock()
+    on_layer_done = _InOrder(on_layer_done)
+    shares = _CpuThreadShares(len(devices)) if on_cpu and len(devices) > 1 else None
     try:
         if len(devices) == 1:
             _device_worker(prefetcher, devices[0], compute, counter, results, lock, on_layer_done)
@@ -142,10 +217,15 @@ def run_on_devices(layers: Iterator, devices: list[torch.device], compute: Calla
             errors: list[BaseException] = []
 
             def work(device):
+                _this_thread.shares = shares
                 try:
+                    follow_cpu_share()
                     _device_worker(prefetcher, device, compute, counter, results, lock, on_layer_done)
                 except BaseException as error:
                     errors.append(error)
+                finally:
+                    if shares is not None:
+                        shares.thread_done()
 
             threads = [threading.Thread(target=work, args=(d,), name=f"esd-{d}") for d in devices]
             for thread in threads:
@@ -156,4 +236,6 @@ def run_on_devices(layers: Iterator, devices: list[torch.device], compute: Calla
                 raise errors[0]
     finally:
         prefetcher.close()
+        if shares is not None:
+            shares.restore()
     return [results[order] for order in sorted(results)]

@@ -249,6 +249,18 @@ def test_dks_at_8192_eigenvalues_equals_reference_across_candidate_blocks():
     assert (fit.alpha, fit.D, fit.xmin, fit.num_pl_spikes) == pytest.approx((alpha, D, xmin, k), rel=1e-9)
 
 
+@pytest.mark.parametrize("method", ["DKS", "xmin_peak", "clip_xmax"])
+def test_ks_distances_are_bit_for_bit_the_same_in_blocks_of_few_candidates(method, monkeypatch):
+    # blocks of _KS_BLOCK_CANDIDATES candidates (each spanning only its own tails) against one
+    # block of every candidate: the same element-wise values, so the same fit to the last bit
+    x = np.sort(pareto_spectrum(2.7, 2048, seed=5) * np.random.default_rng(5).uniform(0.5, 1.5, 2048))
+    assert net_esd._KS_BLOCK_CANDIDATES < len(x) - 1
+    few = net_esd.fit_power_law(x, method)
+    monkeypatch.setattr(net_esd, "_KS_BLOCK_CANDIDATES", 1 << 40)
+    every = net_esd.fit_power_law(x, method)
+    assert few == every and few.status == "ok"
+
+
 @pytest.mark.parametrize("true_alpha", [2.0, 3.0, 4.5])
 @pytest.mark.parametrize("method", ["DKS", "xmin_mid", "xmin_peak", "clip_xmax"])
 def test_fit_recovers_the_exponent_of_a_pareto_spectrum(method, true_alpha):
@@ -525,6 +537,72 @@ def test_layers_spread_over_several_devices_come_back_in_iterator_order():
         expected = net_esd.matrix_esd_metrics(weight, "linear", name, fix_fingers="DKS")
         assert pd.Series(row).equals(pd.Series(expected))  # NaN-aware equality
         assert evals.shape == (min(weight.shape),)
+
+
+@pytest.fixture
+def two_torch_threads():
+    cores = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(cores)
+
+
+def test_a_cpu_with_two_threads_computes_two_layers_at_once_each_with_one_thread(two_torch_threads):
+    # layers l0 and l1 must be in compute together: the barrier breaks (timeout) if they are not
+    both_in, lock = threading.Barrier(2, timeout=60), threading.Lock()
+    threads_seen, running, max_running = {}, [0], [0]
+    layers = [(f"l{i}", "linear", heavy_tailed_matrix(40, 60, seed=i)) for i in range(5)]
+    settings = net_esd.ESDSettings(fix_fingers="DKS")
+
+    def compute(item, device):
+        with lock:
+            running[0] += 1
+            max_running[0] = max(max_running[0], running[0])
+        if item[0] in ("l0", "l1"):
+            both_in.wait()
+            threads_seen[item[0]] = torch.get_num_threads()
+        try:
+            return net_esd._layer_row(item, settings, device)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    done = []
+    outputs = pipeline.run_on_devices(iter(layers), [torch.device("cpu")], compute, done.append)
+    assert max_running[0] == 2
+    assert threads_seen == {"l0": 1, "l1": 1}       # the two cores shared: one each
+    assert torch.get_num_threads() == 2             # restored afterwards
+    assert [row["longname"] for row, _ in outputs] == done == [name for name, _, _ in layers]
+    for (row, _), (name, _, weight) in zip(outputs, layers):
+        expected = net_esd.matrix_esd_metrics(weight, "linear", name, fix_fingers="DKS")
+        assert row["alpha"] == pytest.approx(expected["alpha"], rel=1e-12)
+
+
+def test_the_last_layer_gets_every_core_and_progress_stays_in_iterator_order(two_torch_threads):
+    # l0 finishes only after l1 (and so after the other thread ran out of layers): progress
+    # still says l0 first, and l0, computing alone at the end, is given both threads
+    l1_done = threading.Event()
+    threads_at_end = []
+    layers = [(f"l{i}", "linear", heavy_tailed_matrix(40, 60, seed=i)) for i in range(2)]
+
+    def compute(item, device):
+        if item[0] == "l0":
+            assert l1_done.wait(timeout=60)
+            for _ in range(6000):  # the other thread gives its core back as it ends
+                pipeline.follow_cpu_share()  # as net_esd does before each Gram chunk
+                if torch.get_num_threads() == 2:
+                    break
+                threading.Event().wait(0.01)
+            threads_at_end.append(torch.get_num_threads())
+        row = net_esd._layer_row(item, net_esd.ESDSettings(), device)
+        if item[0] == "l1":
+            l1_done.set()
+        return row
+
+    done = []
+    outputs = pipeline.run_on_devices(iter(layers), [torch.device("cpu")], compute, done.append)
+    assert threads_at_end == [2]
+    assert done == ["l0", "l1"] and [row["longname"] for row, _ in outputs] == ["l0", "l1"]
 
 
 def test_iterator_error_propagates_from_the_multi_device_pool():
