@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from esd.backends.base import WORKER_SCRIPT, Backend, Hooks, Task, TaskResult
+from esd.hub_cache import offline_in
 from esd.progress import TRANSFER_LINE, _log_tail
 
 log = logging.getLogger("esd_experiment")
@@ -136,7 +137,7 @@ class DownloadStage(Backend):
     def _stage(self, task: Task) -> Task:
         """The task gated on its fetch, queued for fetching after its delay (a retry's backoff);
         a task with nothing to download (offline, a local model) goes on as it is."""
-        if not (self.fetch(task) and _online(task)):
+        if not self.fetch(task) or offline_in({**os.environ, **dict(task.env)}):
             return task
         gate = _Gate()
         with self._cond:
@@ -259,9 +260,3 @@ def _signal_session(proc: subprocess.Popen, sig: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def _online(task: Task) -> bool:
-    """Its worker may download: HF_HUB_OFFLINE is not set for it."""
-    env = dict(task.env)
-    offline = env.get("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
-    return offline.strip().upper() not in {"1", "ON", "YES", "TRUE"}

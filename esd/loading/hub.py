@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from esd.hub_cache import hub_cache_dir
+from esd.hub_cache import hub_cache_dir, offline_in
 from esd.atomic_files import atomic_path, write_text_atomic
 from esd.failures import ESDFailure
 from esd.loading.formats import HubFile, streamable, weight_names
@@ -61,14 +61,10 @@ def looks_like_hub_id(model_id: str) -> bool:
         and not model_id.endswith((".", "-"))
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub reads it once, at import)."""
     from huggingface_hub import constants
-    return _env_true("HF_HUB_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
+    return offline_in(os.environ) or bool(constants.HF_HUB_OFFLINE)
 
 
 def repo_folder(cache: Path, repo_id: str) -> Path:
