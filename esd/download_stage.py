@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 from esd.backends.base import WORKER_SCRIPT, Backend, Hooks, Task, TaskResult
 from esd.hub_cache import offline_in
-from esd.progress import TRANSFER_LINE, _log_tail
+from esd.progress import download_rate
 
 log = logging.getLogger("esd_experiment")
 FETCH_FLAG = "--fetch_only"
@@ -52,7 +52,7 @@ class Stages:
 
     def rate_mb_s(self) -> float | None:
         """The downloads' summed rate, from each fetch's last transfer line; None if none yet."""
-        rates = [_last_rate(log_path) for _, log_path in self.downloading]
+        rates = [download_rate(log_path) for _, log_path in self.downloading]
         rates = [r for r in rates if r is not None]
         return sum(rates) if rates else None
 
@@ -61,12 +61,6 @@ class Stages:
         rate = self.rate_mb_s()
         speed = f" ({rate:.1f} MB/s)" if rate is not None and self.downloading else ""
         return f"downloading {len(self.downloading)}{speed}, ready {self.ready}, running {self.running}"
-
-
-def _last_rate(log_path: Path | None) -> float | None:
-    tail = _log_tail(log_path)
-    found = list(TRANSFER_LINE.finditer(tail)) if tail else []
-    return float(found[-1].group(4)) if found and found[-1].group(1) == b"downloaded" else None
 
 
 class _Gate:
@@ -98,7 +92,7 @@ class DownloadStage(Backend):
         self._procs: dict[str, subprocess.Popen] = {}
         self._stopping = False
         self._gated = 0                      # tasks that went through the stage
-        self.fetch_seconds = 0.0             # summed wall time of fetches (the link's busy time)
+        self._fetch_s = 0.0                  # summed wall time of fetches (the link's busy time)
 
     # ------------------------------------------------------------------ the Backend
     def run(self, tasks: Sequence[Task], hooks: Hooks) -> None:
@@ -123,6 +117,12 @@ class DownloadStage(Backend):
 
     def write_metrics(self, path: Path) -> None:
         self.inner.write_metrics(path)
+
+    @property
+    def fetch_seconds(self) -> float | None:
+        """Summed wall time of the fetches; None while no task needed one."""
+        with self._cond:
+            return self._fetch_s if self._gated else None
 
     def stages(self) -> Stages | None:
         """What is downloading, ready and running; None while no task of the run needed a
@@ -191,7 +191,7 @@ class DownloadStage(Backend):
             took = time.time() - started
             with self._cond:
                 self._fetching.pop(task.key, None)
-                self.fetch_seconds += took
+                self._fetch_s += took
                 if self._stopping:
                     return
                 if returncode == 0:

@@ -117,6 +117,14 @@ def model_fraction(log_path) -> float | None:
     return min(1.0, layer[0] / layer[1])
 
 
+def download_rate(log_path) -> float | None:
+    """MB/s of a log's last transfer line if it is a download (`downloaded org/m: … at R MB/s`);
+    None otherwise (the download stage sums these over its fetches)."""
+    tail = _log_tail(log_path)
+    found = list(TRANSFER_LINE.finditer(tail)) if tail else []
+    return float(found[-1].group(4)) if found and found[-1].group(1) == b"downloaded" else None
+
+
 def current_activity(log_path) -> str | None:
     """What a worker log says last: `layer 12/30`, or `downloaded 120.0 of 500.0 MB at 40.1
     MB/s` while a model downloads or streams; None if neither yet."""

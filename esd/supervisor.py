@@ -150,8 +150,7 @@ class Supervisor:
                       tick_interval_s=self.tick_interval_s)
         self.backend.run(self.tasks_for(tasks), hooks)
         self.outcome.followed = self.backend.waits
-        if getattr(self.backend, "stages", lambda: None)() is not None:   # a download stage worked
-            self.outcome.fetch_s = self.backend.fetch_seconds
+        self.outcome.fetch_s = getattr(self.backend, "fetch_seconds", None)   # a download stage's
         return self.outcome
 
     def running_tasks(self) -> list[tuple[str, float, Path | None]]:

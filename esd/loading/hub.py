@@ -339,15 +339,14 @@ def download_snapshot(repo_id: str, revision: str, cache: Path,
     if streamed and all(n in have for n in streamed):
         streamed = []                      # all in the cache already: read the files
     fetch = [n for n in files if n not in streamed]
+    new = {n: listing.sizes.get(n, 0) for n in fetch if n not in have}   # what goes over the wire
     if session.ledger is not None:
-        new = {n: listing.sizes.get(n, 0) for n in fetch if n not in have}
         session.ledger.before_download(repo_id, listing.commit, new, session.user)
         session.ledger.hold(repo_id, listing.commit)
-    meter = None if session.report is None else _byte_meter(
-        session.report, repo_id, sum(listing.sizes.get(n, 0) for n in fetch if n not in have))
+    meter = None if session.report is None else _byte_meter(session.report, repo_id, sum(new.values()))
     started = time.monotonic()
     snapshot = _fetch(repo_id, revision, listing.commit, cache, fetch, meter)
-    if any(n not in have for n in fetch):
+    if new:
         session.waited_s += time.monotonic() - started
     _remember_ref(cache, repo_id, revision, listing.commit)
     if session.ledger is not None:
